@@ -1,0 +1,1 @@
+"""Audits: the privacy ledger, its verification, epsilon recomputation, empirical audits, ablations, reports."""

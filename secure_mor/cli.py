@@ -1,0 +1,260 @@
+"""The `secure-mor` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from secure_mor.config import EASY_VQA, DataSpec, RunDir
+from secure_mor.data import FAMILIES, DatasetError, SplitConfig, default_clients, family_counts
+
+app = typer.Typer(help="Secure MoR: privacy-hardened federated alignment of vision-language models.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect the data and its federated split.", no_args_is_help=True)
+policy_app = typer.Typer(help="Build, warm-start (SFT) and evaluate the policy VLM.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(policy_app, name="policy")
+
+console = Console()
+
+OutOption = Annotated[Path, typer.Option("--out", help="Run directory for every output of this run.")]
+DatasetOption = Annotated[
+    str, typer.Option(help="'easy-vqa' or a local Hugging Face dataset (save_to_disk dir or data files).")
+]
+SeedOption = Annotated[int, typer.Option(help="Seed of the split and of training.")]
+ClientsOption = Annotated[int, typer.Option("--clients", help="Number of clients (institutions).")]
+SkewOption = Annotated[float, typer.Option(help="Fraction of each client's questions from its own family.")]
+PairsOption = Annotated[int, typer.Option(help="Preference pairs per client.")]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a model hub
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("transformers", "datasets", "trl", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+def _data_spec(dataset: str, seed: int, clients: int, skew: float, pairs_per_client: int) -> DataSpec:
+    return DataSpec(
+        dataset=dataset,
+        split=SplitConfig(clients=default_clients(clients), skew=skew, pairs_per_client=pairs_per_client, seed=seed),
+    )
+
+
+def _load_data(spec: DataSpec):  # noqa: ANN202 - FederatedData, imported lazily with datasets
+    try:
+        with console.status(f"loading {spec.dataset} and building the federated split"):
+            return spec.load()
+    except DatasetError as err:
+        raise _fail(str(err)) from err
+
+
+# ---------------------------------------------------------------- data
+
+
+@data_app.command("info")
+def data_info(
+    dataset: DatasetOption = EASY_VQA,
+    seed: SeedOption = 0,
+    clients: ClientsOption = 3,
+    skew: SkewOption = 0.8,
+    pairs_per_client: PairsOption = 800,
+) -> None:
+    """Counts per split, per client and per question family."""
+    _quiet_libraries()
+    spec = _data_spec(dataset, seed, clients, skew, pairs_per_client)
+    data = _load_data(spec)
+    table = Table(title=f"{dataset}: federated split (seed {seed}, skew {skew})")
+    table.add_column("split")
+    table.add_column("holder")
+    table.add_column("rows", justify="right")
+    for family in FAMILIES:
+        table.add_column(family, justify="right")
+    table.add_column("notes")
+
+    def add(name: str, holder: str, rows: Any, notes: str = "") -> None:
+        counts = family_counts(rows)
+        table.add_row(name, holder, str(len(rows)), *[str(counts.get(f, 0)) for f in FAMILIES], notes)
+
+    add("sft", "server", data.sft, "supervised warm start")
+    add("prompt pool", "server", data.prompt_pool, "public prompts for GRPO, no answers")
+    add("calibration", "server", data.calibration, "public preference pairs for the router")
+    for k, (pairs, client) in enumerate(zip(data.clients, spec.split.clients, strict=True)):
+        flipped = sum(pairs["label_flipped"])
+        add(f"client-{k}", f"client-{k}", pairs, f"{client.family} specialist, {client.style} style, {flipped} noisy labels")
+    add("evaluation", "held out", data.evaluation, "test split, stratified per family")
+    console.print(table)
+    answers = ", ".join(f"{family}: {len(values)}" for family, values in data.answers.items())
+    console.print(f"answers per family: {answers}")
+
+
+# ---------------------------------------------------------------- policy
+
+
+@policy_app.command("build")
+def policy_build(
+    out: OutOption = Path("runs/demo"),
+    model: Annotated[
+        str | None, typer.Option(help="Use this TRL-supported VLM (path, or hub id already in the local cache).")
+    ] = None,
+    dataset: DatasetOption = EASY_VQA,
+    seed: SeedOption = 0,
+    clients: ClientsOption = 3,
+    skew: SkewOption = 0.8,
+    pairs_per_client: PairsOption = 800,
+) -> None:
+    """Build the tiny LLaVA policy from the data's vocabulary (or copy --model) into RUN/policy/base."""
+    _quiet_libraries()
+    from secure_mor.vlm import TinyVLMConfig, build_tiny_vlm, count_parameters, load_policy, save_policy
+
+    run = RunDir(out)
+    spec = _data_spec(dataset, seed, clients, skew, pairs_per_client)
+    data = _load_data(spec)
+    if model:
+        try:
+            policy, processor = load_policy(model)
+        except (OSError, ValueError) as err:
+            raise _fail(f"cannot load the VLM {model!r} locally: {err}") from err
+    else:
+        from secure_mor.data import vocabulary_texts
+
+        policy, processor = build_tiny_vlm(vocabulary_texts(data), TinyVLMConfig(seed=seed))
+    run.save_data_spec(spec)
+    save_policy(policy, processor, run.base_policy)
+    console.print(
+        f"policy: {type(policy).__name__}, {count_parameters(policy):,} parameters, "
+        f"vocabulary {len(processor.tokenizer)}; saved to {run.base_policy}"
+    )
+
+
+@policy_app.command("sft")
+def policy_sft(
+    out: OutOption = Path("runs/demo"),
+    examples: Annotated[int, typer.Option(help="SFT examples drawn from the server's SFT slice.")] = 4000,
+    epochs: Annotated[float, typer.Option(help="Passes over those examples.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Per-step batch size.")] = 32,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 2e-3,
+) -> None:
+    """Supervised warm start (TRL SFTTrainer) of RUN/policy/base into RUN/policy/sft."""
+    _quiet_libraries()
+    from secure_mor.policy import SFTSettings, run_sft
+    from secure_mor.vlm import load_policy, save_policy
+
+    run = RunDir(out)
+    if not run.base_policy.exists():
+        raise _fail(f"{run.base_policy} is missing: run `secure-mor policy build --out {out}` first")
+    spec = run.data_spec()
+    data = _load_data(spec)
+    model, processor = load_policy(run.base_policy)
+    settings = SFTSettings(examples=examples, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=spec.split.seed)
+    started = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("SFT", total=None)
+        run_sft(
+            model,
+            processor,
+            data.sft,
+            settings,
+            run.path,
+            on_step=lambda step, total: progress.update(task, completed=step, total=total),
+        )
+    save_policy(model, processor, run.sft_policy)
+    console.print(f"SFT done in {time.perf_counter() - started:.1f} s; saved to {run.sft_policy}")
+
+
+@policy_app.command("eval")
+def policy_eval(
+    out: OutOption = Path("runs/demo"),
+    stage: Annotated[str, typer.Option(help="Which policy of the run: base, sft, or a path.")] = "sft",
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,
+) -> None:
+    """Greedy-decode the held-out set; print per-family accuracy and write RUN/eval/<stage>.json."""
+    _quiet_libraries()
+    from secure_mor.policy import evaluate_policy
+    from secure_mor.vlm import load_policy
+
+    run = RunDir(out)
+    path = {"base": run.base_policy, "sft": run.sft_policy}.get(stage, Path(stage))
+    if not path.exists():
+        raise _fail(f"no policy at {path}")
+    data = _load_data(run.data_spec())
+    model, processor = load_policy(path)
+    started = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task(f"evaluating {stage}", total=len(data.evaluation))
+        report = evaluate_policy(
+            model, processor, data.evaluation, data.answers, batch_size, on_batch=lambda n: progress.advance(task, n)
+        )
+    report["policy"] = str(path)
+    report["seconds"] = time.perf_counter() - started
+    tag = stage if stage in ("base", "sft") else Path(stage).name
+    written = run.write_json(run.eval_path(tag), report)
+    print_accuracy(report, f"held-out accuracy: {tag}")
+    console.print(f"written {written}")
+
+
+def print_accuracy(report: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    for name in ("family", "questions", "accuracy", "exact match"):
+        table.add_column(name, justify="left" if name == "family" else "right")
+    rows = list(report["per_family"].items()) + [("overall", report["overall"])]
+    for family, stats in rows:
+        table.add_row(family, str(stats["n"]), f"{stats['accuracy']:.3f}", f"{stats['exact_match']:.3f}")
+    console.print(table)
+
+
+# ---------------------------------------------------------------- the main job
+
+
+@app.command("demo")
+def demo(
+    out: OutOption = Path("runs/demo"),
+    seed: SeedOption = 0,
+    sft_examples: Annotated[int, typer.Option(help="SFT examples for the warm start.")] = 4000,
+) -> None:
+    """The main job on easy-VQA: build the tiny policy, SFT it, evaluate before and after."""
+    started = time.perf_counter()
+    policy_build(out=out, model=None, dataset=EASY_VQA, seed=seed, clients=3, skew=0.8, pairs_per_client=800)
+    policy_eval(out=out, stage="base", batch_size=64)
+    policy_sft(out=out, examples=sft_examples, epochs=1.0, batch_size=32, learning_rate=2e-3)
+    policy_eval(out=out, stage="sft", batch_size=64)
+    summary = {
+        "base": json.loads(RunDir(out).eval_path("base").read_text())["overall"],
+        "sft": json.loads(RunDir(out).eval_path("sft").read_text())["overall"],
+        "wall_seconds": time.perf_counter() - started,
+    }
+    RunDir(out).write_json(Path(out) / "results.json", summary)
+    console.print(f"[bold green]done[/] in {summary['wall_seconds']:.0f} s; results in {Path(out) / 'results.json'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,92 @@
+"""Run configuration and the run directory every command reads and writes.
+
+A run directory (`runs/<name>` by default) holds everything one run produces:
+`data.json` (which dataset, which split), `policy/base` and `policy/sft`
+(saved with `save_pretrained`), `eval/*.json`, and, as later stages add them,
+client models, keys, the privacy ledger and `results.json`. Commands that
+follow `policy build` reuse the data spec saved there, so every stage of a run
+sees the same split.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from secure_mor.data import (
+    ClientDataConfig,
+    DatasetError,
+    FederatedData,
+    SplitConfig,
+    build_federated_data,
+    load_hf_vqa,
+)
+
+EASY_VQA = "easy-vqa"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which dataset (`easy-vqa` or a local Hugging Face dataset path) and how it is split."""
+
+    dataset: str = EASY_VQA
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "split": asdict(self.split)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> DataSpec:
+        split = dict(raw["split"])
+        split["clients"] = tuple(ClientDataConfig(**c) for c in split["clients"])
+        return cls(dataset=raw["dataset"], split=SplitConfig(**split))
+
+    def load(self) -> FederatedData:
+        if self.dataset == EASY_VQA:
+            return build_federated_data(self.split)
+        train = load_hf_vqa(self.dataset, "train")
+        try:
+            test = load_hf_vqa(self.dataset, "test")
+        except DatasetError as err:
+            raise DatasetError(f"{self.dataset}: a 'test' split is needed for evaluation ({err})") from err
+        return build_federated_data(self.split, train, test)
+
+
+class RunDir:
+    """Paths of one run's outputs."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    @property
+    def data_spec_path(self) -> Path:
+        return self.path / "data.json"
+
+    @property
+    def base_policy(self) -> Path:
+        return self.path / "policy" / "base"
+
+    @property
+    def sft_policy(self) -> Path:
+        return self.path / "policy" / "sft"
+
+    def eval_path(self, tag: str) -> Path:
+        return self.path / "eval" / f"{tag}.json"
+
+    def save_data_spec(self, spec: DataSpec) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.data_spec_path.write_text(json.dumps(spec.to_json(), indent=2))
+
+    def data_spec(self) -> DataSpec:
+        if not self.data_spec_path.exists():
+            raise FileNotFoundError(f"{self.data_spec_path} is missing: run `secure-mor policy build --out {self.path}` first")
+        return DataSpec.from_json(json.loads(self.data_spec_path.read_text()))
+
+    def write_json(self, path: Path, payload: Any) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(path)  # atomic: a killed command never leaves half a file
+        return path

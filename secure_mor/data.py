@@ -1,0 +1,452 @@
+"""Data: easy-VQA (shipped by the `easy-vqa` package) or any Hugging Face VQA
+dataset, and the federated splits built on top of it.
+
+Every dataset here has the columns `image` (PIL), `question`, `answer`,
+`family` and `image_id`. The federated split partitions the training *images*
+(so an image, and every question about it, belongs to exactly one party) into:
+the server's SFT slice, the server's public prompt pool, the server's public
+calibration set and one private partition per client. Client partitions are
+non-IID: a fraction `skew` of each client's questions comes from its own
+question family.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, Features, Value
+from datasets import Image as ImageFeature
+from PIL import Image
+
+FAMILIES = ("color", "shape", "presence")
+OTHER_FAMILY = "other"
+REQUIRED_COLUMNS = ("image", "question", "answer")
+ANSWER_STYLES = ("word", "sentence")
+_YES_NO_OPENERS = {"is", "are", "does", "do", "can", "was", "were", "has", "have"}
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be used: the message names the column, row or split at fault."""
+
+
+def question_family(question: str) -> str:
+    """The alignment-relevant type of a question: presence (yes/no), color or shape."""
+    words = question.lower().strip().rstrip("?").split()
+    if not words:
+        return OTHER_FAMILY
+    if words[0] in _YES_NO_OPENERS:
+        return "presence"
+    if "color" in words or "colour" in words:
+        return "color"
+    if "shape" in words:
+        return "shape"
+    return OTHER_FAMILY
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, punctuation removed, single spaces: the exact-match form."""
+    table = str.maketrans({c: " " for c in string.punctuation})
+    return " ".join(text.lower().translate(table).split())
+
+
+def column(rows: Dataset, name: str) -> list[Any]:
+    """One column as a plain list (much faster than iterating datasets' lazy column)."""
+    return rows.with_format("arrow")[name].to_pylist()
+
+
+def _features() -> Features:
+    return Features(
+        {
+            "image": ImageFeature(),
+            "question": Value("string"),
+            "answer": Value("string"),
+            "family": Value("string"),
+            "image_id": Value("string"),
+        }
+    )
+
+
+# ---------------------------------------------------------------- easy-VQA
+
+
+def load_easy_vqa(split: str) -> Dataset:
+    """easy-VQA's `train` (38,575 questions) or `test` (9,673) split, as shipped."""
+    import easy_vqa
+
+    if split == "train":
+        questions, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        questions, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise DatasetError(f"easy-VQA has splits 'train' and 'test', not {split!r}")
+    return Dataset.from_dict(
+        {
+            "image": [paths[i] for i in image_ids],  # decoded lazily by the Image feature
+            "question": list(questions),
+            "answer": list(answers),
+            "family": [question_family(q) for q in questions],
+            "image_id": [f"{split}/{i}" for i in image_ids],
+        },
+        features=_features(),
+    )
+
+
+def easy_vqa_answers() -> list[str]:
+    import easy_vqa
+
+    return list(easy_vqa.get_answers())
+
+
+# ------------------------------------------------------- generic HF adapter
+
+
+def load_hf_vqa(source: str | Path, split: str | None = None, check_images: bool = True) -> Dataset:
+    """Any Hugging Face dataset with columns image/question/answer (family
+    optional), from a `save_to_disk` directory or from local data files
+    (parquet, json, csv, arrow; a directory is handed to `datasets.load_dataset`).
+
+    Raises DatasetError naming the problem: missing source, split or column,
+    an empty split, a row whose image cannot be read.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise DatasetError(f"dataset source {source} does not exist")
+    try:
+        if (source / "dataset_info.json").exists() or (source / "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(str(source))
+        elif source.is_file():
+            builder = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+            if source.suffix not in builder:
+                raise DatasetError(f"cannot read {source}: unsupported file type {source.suffix!r}")
+            loaded = datasets.load_dataset(builder[source.suffix], data_files=str(source))
+        else:
+            loaded = datasets.load_dataset(str(source))
+    except DatasetError:
+        raise
+    except Exception as err:  # datasets raises many types; name the source and the cause
+        raise DatasetError(f"cannot load dataset from {source}: {err}") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        chosen = split or ("train" if "train" in loaded else next(iter(loaded), None))
+        if chosen not in loaded:
+            raise DatasetError(f"{source} has no split {chosen!r}; it has {sorted(loaded)}")
+        dataset = loaded[chosen]
+    else:
+        dataset = loaded
+    return _conform(dataset, str(source), check_images)
+
+
+def _conform(dataset: Dataset, name: str, check_images: bool) -> Dataset:
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise DatasetError(
+            f"{name}: missing column(s) {missing}; a VQA dataset needs {list(REQUIRED_COLUMNS)} "
+            f"(it has {dataset.column_names})"
+        )
+    if len(dataset) == 0:
+        raise DatasetError(f"{name}: the split is empty")
+    if not isinstance(dataset.features["image"], ImageFeature):
+        dataset = dataset.cast_column("image", ImageFeature())
+    if "family" not in dataset.column_names:
+        dataset = dataset.map(lambda row: {"family": question_family(row["question"])}, desc="families")
+    if "image_id" not in dataset.column_names:
+        dataset = dataset.add_column("image_id", [f"{name}/{i}" for i in range(len(dataset))])
+    dataset = dataset.select_columns(list(_features())).cast(_features())
+    if check_images:
+        raw = dataset.cast_column("image", ImageFeature(decode=False))
+        for index, image in enumerate(raw["image"]):
+            try:
+                _open_image(image)
+            except Exception as err:
+                raise DatasetError(f"{name}: row {index}: unreadable image ({err})") from err
+    return dataset
+
+
+def _open_image(encoded: dict[str, Any]) -> None:
+    import io
+
+    if encoded.get("bytes"):
+        Image.open(io.BytesIO(encoded["bytes"])).load()
+    elif encoded.get("path"):
+        Image.open(encoded["path"]).load()
+    else:
+        raise ValueError("no image bytes or path")
+
+
+# ----------------------------------------------------------- preference pairs
+
+
+def encoded_images(rows: Dataset) -> list[dict[str, Any]]:
+    """The image column undecoded (path or bytes), to copy images without re-encoding them."""
+    return column(rows, "image")
+
+
+def answer_groups(answers: Iterable[str], families: Iterable[str]) -> dict[str, list[str]]:
+    """Answers seen per family: a rejected answer is drawn from the same group."""
+    groups: dict[str, set[str]] = {}
+    for answer, family in zip(answers, families, strict=True):
+        groups.setdefault(family, set()).add(answer)
+    return {family: sorted(values) for family, values in groups.items()}
+
+
+_SENTENCES = {
+    "color": "The color is {a}.",
+    "shape": "The shape is a {a}.",
+    "presence": "{A}, it is.",
+    OTHER_FAMILY: "The answer is {a}.",
+}
+
+
+def styled_answer(answer: str, family: str, style: str) -> str:
+    """An answer in a client's annotation style: one word, or a short sentence."""
+    if style == "word":
+        return answer
+    if style == "sentence":
+        return _SENTENCES.get(family, _SENTENCES[OTHER_FAMILY]).format(a=answer, A=answer.capitalize())
+    raise ValueError(f"unknown answer style {style!r}; expected one of {ANSWER_STYLES}")
+
+
+def user_prompt(question: str) -> list[dict[str, Any]]:
+    """A conversational prompt with one image, in TRL's format."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def assistant_turn(text: str) -> list[dict[str, Any]]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def make_preference_pairs(
+    rows: Dataset,
+    groups: dict[str, list[str]],
+    *,
+    style: str = "word",
+    noise_rate: float = 0.0,
+    seed: int = 0,
+) -> Dataset:
+    """One pair per question, in TRL's conversational preference format.
+
+    chosen = the true answer, rejected = another answer of the same family, both
+    in `style`; with probability `noise_rate` the annotator swaps them.
+    The plain-text columns (`question`, `chosen_text`, `rejected_text`) and
+    `family` are kept for reward models and evaluation.
+    """
+    if not 0.0 <= noise_rate < 0.5:
+        raise ValueError(f"noise_rate must be in [0, 0.5), got {noise_rate}")
+    rng = random.Random(seed)
+    questions, answers, families = column(rows, "question"), column(rows, "answer"), column(rows, "family")
+    chosen_texts, rejected_texts, flipped = [], [], []
+    for answer, family in zip(answers, families, strict=True):
+        alternatives = [a for a in groups.get(family, []) if a != answer]
+        if not alternatives:
+            raise DatasetError(f"family {family!r} has a single answer {answer!r}: no rejected answer to draw")
+        good = styled_answer(answer, family, style)
+        bad = styled_answer(rng.choice(alternatives), family, style)
+        swap = rng.random() < noise_rate
+        chosen_texts.append(bad if swap else good)
+        rejected_texts.append(good if swap else bad)
+        flipped.append(swap)
+    return Dataset.from_dict(
+        {
+            "image": encoded_images(rows),
+            "prompt": [user_prompt(q) for q in questions],
+            "chosen": [assistant_turn(t) for t in chosen_texts],
+            "rejected": [assistant_turn(t) for t in rejected_texts],
+            "question": list(questions),
+            "chosen_text": chosen_texts,
+            "rejected_text": rejected_texts,
+            "family": list(families),
+            "image_id": column(rows, "image_id"),
+            "label_flipped": flipped,
+        },
+        features=Features(
+            {
+                "image": ImageFeature(),
+                "prompt": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
+                "chosen": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
+                "rejected": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
+                "question": Value("string"),
+                "chosen_text": Value("string"),
+                "rejected_text": Value("string"),
+                "family": Value("string"),
+                "image_id": Value("string"),
+                "label_flipped": Value("bool"),
+            }
+        ),
+    )
+
+
+# ----------------------------------------------------------- federated split
+
+
+@dataclass(frozen=True)
+class ClientDataConfig:
+    """One institution's private annotations."""
+
+    family: str
+    style: str = "word"
+    noise_rate: float = 0.05
+
+
+def default_clients(num_clients: int = 3) -> tuple[ClientDataConfig, ...]:
+    """Client k specialises in family k (mod 3); odd clients annotate in sentences."""
+    return tuple(
+        ClientDataConfig(family=FAMILIES[k % len(FAMILIES)], style=ANSWER_STYLES[k % 2], noise_rate=0.05 + 0.05 * k)
+        for k in range(num_clients)
+    )
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How the training split is divided between the server and the clients.
+
+    Fractions are of the training *images*; the client share is divided equally.
+    `pairs_per_client` questions are then drawn from each client's images, a
+    fraction `skew` of them from the client's own family (fewer if its images
+    do not hold enough).
+    """
+
+    clients: tuple[ClientDataConfig, ...] = field(default_factory=default_clients)
+    skew: float = 0.8
+    pairs_per_client: int = 800
+    sft_image_fraction: float = 0.2
+    pool_image_fraction: float = 0.15
+    calibration_image_fraction: float = 0.05
+    calibration_pairs: int = 300
+    eval_per_family: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.clients:
+            raise ValueError("at least one client is needed")
+        if not 0.0 <= self.skew <= 1.0:
+            raise ValueError(f"skew must be in [0, 1], got {self.skew}")
+        server = self.sft_image_fraction + self.pool_image_fraction + self.calibration_image_fraction
+        if not 0.0 < server < 1.0:
+            raise ValueError(f"server image fractions must sum to (0, 1), got {server}")
+
+
+@dataclass
+class FederatedData:
+    """Everything the parties hold, built deterministically from a SplitConfig."""
+
+    config: SplitConfig
+    sft: Dataset  # server: supervised warm start (image, question, answer)
+    prompt_pool: Dataset  # server: public prompts for GRPO (no answers)
+    calibration: Dataset  # server: public preference pairs for the router
+    clients: list[Dataset]  # client k: private preference pairs
+    evaluation: Dataset  # held out (test split), stratified per family
+    answers: dict[str, list[str]]  # answer set per family
+
+
+def _shuffled_image_partition(image_ids: Sequence[str], fractions: Sequence[float], seed: int) -> list[set[str]]:
+    unique = sorted(set(image_ids))
+    random.Random(seed).shuffle(unique)
+    bounds, start, parts = [], 0.0, []
+    for fraction in fractions:
+        bounds.append((start, start + fraction))
+        start += fraction
+    for low, high in bounds:
+        parts.append(set(unique[round(low * len(unique)) : round(high * len(unique))]))
+    return parts
+
+
+def _indices_by_image(image_ids: Sequence[str], images: set[str]) -> list[int]:
+    return [i for i, image in enumerate(image_ids) if image in images]
+
+
+def _stratified(rows: Dataset, per_family: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    by_family: dict[str, list[int]] = {}
+    for index, family in enumerate(column(rows, "family")):
+        by_family.setdefault(family, []).append(index)
+    for family in sorted(by_family):
+        indices = by_family[family]
+        chosen += rng.sample(indices, min(per_family, len(indices)))
+    return sorted(chosen)
+
+
+def _client_indices(families: Sequence[str], candidates: list[int], own: str, count: int, skew: float, rng: random.Random) -> list[int]:
+    own_pool = [i for i in candidates if families[i] == own]
+    other_pool = [i for i in candidates if families[i] != own]
+    rng.shuffle(own_pool)
+    rng.shuffle(other_pool)
+    n_own = min(round(skew * count), len(own_pool))
+    n_other = min(count - n_own, len(other_pool))
+    # Other families are drawn evenly, not in proportion to their (very unequal) sizes.
+    by_family: dict[str, list[int]] = {}
+    for i in other_pool:
+        by_family.setdefault(families[i], []).append(i)
+    others: list[int] = []
+    while len(others) < n_other and any(by_family.values()):
+        for family in sorted(by_family):
+            if by_family[family] and len(others) < n_other:
+                others.append(by_family[family].pop())
+    return sorted(own_pool[:n_own] + others)
+
+
+def build_federated_data(
+    config: SplitConfig | None = None, train: Dataset | None = None, test: Dataset | None = None
+) -> FederatedData:
+    """Deterministic federated split of `train` (default: easy-VQA's) and `test`."""
+    config = config or SplitConfig()
+    train = train if train is not None else load_easy_vqa("train")
+    test = test if test is not None else load_easy_vqa("test")
+    image_ids, families = column(train, "image_id"), column(train, "family")
+    server_fractions = [config.sft_image_fraction, config.pool_image_fraction, config.calibration_image_fraction]
+    client_fraction = (1.0 - sum(server_fractions)) / len(config.clients)
+    parts = _shuffled_image_partition(
+        image_ids, server_fractions + [client_fraction] * len(config.clients), config.seed
+    )
+    groups = answer_groups(column(train, "answer"), families)
+    sft = train.select(_indices_by_image(image_ids, parts[0]))
+    pool = train.select(_indices_by_image(image_ids, parts[1])).remove_columns("answer")
+    calibration_rows = train.select(_indices_by_image(image_ids, parts[2]))
+    calibration_rows = calibration_rows.select(
+        _stratified(calibration_rows, -(-config.calibration_pairs // len(FAMILIES)), config.seed)
+    )
+    calibration = make_preference_pairs(calibration_rows, groups, style="word", seed=config.seed)
+    clients = []
+    for k, client in enumerate(config.clients):
+        rng = random.Random(f"{config.seed}/client/{k}")
+        candidates = _indices_by_image(image_ids, parts[3 + k])
+        indices = _client_indices(families, candidates, client.family, config.pairs_per_client, config.skew, rng)
+        if not indices:
+            raise DatasetError(f"client {k} received no questions: too few training images")
+        clients.append(
+            make_preference_pairs(
+                train.select(indices),
+                groups,
+                style=client.style,
+                noise_rate=client.noise_rate,
+                seed=rng.randrange(2**31),
+            )
+        )
+    evaluation = test.select(_stratified(test, config.eval_per_family, config.seed))
+    for name, part in [("sft", sft), ("prompt pool", pool), ("calibration", calibration), ("evaluation", evaluation)]:
+        if len(part) == 0:
+            raise DatasetError(f"the {name} split is empty: enlarge its fraction or the dataset")
+    return FederatedData(config, sft, pool, calibration, clients, evaluation, groups)
+
+
+def family_counts(rows: Dataset) -> dict[str, int]:
+    return dict(sorted(Counter(column(rows, "family")).items()))
+
+
+def vocabulary_texts(data: FederatedData) -> list[str]:
+    """Every text the policy must be able to read or write (for its tokenizer)."""
+    texts = column(data.sft, "question") + column(data.sft, "answer") + column(data.evaluation, "question")
+    texts += column(data.prompt_pool, "question")
+    for pairs in [data.calibration, *data.clients]:
+        texts += column(pairs, "chosen_text") + column(pairs, "rejected_text")
+    for family, answers in data.answers.items():
+        texts += [styled_answer(a, family, s) for a in answers for s in ANSWER_STYLES]
+    return texts

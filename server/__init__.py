@@ -1,0 +1,1 @@
+"""Server role: router, homomorphic fusion, router training, federated reward, GRPO, the ServerApp."""

@@ -1,0 +1,17 @@
+"""Shared fixtures. Nothing in the suite may reach a model hub."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from secure_mor.data import FederatedData, SplitConfig, build_federated_data  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def federated() -> FederatedData:
+    """The default federated split of easy-VQA (seed 0)."""
+    return build_federated_data(SplitConfig())

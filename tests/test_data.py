@@ -1,0 +1,163 @@
+from collections import Counter
+
+import pytest
+from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from secure_mor.data import (
+    ANSWER_STYLES,
+    FAMILIES,
+    ClientDataConfig,
+    DatasetError,
+    SplitConfig,
+    build_federated_data,
+    column,
+    easy_vqa_answers,
+    load_easy_vqa,
+    load_hf_vqa,
+    question_family,
+    styled_answer,
+)
+
+
+def test_easy_vqa_counts_and_answers():
+    train, test = load_easy_vqa("train"), load_easy_vqa("test")
+    assert (len(train), len(test)) == (38_575, 9_673)
+    answers = easy_vqa_answers()
+    assert len(answers) == 13
+    assert set(column(train, "answer")) == set(answers) == set(column(test, "answer"))
+    assert set(train.column_names) == {"image", "question", "answer", "family", "image_id"}
+    image = train[0]["image"]
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+
+
+def test_family_is_derived_from_the_question_and_matches_the_answer_type(federated):
+    train = load_easy_vqa("train")
+    by_family: dict[str, set[str]] = {}
+    for family, answer in zip(column(train, "family"), column(train, "answer"), strict=True):
+        by_family.setdefault(family, set()).add(answer)
+    assert by_family == {
+        "presence": {"yes", "no"},
+        "shape": {"circle", "rectangle", "triangle"},
+        "color": {"black", "blue", "brown", "gray", "green", "red", "teal", "yellow"},
+    }
+    assert question_family("what colour is it?") == "color"
+    assert question_family("how many?") == "other"
+
+
+def _images_of(rows) -> set[str]:
+    return set(column(rows, "image_id"))
+
+
+def test_partitions_are_disjoint_by_image(federated):
+    parts = [federated.sft, federated.prompt_pool, federated.calibration, *federated.clients]
+    seen: set[str] = set()
+    for part in parts:
+        images = _images_of(part)
+        assert images, "every part holds data"
+        assert not images & seen
+        seen |= images
+    assert all(i.startswith("train/") for i in seen)
+    assert all(i.startswith("test/") for i in _images_of(federated.evaluation))
+    assert "answer" not in federated.prompt_pool.column_names  # the pool carries no labels
+
+
+def test_split_is_deterministic_under_a_seed(federated):
+    again = build_federated_data(SplitConfig(seed=0))
+    other = build_federated_data(SplitConfig(seed=1))
+    for a, b in zip(federated.clients, again.clients, strict=True):
+        assert column(a, "image_id") == column(b, "image_id")
+        assert column(a, "chosen_text") == column(b, "chosen_text")
+    assert column(federated.clients[0], "image_id") != column(other.clients[0], "image_id")
+
+
+@pytest.mark.parametrize("skew", [0.5, 0.9])
+def test_clients_are_non_iid_as_configured(skew):
+    clients = tuple(ClientDataConfig(family=f) for f in ("color", "shape", "presence", "shape"))
+    data = build_federated_data(SplitConfig(clients=clients, skew=skew, pairs_per_client=300, seed=3))
+    assert len(data.clients) == 4
+    for pairs, client in zip(data.clients, clients, strict=True):
+        counts = Counter(column(pairs, "family"))
+        assert len(pairs) == 300
+        assert counts[client.family] == round(skew * 300)
+        others = [counts[f] for f in FAMILIES if f != client.family]
+        assert max(others) - min(others) <= 1  # the rest is spread evenly
+
+
+def test_pairs_are_valid_for_trl(federated):
+    for pairs, client in zip(federated.clients, federated.config.clients, strict=True):
+        flips = 0
+        for row in pairs.select(range(200)):
+            assert row["chosen_text"] != row["rejected_text"]
+            family = row["family"]
+            styled = {styled_answer(a, family, client.style): a for a in federated.answers[family]}
+            assert row["chosen_text"] in styled and row["rejected_text"] in styled  # same answer type
+            assert row["prompt"][0]["role"] == "user"
+            assert [part["type"] for part in row["prompt"][0]["content"]] == ["image", "text"]
+            assert row["chosen"][0]["role"] == "assistant"
+            assert row["chosen"][0]["content"][0]["text"] == row["chosen_text"]
+            assert isinstance(row["image"], Image.Image)
+            flips += row["label_flipped"]
+        assert client.style in ANSWER_STYLES
+    rates = [sum(column(p, "label_flipped")) / len(p) for p in federated.clients]
+    for rate, client in zip(rates, federated.config.clients, strict=True):
+        assert abs(rate - client.noise_rate) < 0.04
+    styles = {c.style for c in federated.config.clients}
+    assert styles == {"word", "sentence"}  # clients really differ
+
+
+def _tiny_vqa(n: int, tmp_path, broken_row: int | None = None) -> Dataset:
+    colors = ["red", "blue", "green"]
+    images, questions, answers = [], [], []
+    for i in range(n):
+        color = colors[i % 3]
+        path = tmp_path / f"{i}.png"
+        if i == broken_row:
+            path.write_bytes(b"not a png")
+        else:
+            Image.new("RGB", (32, 32), color).save(path)
+        images.append(str(path))
+        questions.append("what color is the image?" if i % 2 else "is the image red?")
+        answers.append(color if i % 2 else ("yes" if color == "red" else "no"))
+    features = Features({"image": ImageFeature(), "question": Value("string"), "answer": Value("string")})
+    return Dataset.from_dict({"image": images, "question": questions, "answer": answers}, features=features)
+
+
+def test_generic_adapter_on_a_saved_hf_dataset(tmp_path):
+    DatasetDict({"train": _tiny_vqa(120, tmp_path), "test": _tiny_vqa(30, tmp_path)}).save_to_disk(tmp_path / "ds")
+    train = load_hf_vqa(tmp_path / "ds", "train")
+    test = load_hf_vqa(tmp_path / "ds", "test")
+    assert set(column(train, "family")) == {"color", "presence"}
+    clients = (ClientDataConfig(family="color"), ClientDataConfig(family="presence", style="sentence"))
+    data = build_federated_data(
+        SplitConfig(clients=clients, pairs_per_client=20, calibration_pairs=6, eval_per_family=5), train, test
+    )
+    assert [len(c) for c in data.clients] == [20, 20]
+    assert len(data.evaluation) == 10
+    assert data.answers["color"] == ["blue", "green", "red"]
+
+
+def test_generic_adapter_on_a_parquet_file(tmp_path):
+    _tiny_vqa(12, tmp_path).to_parquet(tmp_path / "vqa.parquet")
+    rows = load_hf_vqa(tmp_path / "vqa.parquet")
+    assert len(rows) == 12 and isinstance(rows[0]["image"], Image.Image)
+
+
+def test_bad_datasets_raise_the_documented_error(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_hf_vqa(tmp_path / "nowhere")
+    _tiny_vqa(6, tmp_path).remove_columns("answer").save_to_disk(tmp_path / "no_answer")
+    with pytest.raises(DatasetError, match=r"missing column\(s\) \['answer'\]"):
+        load_hf_vqa(tmp_path / "no_answer")
+    _tiny_vqa(6, tmp_path).select([]).save_to_disk(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="empty"):
+        load_hf_vqa(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _tiny_vqa(6, broken, broken_row=4).cast_column("image", ImageFeature(decode=False)).save_to_disk(tmp_path / "bad")
+    with pytest.raises(DatasetError, match="row 4: unreadable image"):
+        load_hf_vqa(tmp_path / "bad")
+    DatasetDict({"train": _tiny_vqa(6, tmp_path)}).save_to_disk(tmp_path / "only_train")
+    with pytest.raises(DatasetError, match="no split 'test'"):
+        load_hf_vqa(tmp_path / "only_train", "test")
