@@ -164,9 +164,7 @@ class VerifyResult:
     reason: str = ""
 
 
-def verify_ledger(
-    path: Path | str, registry: Mapping[str, str], expected_head: str | None = None
-) -> VerifyResult:
+def verify_ledger(path: Path | str, registry: Mapping[str, str], expected_head: str | None = None) -> VerifyResult:
     """Check the hash chain, each party's sequence and every signature against
     `registry` ({party: Ed25519 public key hex}). `expected_head`, when the auditor
     holds it from an earlier verification or a receipt, also detects truncation."""

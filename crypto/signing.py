@@ -70,13 +70,9 @@ def save_signer(signer: Signer, directory: Path, passphrase: str | None = None) 
     """Write `<party>.key` (0600, PKCS#8 PEM) and `<party>.pub` (hex) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     encryption = (
-        serialization.BestAvailableEncryption(passphrase.encode())
-        if passphrase
-        else serialization.NoEncryption()
+        serialization.BestAvailableEncryption(passphrase.encode()) if passphrase else serialization.NoEncryption()
     )
-    pem = signer.private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
+    pem = signer.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     key_path = directory / f"{signer.party}.key"
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

@@ -17,7 +17,9 @@ from rich.table import Table
 from secure_mor.config import EASY_VQA, DataSpec, RunDir
 from secure_mor.data import FAMILIES, DatasetError, SplitConfig, default_clients, family_counts
 
-app = typer.Typer(help="Secure MoR: privacy-hardened federated alignment of vision-language models.", no_args_is_help=True)
+app = typer.Typer(
+    help="Secure MoR: privacy-hardened federated alignment of vision-language models.", no_args_is_help=True
+)
 data_app = typer.Typer(help="Inspect the data and its federated split.", no_args_is_help=True)
 policy_app = typer.Typer(help="Build, warm-start (SFT) and evaluate the policy VLM.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -110,7 +112,12 @@ def data_info(
     add("calibration", "server", data.calibration, "public preference pairs for the router")
     for k, (pairs, client) in enumerate(zip(data.clients, spec.split.clients, strict=True)):
         flipped = sum(pairs["label_flipped"])
-        add(f"client-{k}", f"client-{k}", pairs, f"{client.family} specialist, {client.style} style, {flipped} noisy labels")
+        add(
+            f"client-{k}",
+            f"client-{k}",
+            pairs,
+            f"{client.family} specialist, {client.style} style, {flipped} noisy labels",
+        )
     add("evaluation", "held out", data.evaluation, "test split, stratified per family")
     console.print(table)
     answers = ", ".join(f"{family}: {len(values)}" for family, values in data.answers.items())
@@ -175,7 +182,9 @@ def policy_sft(
     spec = run.data_spec()
     data = _load_data(spec)
     model, processor = load_policy(run.base_policy)
-    settings = SFTSettings(examples=examples, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=spec.split.seed)
+    settings = SFTSettings(
+        examples=examples, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=spec.split.seed
+    )
     started = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task("SFT", total=None)

@@ -271,7 +271,9 @@ def make_preference_pairs(
                 "image": ImageFeature(),
                 "prompt": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
                 "chosen": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
-                "rejected": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
+                "rejected": [
+                    {"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}
+                ],
                 "question": Value("string"),
                 "chosen_text": Value("string"),
                 "rejected_text": Value("string"),
@@ -362,7 +364,8 @@ def _indices_by_image(image_ids: Sequence[str], images: set[str]) -> list[int]:
     return [i for i, image in enumerate(image_ids) if image in images]
 
 
-def _stratified(rows: Dataset, per_family: int, seed: int) -> list[int]:
+def stratified_indices(rows: Dataset, per_family: int, seed: int) -> list[int]:
+    """Up to `per_family` random rows of each family (all of a smaller family), in order."""
     rng = random.Random(seed)
     chosen: list[int] = []
     by_family: dict[str, list[int]] = {}
@@ -374,7 +377,9 @@ def _stratified(rows: Dataset, per_family: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def _client_indices(families: Sequence[str], candidates: list[int], own: str, count: int, skew: float, rng: random.Random) -> list[int]:
+def _client_indices(
+    families: Sequence[str], candidates: list[int], own: str, count: int, skew: float, rng: random.Random
+) -> list[int]:
     own_pool = [i for i in candidates if families[i] == own]
     other_pool = [i for i in candidates if families[i] != own]
     rng.shuffle(own_pool)
@@ -411,7 +416,7 @@ def build_federated_data(
     pool = train.select(_indices_by_image(image_ids, parts[1])).remove_columns("answer")
     calibration_rows = train.select(_indices_by_image(image_ids, parts[2]))
     calibration_rows = calibration_rows.select(
-        _stratified(calibration_rows, -(-config.calibration_pairs // len(FAMILIES)), config.seed)
+        stratified_indices(calibration_rows, -(-config.calibration_pairs // len(FAMILIES)), config.seed)
     )
     calibration = make_preference_pairs(calibration_rows, groups, style="word", seed=config.seed)
     clients = []
@@ -430,7 +435,7 @@ def build_federated_data(
                 seed=rng.randrange(2**31),
             )
         )
-    evaluation = test.select(_stratified(test, config.eval_per_family, config.seed))
+    evaluation = test.select(stratified_indices(test, config.eval_per_family, config.seed))
     for name, part in [("sft", sft), ("prompt pool", pool), ("calibration", calibration), ("evaluation", evaluation)]:
         if len(part) == 0:
             raise DatasetError(f"the {name} split is empty: enlarge its fraction or the dataset")

@@ -18,7 +18,16 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from transformers import PreTrainedModel, PrinterCallback, ProcessorMixin, TrainerCallback
 
-from secure_mor.data import FAMILIES, assistant_turn, column, encoded_images, normalize_text, question_family, user_prompt
+from secure_mor.data import (
+    FAMILIES,
+    assistant_turn,
+    column,
+    encoded_images,
+    normalize_text,
+    question_family,
+    stratified_indices,
+    user_prompt,
+)
 
 
 @dataclass(frozen=True)
@@ -33,9 +42,14 @@ class SFTSettings:
 
 
 def sft_dataset(rows: Dataset, examples: int | None = None, seed: int = 0) -> Dataset:
-    """Prompt-completion pairs (TRL's conversational format) from VQA rows."""
+    """Prompt-completion pairs (TRL's conversational format) from VQA rows.
+
+    `examples` are drawn evenly across question families: easy-VQA is 73%
+    yes/no questions, and a policy warm-started on that mix learns little else.
+    """
     if examples is not None and examples < len(rows):
-        rows = rows.shuffle(seed=seed).select(range(examples))
+        families = len(set(column(rows, "family")))
+        rows = rows.select(stratified_indices(rows, -(-examples // families), seed))
     return Dataset.from_dict(
         {
             "image": encoded_images(rows),
@@ -148,9 +162,7 @@ def generate_answers(
     return outputs
 
 
-def accuracy_report(
-    completions: list[str], rows: Dataset, answers_by_family: dict[str, list[str]]
-) -> dict[str, Any]:
+def accuracy_report(completions: list[str], rows: Dataset, answers_by_family: dict[str, list[str]]) -> dict[str, Any]:
     """Per-family and overall accuracy of completions against `rows`' answers.
 
     `accuracy`: the extracted answer word is right (style-independent);

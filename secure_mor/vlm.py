@@ -37,7 +37,8 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if not loop.first %} {% endif %}"
-    "{% if message['role'] == 'user' %}USER:{% elif message['role'] == 'system' %}SYSTEM:{% else %}ASSISTANT:{% endif %}"
+    "{% if message['role'] == 'user' %}USER:{% elif message['role'] == 'system' %}SYSTEM:"
+    "{% else %}ASSISTANT:{% endif %}"
     "{% if message['content'] is string %} {{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %} {{ part['text'] }}{% endif %}"
@@ -109,7 +110,9 @@ def build_processor(texts: Iterable[str], config: TinyVLMConfig) -> LlavaProcess
     )
 
 
-def build_tiny_vlm(texts: Iterable[str], config: TinyVLMConfig | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_tiny_vlm(
+    texts: Iterable[str], config: TinyVLMConfig | None = None
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A freshly initialised tiny LLaVA and its processor, built from `texts`' vocabulary."""
     config = config or TinyVLMConfig()
     processor = build_processor(texts, config)

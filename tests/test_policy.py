@@ -1,6 +1,6 @@
+from secure_mor.data import vocabulary_texts
 from secure_mor.policy import SFTSettings, accuracy_report, evaluate_policy, extract_answer, run_sft
 from secure_mor.vlm import build_tiny_vlm
-from secure_mor.data import vocabulary_texts
 
 ANSWERS = {"color": ["blue", "red"], "shape": ["circle", "triangle"], "presence": ["no", "yes"]}
 

@@ -14,7 +14,9 @@ def test_tokenizer_round_trips_text_and_the_chat_template_is_prefix_consistent()
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids) == text
-    prompt = processor.apply_chat_template(user_prompt("is there a circle?"), add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(
+        user_prompt("is there a circle?"), add_generation_prompt=True, tokenize=False
+    )
     full = processor.apply_chat_template(
         user_prompt("is there a circle?") + assistant_turn("Yes, it is."), tokenize=False
     )
@@ -29,7 +31,9 @@ def test_builds_offline_and_round_trips_save_load_with_identical_logits(tmp_path
     path = save_policy(model, processor, tmp_path / "policy")
     loaded, loaded_processor = load_policy(path)
     assert type(loaded) is type(model)
-    prompt = processor.apply_chat_template(user_prompt("what color is the shape?"), add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(
+        user_prompt("what color is the shape?"), add_generation_prompt=True, tokenize=False
+    )
     images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
     inputs = processor(text=[prompt] * 2, images=images, return_tensors="pt", padding=True)
     again = loaded_processor(text=[prompt] * 2, images=images, return_tensors="pt", padding=True)

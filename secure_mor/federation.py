@@ -1,0 +1,177 @@
+"""Run the Flower app on Flower's local simulation runtime, isolated and cleaned up.
+
+`flwr run` (flwr 1.41) submits the app to a local SuperLink that it starts in
+the background and never stops, installs the app's dependencies at run time
+unless told not to, lets Ray listen on every interface, and exits 0 even when
+the run fails. `run_local_simulation` wraps it so that a run:
+
+- uses its own Flower home and Ray temp directory (nothing in `~/.flwr`),
+- installs nothing at run time and phones nowhere (telemetry, update checks off),
+- keeps Ray and the SuperLink on 127.0.0.1,
+- blocks until the run finishes and reports its real status and logs,
+- stops every process it started (the SuperLink's whole process tree), also on error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the repository root holds the app's pyproject.toml
+
+
+class FederationError(RuntimeError):
+    """The Flower run could not be started, failed, or timed out; the message carries its logs."""
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    run_id: str
+    status: str
+    details: str
+    logs: str
+    seconds: float
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _flwr() -> str:
+    found = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr")
+    if not found:
+        raise FederationError("the `flwr` command is not installed (pip install 'secure-mor[simulation]')")
+    return found
+
+
+def simulation_env(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
+    ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": _free_port(), "FLWR_LOCAL_CONTROL_API_PORT": _free_port()}
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps every Ray listener on 127.0.0.1
+        "RAY_TMPDIR": str(ray_tmp),
+        "RAY_DEDUP_LOGS": "0",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **{k: str(v) for k, v in ports.items()},
+    }
+
+
+def _stop_superlink(env: Mapping[str, str]) -> None:
+    """Kill the background SuperLink (found by its port) and everything it started."""
+    ports = {int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]), int(env["FLWR_LOCAL_CONTROL_API_PORT"])}
+    owners = {
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port in ports and c.pid
+    }
+    processes = []
+    for pid in owners:
+        try:
+            root = psutil.Process(pid)
+            processes += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+
+
+def _flwr_json(args: list[str], env: Mapping[str, str], cwd: Path, timeout: float) -> dict:
+    done = subprocess.run(args, env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError as err:
+        raise FederationError(f"`{' '.join(args[1:3])}` failed: {done.stdout[-2000:]}{done.stderr[-2000:]}") from err
+
+
+def run_local_simulation(
+    run_config: Mapping[str, object],
+    num_supernodes: int,
+    *,
+    app_dir: Path = APP_DIR,
+    timeout: float = 1800.0,
+    on_poll: Callable[[float], None] | None = None,
+) -> SimulationResult:
+    """Run the Flower app in `app_dir` with `num_supernodes` simulated nodes (1 CPU each)."""
+    if not (app_dir / "pyproject.toml").exists():
+        raise FederationError(f"no Flower app at {app_dir} (pyproject.toml with [tool.flwr.app] expected)")
+    started = time.perf_counter()
+    # Ray's socket paths must stay short (108 bytes): a fresh directory under /tmp.
+    with tempfile.TemporaryDirectory(prefix="smor-flwr-") as scratch:
+        scratch_dir = Path(scratch)
+        env = simulation_env(scratch_dir / "home", scratch_dir / "ray")
+        (scratch_dir / "home").mkdir()
+        (scratch_dir / "ray").mkdir()
+        (scratch_dir / "home" / "config.toml").write_text(
+            '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+        )
+        flwr = _flwr()
+        overrides = " ".join(f"{key}={_toml_value(value)}" for key, value in run_config.items())
+        federation = f"num-supernodes={int(num_supernodes)} client-resources-num-cpus=1"
+        try:
+            args = [flwr, "run", str(app_dir), "--format", "json", "--federation-config", federation]
+            if overrides:
+                args += ["--run-config", overrides]
+            submitted = _flwr_json(args, env, scratch_dir, timeout=300)
+            if not submitted.get("success") or "run-id" not in submitted:
+                raise FederationError(f"flwr run refused the app: {submitted}")
+            run_id = str(submitted["run-id"])
+            status, details = "", ""
+            while True:
+                listing = _flwr_json([flwr, "list", "--run-id", run_id, "--format", "json"], env, scratch_dir, 120)
+                run = (listing.get("runs") or [{}])[0]
+                status, details = str(run.get("status", "")), str(run.get("status-details", ""))
+                if status.startswith("finished"):
+                    break
+                elapsed = time.perf_counter() - started
+                if elapsed > timeout:
+                    subprocess.run([flwr, "stop", run_id], env=env, cwd=scratch_dir, capture_output=True, timeout=60)
+                    status, details = "finished:timeout", f"no result after {timeout:.0f} s"
+                    break
+                if on_poll:
+                    on_poll(elapsed)
+                time.sleep(2.0)
+            logs = subprocess.run(
+                [flwr, "log", run_id, "--show"], env=env, cwd=scratch_dir, capture_output=True, text=True, timeout=120
+            ).stdout
+        finally:
+            _stop_superlink(env)
+    result = SimulationResult(run_id, status, details, logs, time.perf_counter() - started)
+    if status != "finished:completed":
+        raise FederationError(f"Flower run {run_id} {status}: {details}\n--- logs ---\n{logs[-6000:]}")
+    return result
