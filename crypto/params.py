@@ -1,0 +1,130 @@
+"""CKKS parameter sets and the release precision configuration.
+
+A parameter set is only accepted if its total coefficient modulus (all primes,
+including the special key-switching prime) stays within the 128-bit classical
+security maximum of the HomomorphicEncryption.org standard: M. Albrecht et al.,
+"Homomorphic Encryption Security Standard", HomomorphicEncryption.org, Toronto,
+November 2018, Table 1 (uniform ternary secret, classical 128-bit column).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# log2(q) maxima for 128-bit classical security (HE standard 2018, Table 1, ternary secret).
+MAX_MODULUS_BITS_128: dict[int, int] = {
+    1024: 27,
+    2048: 54,
+    4096: 109,
+    8192: 218,
+    16384: 438,
+    32768: 881,
+}
+
+
+class ParameterError(ValueError):
+    """A CKKS parameter set is malformed or below 128-bit security."""
+
+
+@dataclass(frozen=True)
+class CkksParams:
+    """One CKKS parameter set. `coeff_mod_bit_sizes` lists all primes: the data
+    primes first, the special key-switching prime last (SEAL's convention)."""
+
+    name: str
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    scale_bits: int
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def total_modulus_bits(self) -> int:
+        return sum(self.coeff_mod_bit_sizes)
+
+    @property
+    def scale(self) -> float:
+        return float(2**self.scale_bits)
+
+    def validate(self) -> None:
+        """Raise ParameterError unless the set is well formed and 128-bit secure."""
+        n = self.poly_modulus_degree
+        if n not in MAX_MODULUS_BITS_128:
+            raise ParameterError(f"{self.name}: N={n} is not one of {sorted(MAX_MODULUS_BITS_128)}")
+        if len(self.coeff_mod_bit_sizes) < 3:
+            raise ParameterError(f"{self.name}: need >= 3 primes (one level for the fusion multiply)")
+        limit = MAX_MODULUS_BITS_128[n]
+        if self.total_modulus_bits > limit:
+            raise ParameterError(
+                f"{self.name}: total modulus {self.total_modulus_bits} bits exceeds the 128-bit-security "
+                f"maximum of {limit} bits for N={n} (HomomorphicEncryption.org standard)"
+            )
+        if not 0 < self.scale_bits < min(self.coeff_mod_bit_sizes[0], self.coeff_mod_bit_sizes[-1]):
+            raise ParameterError(f"{self.name}: scale 2^{self.scale_bits} must be below the outer primes")
+
+
+PARAMETER_SETS: dict[str, CkksParams] = {
+    p.name: p
+    for p in (
+        # The project default: 4096 slots, one multiplicative level (the fusion), ~60 bits of
+        # headroom above the scale after the fusion's rescale (room for the blinding mask).
+        CkksParams("default", 8192, (60, 40, 40, 60), 40),
+        # 8192 slots per ciphertext, same precision: fewer ciphertexts for large batches.
+        CkksParams("large", 16384, (60, 40, 40, 60), 40),
+        # Small and imprecise (scale 2^20, ~1e-3 error): only for fast structural tests and fuzzing.
+        CkksParams("small", 4096, (40, 20, 40), 20),
+    )
+}
+DEFAULT_PARAMS = PARAMETER_SETS["default"]
+
+
+def get_params(name: str) -> CkksParams:
+    try:
+        return PARAMETER_SETS[name]
+    except KeyError as err:
+        raise ParameterError(f"unknown parameter set {name!r}; known: {sorted(PARAMETER_SETS)}") from err
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    """How values are bounded, blinded, flooded and rounded (see authority.py for the
+    measurements behind the defaults).
+
+    value_bound: R; clients clip their scores to [-R, R].
+    mask_bits: the server's blinding mask is uniform on [-2^mask_bits, 2^mask_bits].
+    flood_sigma: standard deviation of the authority's Gaussian flooding noise.
+    flood_clip: the flooding noise is truncated at flood_clip * flood_sigma (a hard error bound).
+    round_bits: released values are rounded to multiples of 2^-round_bits.
+    """
+
+    value_bound: float = 10.0
+    mask_bits: int = 32
+    flood_sigma: float = 1e-5
+    flood_clip: float = 6.0
+    round_bits: int = 17
+
+    @property
+    def mask_bound(self) -> float:
+        return float(2**self.mask_bits)
+
+    @property
+    def precision(self) -> float:
+        return 2.0**-self.round_bits
+
+    def statistical_distance(self, n_values: int, value_range: float | None = None) -> float:
+        """Upper bound on the total-variation distance between the authority's views of
+        two fused vectors of n_values entries whose entries differ by at most value_range
+        (default 2R): per slot |a - b| / (2M) for a uniform mask on [-M, M], union bound."""
+        spread = 2 * self.value_bound if value_range is None else value_range
+        return min(1.0, n_values * spread / (2 * self.mask_bound))
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.value_bound) and self.value_bound > 0):
+            raise ParameterError("value_bound must be positive and finite")
+        if not (self.flood_sigma > 0 and self.flood_clip > 0 and 1 <= self.round_bits <= 40):
+            raise ParameterError("flood_sigma, flood_clip must be > 0 and round_bits in [1, 40]")
+        if self.mask_bound <= 1e3 * self.value_bound:
+            raise ParameterError("the mask bound must be much larger than R (>= 1000 R)")
