@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,6 +52,8 @@ def _progress() -> Progress:
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a model hub
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # TRL's configs still set a transformers argument that transformers 5 deprecates.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     for name in ("transformers", "datasets", "trl", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
@@ -166,10 +169,10 @@ def policy_build(
 @policy_app.command("sft")
 def policy_sft(
     out: OutOption = Path("runs/demo"),
-    examples: Annotated[int, typer.Option(help="SFT examples drawn from the server's SFT slice.")] = 4000,
-    epochs: Annotated[float, typer.Option(help="Passes over those examples.")] = 1.0,
+    examples: Annotated[int, typer.Option(help="SFT examples, drawn evenly across question families.")] = 3000,
+    epochs: Annotated[float, typer.Option(help="Passes over those examples.")] = 8.0,
     batch_size: Annotated[int, typer.Option(help="Per-step batch size.")] = 32,
-    learning_rate: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 2e-3,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 5e-4,
 ) -> None:
     """Supervised warm start (TRL SFTTrainer) of RUN/policy/base into RUN/policy/sft."""
     _quiet_libraries()
@@ -248,13 +251,14 @@ def print_accuracy(report: dict[str, Any], title: str) -> None:
 def demo(
     out: OutOption = Path("runs/demo"),
     seed: SeedOption = 0,
-    sft_examples: Annotated[int, typer.Option(help="SFT examples for the warm start.")] = 4000,
+    sft_examples: Annotated[int, typer.Option(help="SFT examples for the warm start.")] = 3000,
+    sft_epochs: Annotated[float, typer.Option(help="SFT passes over those examples.")] = 8.0,
 ) -> None:
     """The main job on easy-VQA: build the tiny policy, SFT it, evaluate before and after."""
     started = time.perf_counter()
     policy_build(out=out, model=None, dataset=EASY_VQA, seed=seed, clients=3, skew=0.8, pairs_per_client=800)
     policy_eval(out=out, stage="base", batch_size=64)
-    policy_sft(out=out, examples=sft_examples, epochs=1.0, batch_size=32, learning_rate=2e-3)
+    policy_sft(out=out, examples=sft_examples, epochs=sft_epochs, batch_size=32, learning_rate=5e-4)
     policy_eval(out=out, stage="sft", batch_size=64)
     summary = {
         "base": json.loads(RunDir(out).eval_path("base").read_text())["overall"],

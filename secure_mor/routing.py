@@ -1,0 +1,576 @@
+"""The Mixture-of-Rewards router, shared by the server and the clients.
+
+The router g(x, o) maps the public pooled prompt features x of an item and an
+alignment objective o to weights over the K clients' rewards:
+
+    z = g_theta(x, o) in R^K,   w = w_min + (1 - K w_min) softmax(z),
+
+so every row lies on the simplex and every weight is >= w_min (the key
+authority refuses any fusion whose weights break either rule).
+
+Network (float64 throughout, so the server and every client compute the same
+numbers and the CKKS precision is the only source of disagreement)::
+
+    u = (x - input_mean) @ input_projection         fixed, public, not trained
+    e = objective_embedding[o]                       trained
+    h = tanh(hidden(concat(u, e)))                   trained; a small MLP when hidden > 0
+    z = out(h)          (hidden == 0: z = out(concat(u, e)), a linear gate)
+
+`input_mean` and `input_projection` are buffers the server fits on the public
+calibration features (`Router.fit_input_projection`: PCA to `input_dim`
+dimensions, whitened, or plain standardisation when `input_dim` is None). They
+are public and travel with the parameters in a `RouterState`, but they are not
+trained and have no gradient.
+
+Default size. The release budget below caps P at roughly B (max_release_ratio K - 1)
+per batch of B, and each calibration item serves in one step only, so the
+router must learn from a few disjoint batches. Measured on the tiny policy's
+features of 1,477 easy-VQA calibration pairs (synthetic clients, each right on
+one question family; 15 steps of B = 96): the linear gate on 32 whitened PCA
+directions (P = 119 with two objectives) puts 0.73-0.89 on the right client
+per family and 0.96 for a "style" objective; an MLP on 16 directions with
+H = 4 (P = 107) only 0.59-0.72. Hence the default hidden = 0, input_dim = 32
+(the family signal of those features lies beyond the first 8 principal
+directions: nearest-centroid accuracy 0.68 with 8, 0.86 with 16, 0.98 with 32).
+
+Parameter flattening (`parameter_layout`, `flatten_parameters`,
+`unflatten_parameters`): the trainable tensors in `Router.named_parameters()`
+order, i.e.
+
+    objective_embedding.weight [O, E], hidden.weight [H, D_in + E], hidden.bias [H],
+    out.weight [K, H], out.bias [K]                  (hidden == 0: out.weight [K, D_in + E])
+
+each flattened row-major (C order) and concatenated into one float64 vector of
+P = `parameter_count(config)` values. Gradients use the same order.
+
+Training without seeing any client's scores (DESIGN.md). For calibration pairs
+i = 1..B with client k's private margin d_ik = clip(R_k(chosen_i) -
+R_k(rejected_i), -R, R), fused margin m_i = sum_k w_ik d_ik and the
+Bradley-Terry loss L = -(1/B) sum_i log sigmoid(m_i),
+
+    dL/dtheta = sum_k G_k,   G_k = sum_i c_i d_ik dw_ik/dtheta,   c_i = -(1/B) (1 - sigmoid(m_i)).
+
+The coefficients c_i depend only on the fused margins (a normal fused release),
+so client k computes its own term G_k (`client_gradient_term`), encrypts it, and
+the key authority decrypts only the sum over clients. See
+`secure_mor.server.router_training` for the protocol.
+
+Leakage (what the releases reveal about the clients' margins). Every release is
+a linear function of the unknown margin matrix D (B x K) with coefficients the
+server knows: the fused margins give B functionals (one per item, by design),
+the summed parameter gradient P more. Hence:
+
+* Per-item logit gradients sum_k c_i d_ik dw_ik/dz_i are never released: with
+  the fused margins they give K independent equations per item and every d_ik
+  can be solved for exactly (tests/test_router_privacy.py demonstrates it).
+  Only the parameter gradient, summed over items and clients, is released.
+* A release of B + P functionals about B * K unknowns is solvable once
+  B + P >= B * K, and releases about the *same* items accumulate: a router whose
+  weights change between steps, fused over the same calibration items K times,
+  identifies every margin from the fused margins alone. So (a) the router is
+  kept small (P well below B (K - 1)), (b) each calibration item takes part in
+  a bounded number of steps (default: one), and (c) clients refuse queries that
+  break the counting rule (`QueryLimits`): uses * (B + P) <= max_release_ratio * B * K.
+  The rule is necessary, not sufficient, for non-identifiability; the tests
+  measure the actual per-coordinate leverage of what is released.
+* This is confidentiality of the evaluation signal, not differential privacy:
+  the clients' training data is protected by DP-SGD, and any function of the
+  DP-trained reward models (scores, margins, these gradients) is
+  post-processing that costs no further budget.
+* Clients receive the coefficients c_i, hence the fused margins m_i. With K = 2
+  client k can then solve for the other client's margins (m_i - w_ik d_ik);
+  with K >= 3 it learns one weighted sum of the others' margins per item.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+DTYPE = torch.float64
+
+
+class RouterError(ValueError):
+    """A router configuration, state or weight matrix is invalid."""
+
+
+class RouterQueryError(ValueError):
+    """A client refuses a router-gradient query: it would release too much about its margins."""
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Shape of the gating network.
+
+    feature_dim: D, the width of the pooled prompt features;
+    objectives: the objective names, in embedding-row order;
+    num_clients: K, the number of reward models (router columns, in client order);
+    hidden: H, the hidden width (0: a linear router);
+    objective_dim: E, the width of the learned objective embedding;
+    input_dim: D_in, the public PCA projection's width, capped at D (None: D, standardised only);
+    w_min: the floor every weight keeps (must be >= the key authority's w_min);
+    seed: initialisation seed.
+    """
+
+    feature_dim: int
+    objectives: tuple[str, ...]
+    num_clients: int
+    hidden: int = 0
+    objective_dim: int = 4
+    input_dim: int | None = 32
+    w_min: float = 0.02
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objectives", tuple(self.objectives))
+        if self.feature_dim < 1 or self.num_clients < 1 or self.hidden < 0 or self.objective_dim < 1:
+            raise RouterError(f"invalid router sizes: {self}")
+        if not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise RouterError(f"objectives must be distinct and non-empty, got {self.objectives}")
+        if self.input_dim is not None and self.input_dim < 1:
+            raise RouterError(f"input_dim must be >= 1 or None, got {self.input_dim}")
+        if not (0.0 <= self.w_min < 1.0 / self.num_clients):
+            raise RouterError(f"w_min={self.w_min} must lie in [0, 1/K) = [0, {1 / self.num_clients:.4g})")
+
+    @property
+    def projected_dim(self) -> int:
+        return self.feature_dim if self.input_dim is None else min(self.input_dim, self.feature_dim)
+
+    def objective_id(self, name: str) -> int:
+        try:
+            return self.objectives.index(name)
+        except ValueError as err:
+            raise RouterError(f"unknown objective {name!r}; known: {list(self.objectives)}") from err
+
+    def objective_ids(self, names: Sequence[str]) -> np.ndarray:
+        return np.array([self.objective_id(n) for n in names], dtype=np.int64)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "objectives": list(self.objectives)}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> RouterConfig:
+        return cls(**{**raw, "objectives": tuple(raw["objectives"])})
+
+
+def parameter_layout(config: RouterConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every trainable tensor, in flattening order."""
+    d_in, e, h, k = config.projected_dim, config.objective_dim, config.hidden, config.num_clients
+    layout = [("objective_embedding.weight", (len(config.objectives), e))]
+    if h:
+        layout += [("hidden.weight", (h, d_in + e)), ("hidden.bias", (h,)), ("out.weight", (k, h))]
+    else:
+        layout += [("out.weight", (k, d_in + e))]
+    return [*layout, ("out.bias", (k,))]
+
+
+def parameter_count(config: RouterConfig) -> int:
+    return int(sum(np.prod(shape) for _, shape in parameter_layout(config)))
+
+
+# ---------------------------------------------------------------- weights
+
+
+def simplex_weights(logits: torch.Tensor, w_min: float) -> torch.Tensor:
+    """w = w_min + (1 - K w_min) softmax(z), row-wise (differentiable)."""
+    k = logits.shape[-1]
+    return w_min + (1.0 - k * w_min) * torch.softmax(logits, dim=-1)
+
+
+def check_weights(weights: np.ndarray, w_min: float, tolerance: float = 1e-9) -> np.ndarray:
+    """Return W as float64 if every row is on the simplex and every entry >= w_min; else RouterError."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 2 or w.shape[1] < 1:
+        raise RouterError(f"weights must be N x K, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise RouterError("weights contain NaN or infinity")
+    if w.size and float(w.min()) < w_min - tolerance:
+        raise RouterError(f"a weight ({float(w.min()):.3g}) is below the floor w_min={w_min}")
+    if w.size and float(np.max(np.abs(w.sum(axis=1) - 1.0))) > tolerance:
+        raise RouterError("weight rows do not sum to 1")
+    return w
+
+
+# ---------------------------------------------------------------- the network
+
+
+class Router(nn.Module):
+    """The gating network g(x, o) -> N x K weights (see the module docstring)."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, d_in, e, h, k = (config.feature_dim, config.projected_dim, config.objective_dim, config.hidden,
+                            config.num_clients)
+        generator = torch.Generator().manual_seed(config.seed)
+        self.register_buffer("input_mean", torch.zeros(d, dtype=DTYPE))
+        self.register_buffer("input_projection", torch.eye(d, d_in, dtype=DTYPE))
+        self.objective_embedding = nn.Embedding(len(config.objectives), e, dtype=DTYPE)
+        self.hidden = nn.Linear(d_in + e, h, dtype=DTYPE) if h else None
+        self.out = nn.Linear(h or d_in + e, k, dtype=DTYPE)
+        with torch.no_grad():
+            self.objective_embedding.weight.normal_(0.0, 1.0, generator=generator)
+            if self.hidden is not None:
+                bound = 1.0 / np.sqrt(d_in + e)
+                self.hidden.weight.uniform_(-bound, bound, generator=generator)
+                self.hidden.bias.zero_()
+            # Small output layer: the router starts near uniform fusion.
+            self.out.weight.normal_(0.0, 0.01, generator=generator)
+            self.out.bias.zero_()
+
+    # -- inputs
+
+    def fit_input_projection(self, features: np.ndarray) -> Router:
+        """Fit the public input normalisation on public features (the calibration set's):
+        centre, then PCA to `input_dim` whitened directions (or standardise when input_dim
+        is None). Deterministic (signs fixed)."""
+        x = np.asarray(features, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.config.feature_dim or len(x) < 2 or not np.all(np.isfinite(x)):
+            raise RouterError(f"need finite features of shape (N >= 2, {self.config.feature_dim}), got {x.shape}")
+        mean = x.mean(axis=0)
+        centred = x - mean
+        if self.config.input_dim is None:
+            projection = np.diag(1.0 / np.maximum(centred.std(axis=0), 1e-8))
+        else:
+            _, s, vt = np.linalg.svd(centred, full_matrices=False)
+            d_in = self.config.projected_dim
+            components = np.zeros((d_in, x.shape[1]))
+            rank = min(d_in, len(s))
+            components[:rank] = vt[:rank]
+            signs = np.sign(components[np.arange(d_in), np.argmax(np.abs(components), axis=1)])
+            components *= np.where(signs == 0, 1.0, signs)[:, None]
+            scale = np.zeros(d_in)
+            scale[:rank] = np.sqrt(len(x) - 1) / np.maximum(s[:rank], 1e-8)
+            projection = components.T * scale[None, :]
+        with torch.no_grad():
+            self.input_mean.copy_(torch.as_tensor(mean, dtype=DTYPE))
+            self.input_projection.copy_(torch.as_tensor(projection, dtype=DTYPE))
+        return self
+
+    def _inputs(self, features: np.ndarray | torch.Tensor, objective_ids: np.ndarray | torch.Tensor):
+        x = torch.as_tensor(np.asarray(features, dtype=np.float64)) if not torch.is_tensor(features) else features
+        o = torch.as_tensor(np.asarray(objective_ids, dtype=np.int64)) if not torch.is_tensor(objective_ids) \
+            else objective_ids
+        x, o = x.to(DTYPE), o.to(torch.int64)
+        if x.ndim != 2 or x.shape[1] != self.config.feature_dim:
+            raise RouterError(f"features must be (N, {self.config.feature_dim}), got {tuple(x.shape)}")
+        if o.shape != (x.shape[0],):
+            raise RouterError(f"objective ids must be ({x.shape[0]},), got {tuple(o.shape)}")
+        if len(o) and (int(o.min()) < 0 or int(o.max()) >= len(self.config.objectives)):
+            raise RouterError(f"objective ids must lie in [0, {len(self.config.objectives)})")
+        if not torch.isfinite(x).all():
+            raise RouterError("features contain NaN or infinity")
+        return x, o
+
+    # -- forward
+
+    def logits(self, features: np.ndarray | torch.Tensor, objective_ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x, o = self._inputs(features, objective_ids)
+        u = (x - self.input_mean) @ self.input_projection
+        h = torch.cat([u, self.objective_embedding(o)], dim=1)
+        if self.hidden is not None:
+            h = torch.tanh(self.hidden(h))
+        return self.out(h)
+
+    def forward(self, features: np.ndarray | torch.Tensor, objective_ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """N x K weights (differentiable): rows on the simplex, every entry >= w_min."""
+        return simplex_weights(self.logits(features, objective_ids), self.config.w_min)
+
+    def weights(self, features: np.ndarray, objective_ids: np.ndarray) -> np.ndarray:
+        """N x K float64 weights, no gradient, checked valid."""
+        with torch.no_grad():
+            w = self(features, objective_ids).numpy().astype(np.float64)
+        return check_weights(w, self.config.w_min)
+
+    # -- state
+
+    def flat_parameters(self) -> np.ndarray:
+        return flatten_parameters(self)
+
+    def load_flat_parameters(self, theta: np.ndarray) -> Router:
+        unflatten_parameters(self, theta)
+        return self
+
+    def state(self) -> RouterState:
+        return RouterState(
+            self.config,
+            self.flat_parameters(),
+            {name: buf.detach().numpy().copy() for name, buf in self.named_buffers()},
+        )
+
+    @classmethod
+    def from_state(cls, state: RouterState) -> Router:
+        router = cls(state.config)
+        router.load_flat_parameters(state.theta)
+        with torch.no_grad():
+            for name, buf in router.named_buffers():
+                if name not in state.buffers or state.buffers[name].shape != tuple(buf.shape):
+                    raise RouterError(f"router state lacks buffer {name!r} of shape {tuple(buf.shape)}")
+                value = np.asarray(state.buffers[name], dtype=np.float64)
+                if not np.all(np.isfinite(value)):
+                    raise RouterError(f"router buffer {name!r} is not finite")
+                buf.copy_(torch.as_tensor(value))
+        return router
+
+
+def _check_layout(router: nn.Module, config: RouterConfig) -> list[nn.Parameter]:
+    params = list(router.named_parameters())
+    expected = parameter_layout(config)
+    got = [(name, tuple(p.shape)) for name, p in params]
+    if got != expected:
+        raise RouterError(f"router parameters {got} differ from the documented layout {expected}")
+    return [p for _, p in params]
+
+
+def flatten_parameters(router: Router) -> np.ndarray:
+    """The trainable parameters as one float64 vector in the documented order."""
+    params = _check_layout(router, router.config)
+    return torch.cat([p.detach().reshape(-1) for p in params]).numpy().astype(np.float64)
+
+
+def flatten_gradients(router: Router) -> np.ndarray:
+    """The parameters' .grad in the same order (zeros where a gradient is None)."""
+    params = _check_layout(router, router.config)
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1) for p in params]
+    ).numpy().astype(np.float64)
+
+
+def unflatten(vector: np.ndarray, layout: Sequence[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+    """Split a flat vector into named arrays of the given shapes (RouterError on a size mismatch)."""
+    v = np.asarray(vector, dtype=np.float64)
+    total = int(sum(np.prod(shape) for _, shape in layout))
+    if v.shape != (total,):
+        raise RouterError(f"flat vector has shape {v.shape}, layout needs ({total},)")
+    out, offset = {}, 0
+    for name, shape in layout:
+        size = int(np.prod(shape))
+        out[name] = v[offset : offset + size].reshape(shape)
+        offset += size
+    return out
+
+
+def unflatten_parameters(router: Router, theta: np.ndarray) -> None:
+    """Load a flat parameter vector into the router (in place)."""
+    params = _check_layout(router, router.config)
+    pieces = unflatten(theta, parameter_layout(router.config))
+    if not all(np.all(np.isfinite(p)) for p in pieces.values()):
+        raise RouterError("router parameters are not finite")
+    with torch.no_grad():
+        for p, value in zip(params, pieces.values(), strict=True):
+            p.copy_(torch.as_tensor(value, dtype=DTYPE))
+
+
+@dataclass(frozen=True)
+class RouterState:
+    """What the server sends the clients: configuration, flat parameters, public buffers."""
+
+    config: RouterConfig
+    theta: np.ndarray
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """A portable encoding (npz without pickles; the configuration as JSON)."""
+        buffer = io.BytesIO()
+        arrays = {"theta": np.asarray(self.theta, dtype="<f8")}
+        arrays.update({f"buffer:{k}": np.asarray(v, dtype="<f8") for k, v in self.buffers.items()})
+        config = np.frombuffer(json.dumps(self.config.to_json(), sort_keys=True).encode(), dtype=np.uint8)
+        np.savez(buffer, config=config, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RouterState:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                config = RouterConfig.from_json(json.loads(npz["config"].tobytes().decode()))
+                theta = npz["theta"].astype(np.float64)
+                buffers = {k.removeprefix("buffer:"): npz[k].astype(np.float64) for k in npz.files
+                           if k.startswith("buffer:")}
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            raise RouterError(f"router state does not decode: {err}") from err
+        if theta.shape != (parameter_count(config),):
+            raise RouterError(f"router state holds {theta.shape} parameters, config needs {parameter_count(config)}")
+        return cls(config, theta, buffers)
+
+
+# ---------------------------------------------------------------- the client's gradient term
+
+
+def bt_coefficients(fused_margins: np.ndarray) -> np.ndarray:
+    """c_i = -(1/B) (1 - sigmoid(m_i)) = -(1/B) sigmoid(-m_i): dL/dm_i of the mean BT loss."""
+    m = np.asarray(fused_margins, dtype=np.float64)
+    return -np.exp(-np.logaddexp(0.0, m)) / len(m)
+
+
+def bt_loss(fused_margins: np.ndarray) -> float:
+    """-(1/B) sum_i log sigmoid(m_i)."""
+    return float(np.mean(np.logaddexp(0.0, -np.asarray(fused_margins, dtype=np.float64))))
+
+
+def pair_margins(chosen_scores: np.ndarray, rejected_scores: np.ndarray, value_bound: float) -> np.ndarray:
+    """A client's margins d = clip(R(chosen) - R(rejected), -R, R): what it encrypts (seal_reply
+    clips to the same bound) and what it must use in its gradient term."""
+    d = np.asarray(chosen_scores, dtype=np.float64) - np.asarray(rejected_scores, dtype=np.float64)
+    if not np.all(np.isfinite(d)):
+        raise ValueError("margins must be finite")
+    return np.clip(d, -value_bound, value_bound)
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """What a client checks before it computes and releases a gradient term.
+
+    min_items: the smallest batch it contributes to;
+    max_release_ratio: (B + P) * item_uses must stay <= ratio * B * K, where B + P is
+    the number of values released per step (fused margins + summed gradient) and
+    B * K the number of unknown margins of the batch (see the module docstring);
+    item_uses: how many steps the server may include an item in (the server's
+    schedule promises it; a client can enforce it with `ItemUseLimiter`).
+    """
+
+    min_items: int = 16
+    max_release_ratio: float = 0.8
+    item_uses: int = 1
+
+    def check(self, batch: int, parameters: int, clients: int) -> None:
+        if batch < self.min_items:
+            raise RouterQueryError(f"batch of {batch} items is below the minimum of {self.min_items}")
+        released, unknown = self.item_uses * (batch + parameters), batch * clients
+        if released > self.max_release_ratio * unknown:
+            raise RouterQueryError(
+                f"releasing {self.item_uses} x ({batch} fused margins + {parameters} gradient values) about "
+                f"{batch} x {clients} private margins exceeds the ratio {self.max_release_ratio}: use a "
+                f"smaller router or a larger batch"
+            )
+
+
+DEFAULT_QUERY_LIMITS = QueryLimits()
+
+
+class ItemUseLimiter:
+    """Client-side: counts in how many router steps each calibration item was used and refuses
+    a query that would exceed `max_uses` (a client cannot be made to release the same items'
+    margins under many different weightings). Both rounds of one step (margins, then
+    gradients) name the same step and items and count once."""
+
+    def __init__(self, max_uses: int = 1) -> None:
+        self.max_uses = max_uses
+        self.uses: dict[int, int] = {}
+        self.steps: dict[int, tuple[int, ...]] = {}
+
+    def admit(self, step: int, items: Sequence[int]) -> None:
+        batch = tuple(int(i) for i in items)
+        if step in self.steps:
+            if self.steps[step] != batch:
+                raise RouterQueryError(f"step {step} was already asked about a different batch")
+            return
+        if len(set(batch)) != len(batch):
+            raise RouterQueryError("a batch lists an item twice")
+        over = [i for i in batch if self.uses.get(i, 0) >= self.max_uses]
+        if over:
+            raise RouterQueryError(f"{len(over)} item(s) already used {self.max_uses} time(s), e.g. {over[0]}")
+        for i in batch:
+            self.uses[i] = self.uses.get(i, 0) + 1
+        self.steps[step] = batch
+
+
+@dataclass(frozen=True)
+class GradientQuery:
+    """What the server sends every client in a router step's gradient round.
+
+    items: indices of the calibration pairs in the batch (the clients' margins are
+    looked up by them); features, objective_ids: the batch's public inputs;
+    coefficients: c_i from the released fused margins; scale: each client releases
+    scale * G_k (clipped to the authority's value bound otherwise, so the client
+    checks the bound instead, `encode_gradient_term`)."""
+
+    step: int
+    nonce: str
+    state: RouterState
+    items: np.ndarray
+    features: np.ndarray
+    objective_ids: np.ndarray
+    coefficients: np.ndarray
+    scale: float = 1.0
+
+
+def client_gradient_term(
+    router_state: RouterState,
+    features: np.ndarray,
+    objective_ids: np.ndarray,
+    coefficients: np.ndarray,
+    own_margins: np.ndarray,
+    k: int,
+    *,
+    limits: QueryLimits | None = DEFAULT_QUERY_LIMITS,
+) -> np.ndarray:
+    """Client k's term G_k = sum_i c_i d_ik dw_ik/dtheta (float64, P values, the documented order).
+
+    Only the parameter gradient, summed over the batch, is returned: never per-item or per-logit
+    gradients. Raises RouterQueryError if the query breaks `limits` (None: no checks; tests only)
+    or its coefficients are not those of a mean Bradley-Terry loss (each in [-1/B, 0])."""
+    config = router_state.config
+    x = np.asarray(features, dtype=np.float64)
+    d = np.asarray(own_margins, dtype=np.float64)
+    c = np.asarray(coefficients, dtype=np.float64)
+    batch = len(x)
+    if not 0 <= k < config.num_clients:
+        raise RouterQueryError(f"client column {k} is outside [0, {config.num_clients})")
+    if d.shape != (batch,) or c.shape != (batch,):
+        raise RouterQueryError(f"margins {d.shape} and coefficients {c.shape} must both be ({batch},)")
+    if not (np.all(np.isfinite(d)) and np.all(np.isfinite(c))):
+        raise RouterQueryError("margins and coefficients must be finite")
+    if np.any(c > 0) or np.any(c < -(1.0 + 1e-9) / batch):
+        raise RouterQueryError("coefficients are not -(1/B)(1 - sigmoid(m)) of a mean Bradley-Terry loss")
+    if limits is not None:
+        limits.check(batch, parameter_count(config), config.num_clients)
+    router = Router.from_state(router_state)
+    router.zero_grad(set_to_none=True)
+    weights = router(x, objective_ids)
+    objective = torch.sum(torch.as_tensor(c * d, dtype=DTYPE) * weights[:, k])
+    objective.backward()
+    return flatten_gradients(router)
+
+
+def encode_gradient_term(term: np.ndarray, scale: float, value_bound: float) -> np.ndarray:
+    """scale * G_k, refused (RouterQueryError) rather than silently clipped by seal_reply when
+    a value exceeds the authority's value bound R."""
+    scaled = float(scale) * np.asarray(term, dtype=np.float64)
+    if not np.all(np.isfinite(scaled)):
+        raise RouterQueryError("gradient term is not finite")
+    worst = float(np.max(np.abs(scaled))) if scaled.size else 0.0
+    if worst > value_bound:
+        raise RouterQueryError(f"scaled gradient value {worst:.3g} exceeds the bound R={value_bound}: lower the scale")
+    return scaled
+
+
+def answer_gradient_query(
+    query: GradientQuery,
+    margins_by_item: np.ndarray,
+    k: int,
+    *,
+    value_bound: float,
+    limits: QueryLimits | None = DEFAULT_QUERY_LIMITS,
+    limiter: ItemUseLimiter | None = None,
+) -> np.ndarray:
+    """Client side, all checks in one call: the values to encrypt (purpose "router_gradient").
+
+    margins_by_item: the client's clipped margins for every calibration pair (indexed by item)."""
+    items = np.asarray(query.items, dtype=np.int64)
+    if limiter is not None:
+        limiter.admit(query.step, items.tolist())
+    margins = np.asarray(margins_by_item, dtype=np.float64)[items]
+    term = client_gradient_term(
+        query.state, query.features, query.objective_ids, query.coefficients, margins, k, limits=limits
+    )
+    return encode_gradient_term(term, query.scale, value_bound)
