@@ -320,8 +320,11 @@ class SplitConfig:
     pairs_per_client: int = 800
     sft_image_fraction: float = 0.2
     pool_image_fraction: float = 0.15
-    calibration_image_fraction: float = 0.05
-    calibration_pairs: int = 300
+    # Router training may use each calibration pair in one step only (repeated
+    # fused releases of the same items would reveal every client's margins), so
+    # the calibration set must be large enough for all router steps.
+    calibration_image_fraction: float = 0.1
+    calibration_pairs: int = 1500
     eval_per_family: int = 200
     seed: int = 0
 

@@ -1,0 +1,416 @@
+"""Training the router without seeing any client's scores (DESIGN.md).
+
+Per router step t (batch of B calibration pairs, router parameters theta, P of them):
+
+  round 1, fused margins (purpose "reward", B values)
+    server -> clients   step t, fresh nonce n1, the batch's item indices
+    client k -> server  seal_reply(d_k) for the batch: its margins
+                        d_ik = clip(R_k(chosen_i) - R_k(rejected_i), -R, R), CKKS-encrypted and signed
+    server              verifies every reply, W = g_theta(x, o) (B x K), fuses sum_k W[:, k] ct_k,
+                        blinds it with a fresh mask
+    server -> authority decryption request (statements, W, blinded ciphertext), signed
+    authority -> server signed release of the blinded values; logged in the ledger
+    server              unblinds: fused margins m (B values); coefficients
+                        c_i = -(1/B)(1 - sigmoid(m_i))
+
+  round 2, summed gradient (purpose "router_gradient", P values)
+    server -> clients   step t, fresh nonce n2, GradientQuery: RouterState (theta and the public
+                        input normalisation), the batch's items, features and objective ids, c, scale
+    client k -> server  seal_reply(scale * G_k), G_k = sum_i c_i d_ik dw_ik/dtheta (routing.py),
+                        after its own checks (QueryLimits, ItemUseLimiter)
+    server              verifies, sums the ciphertexts (no weights), blinds
+    server -> authority decryption request (statements, blinded sum), signed
+    authority -> server signed release; logged in the ledger
+    server              unblinds: g = sum_k G_k = dL/dtheta (up to the release noise, ~1e-5 per
+                        value); optimizer step
+
+So the server-side function only ever receives client reply bytes (ciphertexts
+and signed statements) and the authority's responses about fused or summed
+values. If a client's reply is missing or invalid in either round, the step is
+skipped (no update; round-2 never asks the authority): the Bradley-Terry
+gradient needs every column of W. A refusal by the key authority (PolicyError)
+or a response that does not verify (PayloadError) is not a dropout and aborts
+training.
+
+The transport is injected, so the Flower app can carry the messages:
+
+    get_encrypted_margins(step, nonce, items) -> [client reply bytes]
+    get_encrypted_gradients(step, nonce, query: GradientQuery) -> [client reply bytes]
+    decrypt(request bytes) -> authority response bytes          (KeyAuthority.decrypt)
+
+Release budget (see secure_mor/routing.py, "Leakage"): every release is a
+linear function of the clients' margins, so the schedule uses each calibration
+item in at most `limits.item_uses` steps (default one: disjoint batches) and
+checks item_uses * (B + P) <= max_release_ratio * B * K before anything is
+asked; the clients check the same rule. `release_functionals` and
+`coordinate_leverage` measure what one step reveals (an audit helper).
+
+Use a run id of its own for router training (e.g. "<run>:router"): the key
+authority requires strictly increasing steps per (run id, purpose).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from secure_mor.crypto.blinding import Blinder
+from secure_mor.crypto.context import PublicContext
+from secure_mor.crypto.fusion import fuse
+from secure_mor.crypto.params import ReleaseConfig
+from secure_mor.crypto.signing import Signer
+from secure_mor.crypto.wire import (
+    ClientReply,
+    Expected,
+    PayloadError,
+    build_request,
+    new_nonce,
+    parse_reply,
+    parse_response,
+)
+
+from secure_mor.routing import (
+    DEFAULT_QUERY_LIMITS,
+    GradientQuery,
+    QueryLimits,
+    Router,
+    RouterError,
+    bt_coefficients,
+    bt_loss,
+    flatten_gradients,
+    parameter_count,
+    parameter_layout,
+)
+
+MarginTransport = Callable[[int, str, np.ndarray], Sequence[bytes]]
+GradientTransport = Callable[[int, str, GradientQuery], Sequence[bytes]]
+Decrypt = Callable[[bytes], bytes]
+
+
+class RouterTrainingError(RuntimeError):
+    """Router training cannot proceed (bad inputs, or the release budget forbids it)."""
+
+
+@dataclass(frozen=True)
+class RouterTrainingConfig:
+    """steps: at most this many router steps (fewer if the item budget runs out);
+    batch_size: B calibration pairs per step; optimizer: "adam" or "sgd";
+    adam_eps: Adam's epsilon, kept well above the release noise (~1e-5 per gradient
+    value) so that noise alone never moves a parameter by a full learning rate;
+    gradient_scale: clients release scale * G_k (each value must stay within R);
+    limits: the release budget (item uses, ratio, minimum batch), as the clients check it."""
+
+    steps: int = 50
+    batch_size: int = 128
+    learning_rate: float = 0.05
+    optimizer: str = "adam"
+    adam_eps: float = 1e-3
+    momentum: float = 0.0
+    gradient_scale: float = 1.0
+    limits: QueryLimits = DEFAULT_QUERY_LIMITS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise RouterTrainingError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.steps < 0 or self.batch_size < 1 or not self.learning_rate > 0 or not self.gradient_scale > 0:
+            raise RouterTrainingError(f"invalid router training settings: {self}")
+
+
+@dataclass
+class StepRecord:
+    step: int
+    items: np.ndarray
+    fused_margins: np.ndarray | None = None
+    loss: float | None = None
+    gradient: np.ndarray | None = None
+    skipped: str | None = None
+
+
+@dataclass
+class RouterTrainingResult:
+    router: Router
+    history: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        return [r.loss for r in self.history if r.loss is not None]
+
+    @property
+    def steps_taken(self) -> int:
+        return sum(r.skipped is None for r in self.history)
+
+
+# ---------------------------------------------------------------- schedule and optimizer
+
+
+def batch_schedule(
+    n_items: int, config: RouterTrainingConfig, parameters: int, clients: int
+) -> list[np.ndarray]:
+    """The batches of a run: up to `limits.item_uses` passes over a seeded permutation of the
+    items, B per batch (a pass's remainder is left out), at most `steps` batches. Raises
+    RouterTrainingError if the release budget forbids the batch size for this router."""
+    limits = config.limits
+    try:
+        limits.check(config.batch_size, parameters, clients)
+    except ValueError as err:
+        raise RouterTrainingError(f"release budget: {err}") from err
+    per_pass = n_items // config.batch_size
+    if per_pass < 1:
+        raise RouterTrainingError(f"{n_items} calibration items cannot fill one batch of {config.batch_size}")
+    rng = np.random.default_rng(config.seed)
+    batches: list[np.ndarray] = []
+    for _ in range(limits.item_uses):
+        order = rng.permutation(n_items)
+        batches += [np.sort(order[j * config.batch_size : (j + 1) * config.batch_size]) for j in range(per_pass)]
+    return batches[: config.steps]
+
+
+class _Optimizer:
+    """Adam or SGD (with momentum) on the flat parameter vector, in float64 (torch's update
+    rules; numpy, so that no torch.optim machinery is needed on the server)."""
+
+    def __init__(self, router: Router, config: RouterTrainingConfig) -> None:
+        self.router, self.config = router, config
+        size = parameter_count(router.config)
+        self.first, self.second, self.count = np.zeros(size), np.zeros(size), 0
+
+    def step(self, gradient: np.ndarray) -> None:
+        g = np.asarray(gradient, dtype=np.float64)
+        if g.shape != self.first.shape or not np.all(np.isfinite(g)):
+            raise RouterTrainingError(f"gradient must be finite of shape {self.first.shape}, got {g.shape}")
+        c, theta = self.config, self.router.flat_parameters()
+        self.count += 1
+        if c.optimizer == "adam":
+            beta1, beta2 = 0.9, 0.999
+            self.first = beta1 * self.first + (1 - beta1) * g
+            self.second = beta2 * self.second + (1 - beta2) * g * g
+            m_hat = self.first / (1 - beta1**self.count)
+            v_hat = self.second / (1 - beta2**self.count)
+            theta = theta - c.learning_rate * m_hat / (np.sqrt(v_hat) + c.adam_eps)
+        else:
+            self.first = g if self.count == 1 else c.momentum * self.first + g
+            theta = theta - c.learning_rate * self.first
+        self.router.load_flat_parameters(theta)
+
+
+def _check_inputs(router: Router, features: np.ndarray, objective_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(features, dtype=np.float64)
+    o = np.asarray(objective_ids, dtype=np.int64)
+    if x.ndim != 2 or x.shape[1] != router.config.feature_dim or o.shape != (len(x),):
+        raise RouterTrainingError(f"features {x.shape} / objective ids {o.shape} do not match the router")
+    router.weights(x[:1], o[:1])  # validates ranges
+    return x, o
+
+
+# ---------------------------------------------------------------- the secure trainer
+
+
+@dataclass
+class _Server:
+    pub: PublicContext
+    signer: Signer
+    registry: Mapping[str, str]
+    clients: Sequence[str]
+    authority_public_key: str
+    decrypt: Decrypt
+    run_id: str
+    blinder: Blinder
+    w_min: float
+
+    def collect(self, payloads: Iterable[bytes], expected: Expected) -> tuple[list[ClientReply] | None, str]:
+        """The verified replies in router column order, or None and the reason."""
+        payloads = list(payloads)
+        if not all(isinstance(p, bytes | bytearray) for p in payloads):
+            return None, "transport returned something other than reply bytes"
+        by_client: dict[str, ClientReply] = {}
+        problems: list[str] = []
+        for payload in payloads:
+            try:
+                reply = parse_reply(bytes(payload), self.pub, self.registry, expected)
+            except PayloadError as err:
+                problems.append(str(err))
+                continue
+            if reply.client_id not in self.clients:
+                problems.append(f"reply from {reply.client_id!r}, which is not a router column")
+            elif reply.client_id in by_client:
+                problems.append(f"two replies from {reply.client_id!r}")
+            else:
+                by_client[reply.client_id] = reply
+        missing = [c for c in self.clients if c not in by_client]
+        if missing or problems:
+            return None, f"missing {missing}; refused: {problems}"
+        return [by_client[c] for c in self.clients], ""
+
+    def release(
+        self, replies: list[ClientReply], weights: np.ndarray | None, purpose: str, step: int, nonce: str, n: int
+    ) -> np.ndarray:
+        """Fuse (or sum), blind, ask the authority, check its signature, unblind."""
+        fused = fuse(self.pub.context, [r.ciphertexts for r in replies], weights, w_min=self.w_min)
+        blinded, mask = self.blinder.blind(fused)
+        request = build_request(
+            self.signer, self.pub, run_id=self.run_id, step=step, nonce=nonce, purpose=purpose, n_scores=n,
+            statements=[r.statement.raw for r in replies], weights=weights, fused=blinded,
+        )
+        response = self.decrypt(request)
+        return Blinder.unblind(parse_response(response, self.authority_public_key, request), mask)
+
+
+def train_router_securely(
+    router: Router,
+    features: np.ndarray,
+    objective_ids: np.ndarray,
+    *,
+    clients: Sequence[str],
+    registry: Mapping[str, str],
+    pub: PublicContext,
+    server_signer: Signer,
+    authority_public_key: str,
+    get_encrypted_margins: MarginTransport,
+    get_encrypted_gradients: GradientTransport,
+    decrypt: Decrypt,
+    run_id: str,
+    config: RouterTrainingConfig | None = None,
+    release: ReleaseConfig | None = None,
+    start_step: int = 0,
+) -> RouterTrainingResult:
+    """Train `router` (in place) on the public calibration features with the clients' margins,
+    seeing only fused margins and summed gradients (module docstring). `clients` lists the
+    client ids in router column order; `registry` their Ed25519 public keys.
+
+    start_step: the first authority step number (steps must grow per run id and purpose).
+    The item budget is per call: a second call over the same calibration items spends it
+    again, which the clients' persisted ItemUseLimiter refuses."""
+    config = config or RouterTrainingConfig()
+    x, o = _check_inputs(router, features, objective_ids)
+    k, p = router.config.num_clients, parameter_count(router.config)
+    if len(clients) != k or len(set(clients)) != k:
+        raise RouterTrainingError(f"need {k} distinct client ids in router column order, got {list(clients)}")
+    server = _Server(pub, server_signer, registry, list(clients), authority_public_key, decrypt, run_id,
+                     Blinder(pub, release or ReleaseConfig()), router.config.w_min)
+    optimizer = _Optimizer(router, config)
+    result = RouterTrainingResult(router)
+    for offset, items in enumerate(batch_schedule(len(x), config, p, k)):
+        step, record = start_step + offset, StepRecord(start_step + offset, items)
+        result.history.append(record)
+        b = len(items)
+        weights = router.weights(x[items], o[items])
+        nonce = new_nonce()
+        replies, why = server.collect(get_encrypted_margins(step, nonce, items.copy()),
+                                      Expected(run_id, step, nonce, "reward", b))
+        if replies is None:
+            record.skipped = f"margin round: {why}"
+            continue
+        record.fused_margins = server.release(replies, weights, "reward", step, nonce, b)
+        record.loss = bt_loss(record.fused_margins)
+        coefficients = bt_coefficients(record.fused_margins)
+        nonce = new_nonce()
+        query = GradientQuery(step, nonce, router.state(), items.copy(), x[items], o[items], coefficients,
+                              config.gradient_scale)
+        replies, why = server.collect(get_encrypted_gradients(step, nonce, query),
+                                      Expected(run_id, step, nonce, "router_gradient", p))
+        if replies is None:
+            record.skipped = f"gradient round: {why}"
+            continue
+        record.gradient = server.release(replies, None, "router_gradient", step, nonce, p) / config.gradient_scale
+        optimizer.step(record.gradient)
+    return result
+
+
+# ---------------------------------------------------------------- the plaintext reference (INSECURE)
+
+
+def train_router_plaintext(
+    router: Router,
+    features: np.ndarray,
+    objective_ids: np.ndarray,
+    margins: np.ndarray,
+    config: RouterTrainingConfig | None = None,
+) -> RouterTrainingResult:
+    """INSECURE reference trainer: it reads every client's plaintext margins [N, K]. For tests
+    (the secure path must reach the same parameters) and ablations only; never in a deployment.
+
+    Same schedule and optimizer as `train_router_securely`, but the gradient comes from
+    autograd on the Bradley-Terry loss itself, not from the per-client decomposition."""
+    config = config or RouterTrainingConfig()
+    x, o = _check_inputs(router, features, objective_ids)
+    d = np.asarray(margins, dtype=np.float64)
+    k = router.config.num_clients
+    if d.shape != (len(x), k) or not np.all(np.isfinite(d)):
+        raise RouterTrainingError(f"margins must be finite of shape ({len(x)}, {k}), got {d.shape}")
+    optimizer = _Optimizer(router, config)
+    result = RouterTrainingResult(router)
+    for offset, items in enumerate(batch_schedule(len(x), config, parameter_count(router.config), k)):
+        record = StepRecord(offset, items)
+        router.zero_grad(set_to_none=True)
+        fused = (router(x[items], o[items]) * torch.as_tensor(d[items])).sum(dim=1)
+        loss = torch.nn.functional.softplus(-fused).mean()
+        loss.backward()
+        record.fused_margins = fused.detach().numpy().copy()
+        record.loss = float(loss.detach())
+        record.gradient = flatten_gradients(router)
+        optimizer.step(record.gradient)
+        result.history.append(record)
+    return result
+
+
+# ---------------------------------------------------------------- exposure analysis (audit helper)
+
+
+def weight_jacobian(router: Router, features: np.ndarray, objective_ids: np.ndarray) -> np.ndarray:
+    """dw_ik / dtheta for every item and client: float64 [B, K, P] (the documented order)."""
+    names = [name for name, _ in parameter_layout(router.config)]
+    params = {name: p.detach() for name, p in router.named_parameters()}
+    buffers = {name: b for name, b in router.named_buffers()}
+    x = torch.as_tensor(np.asarray(features, dtype=np.float64))
+    ids = torch.as_tensor(np.asarray(objective_ids, dtype=np.int64))
+
+    def weights_of(theta: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(router, {**theta, **buffers}, (x, ids))
+
+    jac = torch.func.jacrev(weights_of)(params)
+    b, k = len(x), router.config.num_clients
+    return torch.cat([jac[name].reshape(b, k, -1) for name in names], dim=2).numpy()
+
+
+def release_functionals(
+    router: Router, features: np.ndarray, objective_ids: np.ndarray, coefficients: np.ndarray
+) -> np.ndarray:
+    """The linear map from a batch's private margins D (B x K, flattened row-major) to what one
+    step releases: B fused margins, then P summed gradient values. [(B + P), B * K]. The server
+    knows every coefficient of it, which is why its rank matters."""
+    w = router.weights(features, objective_ids)
+    b, k = w.shape
+    jac = weight_jacobian(router, features, objective_ids)  # [B, K, P]
+    margin_rows = np.zeros((b, b * k))
+    for i in range(b):
+        margin_rows[i, i * k : (i + 1) * k] = w[i]
+    c = np.asarray(coefficients, dtype=np.float64)
+    gradient_rows = (c[:, None, None] * jac).reshape(b * k, -1).T  # [P, B*K]
+    return np.vstack([margin_rows, gradient_rows])
+
+
+def coordinate_leverage(functionals: np.ndarray, rtol: float = 1e-9) -> np.ndarray:
+    """For each unknown margin, the squared norm of its unit vector's projection onto the row
+    space of the released functionals: 1 means the released values determine it exactly
+    (up to the release noise), 0 that they say nothing about it in isolation."""
+    a = np.asarray(functionals, dtype=np.float64)
+    if a.ndim != 2:
+        raise RouterError("functionals must be a 2-D matrix")
+    # torch's SVD: numpy's multi-threaded OpenBLAS is pathologically slow on a busy 2-core machine.
+    _, s, vt = torch.linalg.svd(torch.as_tensor(a), full_matrices=False)
+    s, vt = s.numpy(), vt.numpy()
+    rank = int(np.sum(s > rtol * (s[0] if len(s) else 0.0)))
+    return np.sum(vt[:rank] ** 2, axis=0)
+
+
+def released_budget(config: RouterTrainingConfig, router: Router) -> dict[str, float]:
+    """The counting rule's numbers for a run, for reports: values released per step, unknown
+    margins per batch, and their ratio times the item uses."""
+    b, p, k = config.batch_size, parameter_count(router.config), router.config.num_clients
+    uses = config.limits.item_uses
+    return {"batch": b, "parameters": p, "clients": k, "item_uses": uses,
+            "released_per_step": b + p, "unknown_per_batch": b * k, "ratio": uses * (b + p) / (b * k)}
+
