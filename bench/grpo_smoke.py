@@ -26,9 +26,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from secure_mor.server.grpo import GRPOSettings, run_grpo  # noqa: E402
 
 from secure_mor.data import SplitConfig, build_federated_data, vocabulary_texts  # noqa: E402
+from secure_mor.server.grpo import GRPOSettings, run_grpo  # noqa: E402
 from secure_mor.vlm import build_tiny_vlm, save_policy  # noqa: E402
 
 

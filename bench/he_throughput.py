@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 import tenseal as ts
+
 from secure_mor.crypto.authority import measure_decryption_error
 from secure_mor.crypto.context import create_secret_context, public_context_of
 from secure_mor.crypto.fusion import fuse, insecure_plaintext_fusion

@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 import tenseal as ts
+
 from secure_mor.audits.ledger import (
     KIND_REWARD_RELEASE,
     KIND_ROUTER_GRADIENT_RELEASE,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tenseal as ts
+
 from secure_mor.crypto.context import PublicContext, chain_index_of, remaining_modulus_bits
 from secure_mor.crypto.packing import pack
 from secure_mor.crypto.params import ReleaseConfig

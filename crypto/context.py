@@ -30,6 +30,7 @@ import tenseal.sealapi  # noqa: F401  (registers SEAL types such as Modulus used
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
 from secure_mor.crypto.params import DEFAULT_PARAMS, MAX_MODULUS_BITS_128, CkksParams
 
 KEY_FILE_MAGIC = b"SMRK"

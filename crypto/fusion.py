@@ -24,6 +24,7 @@ from functools import reduce
 
 import numpy as np
 import tenseal as ts
+
 from secure_mor.crypto.context import rescale_prime, slot_count
 from secure_mor.crypto.packing import chunk_sizes, pack
 

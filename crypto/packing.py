@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import tenseal as ts
+
 from secure_mor.crypto.context import slot_count
 
 

@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 import tenseal as ts
+
 from secure_mor.crypto.context import PublicContext, chain_index_of, top_chain_index
 from secure_mor.crypto.packing import chunk_sizes, encrypt_packed
 from secure_mor.crypto.signing import SignatureError, Signer, canonical_json, verify

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from secure_mor.clients.cli import client_app
 from secure_mor.config import EASY_VQA, DataSpec, RunDir
 from secure_mor.data import FAMILIES, DatasetError, SplitConfig, default_clients, family_counts
 
@@ -25,6 +26,7 @@ data_app = typer.Typer(help="Inspect the data and its federated split.", no_args
 policy_app = typer.Typer(help="Build, warm-start (SFT) and evaluate the policy VLM.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(policy_app, name="policy")
+app.add_typer(client_app, name="client")
 
 console = Console()
 

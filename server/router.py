@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from secure_mor.crypto.fusion import WeightError, validate_weights
 
+from secure_mor.crypto.fusion import WeightError, validate_weights
 from secure_mor.data import ClientDataConfig, user_prompt
 from secure_mor.routing import Router, RouterError
 

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from secure_mor.crypto.blinding import Blinder
 from secure_mor.crypto.context import PublicContext
 from secure_mor.crypto.fusion import fuse
@@ -70,7 +71,6 @@ from secure_mor.crypto.wire import (
     parse_reply,
     parse_response,
 )
-
 from secure_mor.routing import (
     DEFAULT_QUERY_LIMITS,
     GradientQuery,

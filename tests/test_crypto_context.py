@@ -9,6 +9,7 @@ import stat
 import numpy as np
 import pytest
 import tenseal as ts
+
 from secure_mor.crypto.context import (
     ContextError,
     KeyStoreError,

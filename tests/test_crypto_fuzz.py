@@ -13,6 +13,7 @@ import pytest
 import tenseal as ts
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
 from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority, PolicyError
 from secure_mor.crypto.blinding import Blinder
 from secure_mor.crypto.context import (

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tenseal as ts
+
 from secure_mor.audits.ledger import KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, Ledger, verify_ledger
 from secure_mor.crypto import authority as authority_module
 from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority, PolicyError, measure_decryption_error

@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from trl.data_utils import prepare_multimodal_messages
+
+from secure_mor.data import normalize_text, user_prompt, vocabulary_texts
+from secure_mor.policy import SFTSettings, generate_answers, run_sft
 from secure_mor.server.grpo import (
     LOG_FILE,
     GRPOSettings,
@@ -15,10 +19,6 @@ from secure_mor.server.grpo import (
     run_grpo,
     step_metrics,
 )
-from trl.data_utils import prepare_multimodal_messages
-
-from secure_mor.data import normalize_text, user_prompt, vocabulary_texts
-from secure_mor.policy import SFTSettings, generate_answers, run_sft
 from secure_mor.vlm import build_tiny_vlm, load_policy, save_policy
 
 REWARD_KWARGS = {

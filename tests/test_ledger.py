@@ -3,6 +3,7 @@ import os
 import stat
 
 import pytest
+
 from secure_mor.audits.ledger import (
     KIND_DP_TRAINING,
     KIND_REWARD_RELEASE,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from secure_mor.crypto.fusion import validate_weights
-from secure_mor.server.router import oracle_map, prompt_features, weights_for
 
+from secure_mor.crypto.fusion import validate_weights
 from secure_mor.data import column, default_clients
 from secure_mor.routing import (
     GradientQuery,
@@ -30,6 +29,7 @@ from secure_mor.routing import (
     parameter_layout,
     unflatten,
 )
+from secure_mor.server.router import oracle_map, prompt_features, weights_for
 
 torch.set_num_threads(1)
 W_MIN = 0.02

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from secure_mor.server.router_training import coordinate_leverage, release_functionals
 
 from secure_mor.routing import (
     QueryLimits,
@@ -21,6 +20,7 @@ from secure_mor.routing import (
     client_gradient_term,
     parameter_count,
 )
+from secure_mor.server.router_training import coordinate_leverage, release_functionals
 
 torch.set_num_threads(1)
 K, B, R, W_MIN = 3, 128, 10.0, 0.02

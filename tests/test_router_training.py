@@ -10,20 +10,12 @@ import numpy as np
 import pytest
 import tenseal as ts
 import torch
+
 from secure_mor.audits.ledger import KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, Ledger, verify_ledger
 from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority
 from secure_mor.crypto.context import PublicContext, create_secret_context, public_context_of
 from secure_mor.crypto.signing import Signer
 from secure_mor.crypto.wire import parse_reply, seal_reply
-from secure_mor.server.router_training import (
-    RouterTrainingConfig,
-    RouterTrainingError,
-    batch_schedule,
-    released_budget,
-    train_router_plaintext,
-    train_router_securely,
-)
-
 from secure_mor.routing import (
     GradientQuery,
     ItemUseLimiter,
@@ -35,6 +27,14 @@ from secure_mor.routing import (
     bt_coefficients,
     flatten_gradients,
     parameter_count,
+)
+from secure_mor.server.router_training import (
+    RouterTrainingConfig,
+    RouterTrainingError,
+    batch_schedule,
+    released_budget,
+    train_router_plaintext,
+    train_router_securely,
 )
 
 torch.set_num_threads(1)
@@ -325,9 +325,8 @@ def test_schedule_respects_the_release_budget() -> None:
 def test_secure_training_on_the_tiny_policys_prompt_features(secret: ts.Context, tmp_path: Path) -> None:
     """Real features: the frozen tiny LLaVA's pooled prompt states of ~1,500 easy-VQA calibration
     pairs, the default (linear, PCA-32) router, synthetic clients each right on one family."""
-    from secure_mor.server.router import prompt_features
-
     from secure_mor.data import FAMILIES, SplitConfig, build_federated_data, column
+    from secure_mor.server.router import prompt_features
     from secure_mor.vlm import build_tiny_vlm
 
     rows = build_federated_data(SplitConfig(calibration_pairs=1500, calibration_image_fraction=0.1)).calibration

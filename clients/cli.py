@@ -1,0 +1,158 @@
+"""`secure-mor client ...`: train a client's reward model with DP-SGD, evaluate clients.
+
+    secure-mor client train --client 0 --epsilon 4 --delta 1e-5 --epochs 40 --out runs/demo
+    secure-mor client eval --out runs/demo
+
+Settings fixed at a client's creation (architecture, budget, reward clip, data
+split) are read back from its client.json on later runs; passing a different
+value is an error. The signing key's passphrase, if any, is read from the
+environment variable named by --passphrase-env (never from the command line).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from secure_mor.clients.client import ClientConfig, RewardClient, client_dir, train_client
+from secure_mor.clients.evaluation import accuracy_table, held_out_pairs
+from secure_mor.clients.models import DEFAULT_ARCHS
+from secure_mor.clients.training import ACCOUNTANTS, GRAD_SAMPLE_MODES, BudgetExceeded, TrainConfig
+from secure_mor.data import SplitConfig, build_federated_data, default_clients
+
+client_app = typer.Typer(help="Client role: DP-SGD reward models, budget, evaluation.", no_args_is_help=True)
+console = Console()
+
+_D = TrainConfig(epsilon=4.0)  # the option defaults
+SPLIT_DEFAULTS = {"seed": 0, "skew": 0.8, "pairs_per_client": 800, "num_clients": 3}
+
+
+def split_config(split: dict[str, Any]) -> SplitConfig:
+    return SplitConfig(
+        clients=default_clients(split["num_clients"]),
+        skew=split["skew"],
+        pairs_per_client=split["pairs_per_client"],
+        seed=split["seed"],
+    )
+
+
+def _stored(out: Path, client: int) -> ClientConfig | None:
+    path = client_dir(out, client) / "client.json"
+    return ClientConfig.from_json(json.loads(path.read_text())) if path.exists() else None
+
+
+def _passphrase(env: str | None) -> str | None:
+    if env is None:
+        return None
+    if env not in os.environ:
+        raise typer.BadParameter(f"environment variable {env} is not set", param_hint="--passphrase-env")
+    return os.environ[env]
+
+
+@client_app.command()
+def train(
+    client: Annotated[int, typer.Option(help="client id k (0-based)")],
+    out: Annotated[Path, typer.Option(help="run directory")],
+    epsilon: Annotated[float, typer.Option(help="epsilon this run may spend; inf = non-private")] = _D.epsilon,
+    delta: Annotated[float, typer.Option(help="delta of this run (<= the budget delta)")] = _D.delta,
+    epochs: int = _D.epochs,
+    batch_size: Annotated[int, typer.Option(help="expected (Poisson) batch size")] = _D.batch_size,
+    lr: float = _D.lr,
+    max_grad_norm: Annotated[float, typer.Option(help="per-pair clipping norm C")] = _D.max_grad_norm,
+    accountant: Annotated[str, typer.Option(help=f"one of {ACCOUNTANTS}")] = _D.accountant,
+    grad_sample_mode: Annotated[str, typer.Option(help=f"one of {GRAD_SAMPLE_MODES}")] = _D.grad_sample_mode,
+    train_seed: int = _D.seed,
+    arch: Annotated[str | None, typer.Option(help="architecture (default: by client id)")] = None,
+    budget_epsilon: Annotated[float | None, typer.Option(help="total budget, fixed at creation")] = None,
+    budget_delta: Annotated[float | None, typer.Option(help="budget delta, fixed at creation")] = None,
+    reward_clip: Annotated[float | None, typer.Option(help="scores clipped to [-R, R]")] = None,
+    seed: Annotated[int | None, typer.Option(help="data split seed")] = None,
+    skew: Annotated[float | None, typer.Option(help="fraction of a client's pairs from its family")] = None,
+    pairs_per_client: int | None = None,
+    num_clients: int | None = None,
+    passphrase_env: Annotated[str | None, typer.Option(help="env var holding the key passphrase")] = None,
+) -> None:
+    """Train (or continue training) one client's reward model under its budget."""
+    stored = _stored(out, client)
+    given = {"seed": seed, "skew": skew, "pairs_per_client": pairs_per_client, "num_clients": num_clients}
+    base_split = dict(stored.split) if stored else SPLIT_DEFAULTS
+    split = {k: base_split[k] if v is None else v for k, v in given.items()}
+    if not 0 <= client < split["num_clients"]:
+        raise typer.BadParameter(f"client must be in [0, {split['num_clients']})", param_hint="--client")
+    data_config = default_clients(split["num_clients"])[client]
+    defaults = stored or ClientConfig(client, DEFAULT_ARCHS[client % len(DEFAULT_ARCHS)], "", "")
+    config = ClientConfig(
+        client_id=client,
+        arch=arch or defaults.arch,
+        family=data_config.family,
+        style=data_config.style,
+        budget_epsilon=defaults.budget_epsilon if budget_epsilon is None else budget_epsilon,
+        budget_delta=defaults.budget_delta if budget_delta is None else budget_delta,
+        reward_clip=defaults.reward_clip if reward_clip is None else reward_clip,
+        split=split,
+    )
+    train_config = TrainConfig(
+        epsilon=epsilon,
+        delta=delta,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_grad_norm=max_grad_norm,
+        accountant=accountant,
+        grad_sample_mode=grad_sample_mode,
+        seed=train_seed,
+    )
+    with console.status("building the federated split"):
+        data = build_federated_data(split_config(split))
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(f"client-{client} ({config.arch})", total=None)
+
+        def progress(step: int, total: int, loss: float) -> None:
+            label = f"client-{client} ({config.arch}) loss {loss:.3f}"
+            bar.update(task, completed=step, total=total, description=label)
+
+        try:
+            trained, result = train_client(
+                out, config, data.clients[client], train_config, _passphrase(passphrase_env), progress
+            )
+        except BudgetExceeded as err:
+            console.print(f"[red]refused:[/red] {err}")
+            raise typer.Exit(2) from err
+    spent = "non-private (no DP guarantee)" if not math.isfinite(result.total_epsilon) else (
+        f"epsilon {result.epsilon:.3f} this run, total {result.total_epsilon:.3f} of {trained.privacy.budget.epsilon:g}"
+    )
+    console.print(f"client-{client}: {result.steps} steps in {result.seconds:.1f} s; {spent}")
+
+
+@client_app.command("eval")
+def evaluate(
+    out: Annotated[Path, typer.Option(help="run directory")],
+    client: Annotated[list[int] | None, typer.Option(help="client id(s); default: all in the run")] = None,
+) -> None:
+    """Preference accuracy of each client on held-out pairs of every family."""
+    ids = client or sorted(int(p.name.split("-")[1]) for p in (out / "clients").glob("client-*"))
+    clients = [RewardClient.load(out, k) for k in ids]
+    if not clients:
+        raise typer.BadParameter(f"no trained clients in {out}", param_hint="--out")
+    rows = []
+    data_by_split: dict[str, Any] = {}
+    for trained in clients:
+        key = json.dumps({**SPLIT_DEFAULTS, **trained.config.split}, sort_keys=True)
+        if key not in data_by_split:
+            with console.status("building the federated split"):
+                data_by_split[key] = build_federated_data(split_config(json.loads(key)))
+        held_out = held_out_pairs(data_by_split[key], trained.config.style)
+        accuracy = trained.evaluate(held_out)
+        metrics = trained.metrics()
+        metrics["evaluation"] = accuracy
+        trained.save_metrics(metrics)
+        rows.append((f"{trained.party} ({trained.config.arch})", trained.config.family, accuracy))
+    console.print(accuracy_table(rows))

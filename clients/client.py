@@ -1,0 +1,264 @@
+"""A client as it lives in a run directory: what the CLI and the Flower ClientApp call.
+
+Layout (K = client id):
+
+    RUN_DIR/ledger.jsonl                         the shared privacy ledger
+    RUN_DIR/keys/client-K.pub                    public key registry (hex)
+    RUN_DIR/clients/client-K/client.json         ClientConfig (architecture, budget, split)
+    RUN_DIR/clients/client-K/model.safetensors   reward-model parameters
+    RUN_DIR/clients/client-K/text_encoder.json   tokenizer / vocabulary
+    RUN_DIR/clients/client-K/privacy.json        budget + accountant history (composition)
+    RUN_DIR/clients/client-K/metrics.json        one record per training run, last evaluation
+    RUN_DIR/clients/client-K/keys/client-K.key   Ed25519 signing key, 0600, optionally encrypted
+
+API: `RewardClient.load(run_dir, k)` / `RewardClient.new(run_dir, config, pairs)`,
+then `.train(pairs, TrainConfig)` (budget-checked, ledgered), `.score(items)`,
+`.evaluate(held_out)`; `train_client(...)` loads or creates and trains.
+
+Ledger representation of a non-private run (JSON has no inf): mechanism
+`NonPrivateDpEvent`, `epsilon` and `total_epsilon` = `UNBOUNDED_EPSILON` (the
+largest float, 1.7976931348623157e308, which any budget comparison treats as
+over budget), and `details.non_private = true`. An unbounded budget is written
+the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from secure_mor.audits.ledger import KIND_DP_TRAINING, Budget, Ledger, dp_sgd_event, non_private_event
+from secure_mor.clients.evaluation import evaluate_model
+from secure_mor.clients.models import architecture
+from secure_mor.clients.scoring import ScoreItem, score
+from secure_mor.clients.text import TextEncoder, encoder_from_json
+from secure_mor.clients.training import (
+    PrivacyState,
+    ProgressFn,
+    TrainConfig,
+    TrainResult,
+    encode_pairs,
+    train_reward_model,
+)
+from secure_mor.crypto.signing import Signer, load_or_create_signer
+
+UNBOUNDED_EPSILON = sys.float_info.max
+
+
+class ClientError(RuntimeError):
+    """The run directory does not hold the requested client, or disagrees with a request."""
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """A client's fixed settings, written once to client.json.
+
+    family/style: its annotations (from the data split), used for evaluation.
+    budget_epsilon/budget_delta: the total DP budget (epsilon inf only for ablations).
+    reward_clip: scores are clipped to [-reward_clip, reward_clip].
+    split: the SplitConfig fields its data came from (seed, skew, pairs_per_client, num_clients).
+    """
+
+    client_id: int
+    arch: str
+    family: str
+    style: str
+    budget_epsilon: float = 8.0
+    budget_delta: float = 1e-5
+    reward_clip: float = 5.0
+    split: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def party(self) -> str:
+        return f"client-{self.client_id}"
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["budget_epsilon"] = self.budget_epsilon if math.isfinite(self.budget_epsilon) else None
+        out["split"] = dict(self.split)
+        return out
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any]) -> ClientConfig:
+        state = dict(state)
+        state["budget_epsilon"] = math.inf if state["budget_epsilon"] is None else state["budget_epsilon"]
+        return cls(**state)
+
+
+def client_dir(run_dir: Path, client_id: int) -> Path:
+    return Path(run_dir) / "clients" / f"client-{client_id}"
+
+
+def _ledger_epsilon(epsilon: float) -> float:
+    return epsilon if math.isfinite(epsilon) else UNBOUNDED_EPSILON
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class RewardClient:
+    """One client's reward model, text encoder and privacy state."""
+
+    def __init__(
+        self, run_dir: Path, config: ClientConfig, model: nn.Module, encoder: TextEncoder, privacy: PrivacyState
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.model = model
+        self.encoder = encoder
+        self.privacy = privacy
+
+    @property
+    def directory(self) -> Path:
+        return client_dir(self.run_dir, self.config.client_id)
+
+    @property
+    def party(self) -> str:
+        return self.config.party
+
+    @classmethod
+    def exists(cls, run_dir: Path, client_id: int) -> bool:
+        return (client_dir(run_dir, client_id) / "model.safetensors").exists()
+
+    @classmethod
+    def new(cls, run_dir: Path, config: ClientConfig, pairs: Dataset) -> RewardClient:
+        """A fresh client in memory; its text encoder is built from its own pairs' texts.
+        Nothing is written until a training run succeeds."""
+        if cls.exists(run_dir, config.client_id):
+            raise ClientError(f"{config.party} already exists in {run_dir}: load it instead")
+        arch = architecture(config.arch)
+        texts = list(pairs["question"]) + list(pairs["chosen_text"]) + list(pairs["rejected_text"])
+        encoder = arch.build_encoder(texts)
+        privacy = PrivacyState(Budget(config.budget_epsilon, config.budget_delta))
+        return cls(run_dir, config, arch.build_model(encoder), encoder, privacy)
+
+    @classmethod
+    def load(cls, run_dir: Path, client_id: int) -> RewardClient:
+        directory = client_dir(run_dir, client_id)
+        if not cls.exists(run_dir, client_id):
+            raise ClientError(f"no trained client-{client_id} in {run_dir} (train it first)")
+        config = ClientConfig.from_json(json.loads((directory / "client.json").read_text()))
+        encoder = encoder_from_json(json.loads((directory / "text_encoder.json").read_text()))
+        model = architecture(config.arch).build_model(encoder)
+        model.load_state_dict(load_tensors((directory / "model.safetensors").read_bytes()))
+        model.eval()
+        return cls(run_dir, config, model, encoder, PrivacyState.load(directory / "privacy.json"))
+
+    def signer(self, passphrase: str | None = None) -> Signer:
+        """The client's Ed25519 key (created on first use, 0600), its public half
+        published in RUN_DIR/keys."""
+        signer = load_or_create_signer(self.party, self.directory / "keys", passphrase)
+        registry = self.run_dir / "keys"
+        registry.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.directory / "keys" / f"{self.party}.pub", registry / f"{self.party}.pub")
+        return signer
+
+    def train(
+        self,
+        pairs: Dataset,
+        config: TrainConfig,
+        passphrase: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> TrainResult:
+        """One training run on `pairs`, continuing from the current parameters.
+
+        Raises BudgetExceeded (nothing written) if the composed total would pass
+        the budget. On success: records the mechanism in privacy.json, appends a
+        signed ledger entry, and saves model, encoder and metrics."""
+        result = train_reward_model(self.model, encode_pairs(pairs, self.encoder), config, self.privacy, progress)
+        signer = self.signer(passphrase)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        model_bytes = save_tensors({k: v.contiguous() for k, v in self.model.state_dict().items()})
+        details = {
+            "client_id": self.config.client_id,
+            "arch": self.config.arch,
+            "privacy_unit": "preference pair",
+            "sampling": "poisson",
+            "pairs": result.pairs,
+            "epochs": config.epochs,
+            "expected_batch_size": config.batch_size,
+            "max_grad_norm": config.max_grad_norm,
+            "grad_sample_mode": config.grad_sample_mode,
+            "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
+        }
+        if result.mechanism is None:
+            self.privacy.non_private = True
+            mechanism, details["non_private"] = non_private_event(), True
+        else:
+            self.privacy.history.append(result.mechanism)
+            mechanism = dp_sgd_event(*result.mechanism)
+        # Spending is recorded before the model is saved: a crash in between
+        # over-counts the budget, never under-counts it.
+        self.privacy.save(self.directory / "privacy.json")
+        Ledger(self.run_dir / "ledger.jsonl").append(
+            signer,
+            KIND_DP_TRAINING,
+            mechanism=mechanism,
+            epsilon=_ledger_epsilon(result.epsilon),
+            delta=config.delta,
+            accountant=config.accountant,
+            total_epsilon=_ledger_epsilon(result.total_epsilon),
+            budget=Budget(_ledger_epsilon(self.privacy.budget.epsilon), self.privacy.budget.delta),
+            details=details,
+        )
+        _write_atomic(self.directory / "model.safetensors", model_bytes)
+        _write_atomic(self.directory / "text_encoder.json", json.dumps(self.encoder.to_json()).encode())
+        _write_atomic(self.directory / "client.json", json.dumps(self.config.to_json(), indent=2).encode())
+        metrics = self.metrics()
+        metrics.setdefault("runs", []).append(result.to_json())
+        self.save_metrics(metrics)
+        return result
+
+    def score(self, items: Sequence[ScoreItem]) -> np.ndarray:
+        """Clipped rewards, float32 [N]; spends no budget (post-processing)."""
+        return score(self.model, self.encoder, items, self.config.reward_clip)
+
+    def evaluate(self, held_out: Mapping[str, Dataset]) -> dict[str, float]:
+        """Preference accuracy per family on held-out pairs (`evaluation.held_out_pairs`)."""
+        return evaluate_model(self.model, self.encoder, held_out)
+
+    def metrics(self) -> dict[str, Any]:
+        path = self.directory / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def save_metrics(self, metrics: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.directory / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False).encode())
+
+
+def train_client(
+    run_dir: Path,
+    config: ClientConfig,
+    pairs: Dataset,
+    train_config: TrainConfig,
+    passphrase: str | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[RewardClient, TrainResult]:
+    """Load the client (its stored config must agree with `config`) or create it, then train."""
+    if RewardClient.exists(run_dir, config.client_id):
+        client = RewardClient.load(run_dir, config.client_id)
+        if client.config != config:
+            raise ClientError(
+                f"{config.party} in {run_dir} was created with {client.config}; "
+                f"this request differs ({config}): architecture, budget and split are fixed at creation"
+            )
+    else:
+        client = RewardClient.new(run_dir, config, pairs)
+    return client, client.train(pairs, train_config, passphrase, progress)

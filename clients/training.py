@@ -1,0 +1,302 @@
+"""DP-SGD training of a reward model with Opacus, and the client's privacy budget.
+
+Privacy unit: one preference pair. A dataset row holds the whole pair (image,
+question, chosen, rejected) and the model scores both answers in one forward
+pass (`answers` of shape [B, 2, ...]), so Opacus' per-sample gradient of a row
+is the gradient of the pair's Bradley-Terry loss -logsigmoid(r(chosen) -
+r(rejected)), and clipping bounds each pair's total contribution.
+
+Budget semantics. A client holds a total budget (epsilon_B, delta_B). A run asks
+to spend `epsilon` at `delta` (<= delta_B): Opacus calibrates the noise of this
+run alone to (epsilon, delta) (`make_private_with_epsilon`). The run's mechanism
+(noise multiplier, sample rate, steps) is then composed with every earlier
+run's (the accountant history persisted next to the model), and the planned
+total epsilon at delta_B must not exceed epsilon_B; otherwise the run is
+refused with `BudgetExceeded` before any step. Composition with PRV or RDP is
+tighter than adding the runs' epsilons.
+
+A non-private run (epsilon = inf) uses the same loop without the engine, for
+ablations. It leaves the client with no DP guarantee (total epsilon inf), so it
+is allowed only for a client whose budget epsilon is inf.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from secure_mor.audits.ledger import Budget
+from secure_mor.clients.models import images_to_tensor
+from secure_mor.clients.text import TextEncoder, trim_padding
+
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+
+Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), Opacus' history form
+
+
+class BudgetExceeded(RuntimeError):
+    """A training run would take the client's composed epsilon over its budget.
+    Raised before any training step; nothing is written."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    epsilon: what this run may spend (math.inf: non-private, no Opacus engine).
+    delta: the run's delta, at most the client's budget delta.
+    batch_size: expected batch size; Poisson sampling rate = 1 / ceil(N / batch_size).
+    max_grad_norm: per-pair clipping norm C.
+    accountant: "prv" (default) or "rdp", for calibration and composition.
+    grad_sample_mode: how Opacus computes per-pair gradients ("hooks" measured fastest here).
+    """
+
+    epsilon: float
+    delta: float = 1e-5
+    epochs: int = 40
+    batch_size: int = 200
+    lr: float = 1e-2
+    max_grad_norm: float = 0.3
+    accountant: str = "prv"
+    grad_sample_mode: str = "hooks"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.epsilon > 0):
+            raise ValueError(f"epsilon must be > 0 (inf for non-private), got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.max_grad_norm <= 0 or self.lr <= 0:
+            raise ValueError("epochs, batch_size, max_grad_norm and lr must be positive")
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+def compose_epsilon(history: list[Mechanism], delta: float, accountant: str) -> float:
+    """Epsilon at `delta` of all mechanisms in `history`, composed by Opacus' accountant."""
+    if not history:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" is only a looseness hint
+        warnings.simplefilter("ignore", UserWarning)
+        return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass
+class PrivacyState:
+    """The client's budget and spending, saved as JSON next to the model.
+
+    history: every DP-SGD run's mechanism, in Opacus' accountant-history form.
+    non_private: a non-private run happened; the total is then unbounded.
+    """
+
+    budget: Budget
+    history: list[Mechanism] = field(default_factory=list)
+    non_private: bool = False
+
+    def total_epsilon(self, accountant: str, extra: list[Mechanism] | None = None) -> float:
+        if self.non_private:
+            return math.inf
+        return compose_epsilon(self.history + (extra or []), self.budget.delta, accountant)
+
+    def check(self, planned_total: float, request: str) -> None:
+        if planned_total > self.budget.epsilon:
+            raise BudgetExceeded(
+                f"{request} would bring the total epsilon to {planned_total:.3f} (at delta "
+                f"{self.budget.delta:g}), over the budget epsilon {self.budget.epsilon:g} "
+                f"({len(self.history)} earlier DP run(s)). Nothing was trained or written."
+            )
+
+    def to_json(self) -> dict:
+        # JSON has no inf: an unbounded budget is written as null.
+        eps = self.budget.epsilon if math.isfinite(self.budget.epsilon) else None
+        return {
+            "budget": {"epsilon": eps, "delta": self.budget.delta},
+            "history": [list(m) for m in self.history],
+            "non_private": self.non_private,
+        }
+
+    @classmethod
+    def from_json(cls, state: dict) -> PrivacyState:
+        eps = state["budget"]["epsilon"]
+        return cls(
+            Budget(math.inf if eps is None else float(eps), float(state["budget"]["delta"])),
+            [(float(s), float(q), int(n)) for s, q, n in state["history"]],
+            bool(state["non_private"]),
+        )
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)  # atomic: a crash never leaves half a budget file
+
+    @classmethod
+    def load(cls, path: Path) -> PrivacyState:
+        return cls.from_json(json.loads(path.read_text()))
+
+
+def encode_pairs(pairs: Dataset, encoder: TextEncoder) -> TensorDataset:
+    """One row per preference pair: (image, question, answers [2, ...] = chosen, rejected)."""
+    images = images_to_tensor(pairs["image"])
+    question = encoder.encode(pairs["question"])
+    answers = torch.stack([encoder.encode(pairs["chosen_text"]), encoder.encode(pairs["rejected_text"])], dim=1)
+    return TensorDataset(images, question, answers)
+
+
+def pair_margins(model: nn.Module, image: torch.Tensor, question: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    rewards = model(image, trim_padding(question), trim_padding(answers))
+    return rewards[:, 0] - rewards[:, 1]
+
+
+def bradley_terry_loss(margins: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of -log sigmoid(r(chosen) - r(rejected)); 0 for an empty batch
+    (Poisson sampling can draw one, and its step must still run: it adds noise)."""
+    return -F.logsigmoid(margins).sum() / max(len(margins), 1)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run did. For a non-private run the mechanism fields are None and
+    both epsilons are inf."""
+
+    config: TrainConfig
+    pairs: int
+    steps: int
+    noise_multiplier: float | None
+    sample_rate: float | None
+    epsilon: float  # this run alone, at config.delta
+    total_epsilon: float  # all runs composed, at the budget's delta
+    epoch_losses: list[float]
+    seconds: float
+
+    @property
+    def mechanism(self) -> Mechanism | None:
+        if self.noise_multiplier is None or self.sample_rate is None:
+            return None
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+    def to_json(self) -> dict:
+        def finite(x: float) -> float | None:
+            return x if math.isfinite(x) else None  # JSON has no inf: null = unbounded
+
+        out = asdict(self)
+        out["config"]["epsilon"] = finite(self.config.epsilon)
+        out["epsilon"], out["total_epsilon"] = finite(self.epsilon), finite(self.total_epsilon)
+        return out
+
+
+ProgressFn = Callable[[int, int, float], None]  # (step done, total steps, running loss)
+
+
+def train_reward_model(
+    model: nn.Module,
+    data: TensorDataset,
+    config: TrainConfig,
+    privacy: PrivacyState,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train `model` in place on pair rows `data` (from `encode_pairs`).
+
+    Raises BudgetExceeded, before any step, when the composed total would exceed
+    the budget. Does not change `privacy` and writes nothing: the caller records
+    the returned mechanism once the run has succeeded.
+    """
+    if config.delta > privacy.budget.delta:
+        raise BudgetExceeded(f"run delta {config.delta:g} exceeds the budget delta {privacy.budget.delta:g}")
+    request = f"training at epsilon {config.epsilon:g}"
+    # Cheap refusal first: the composed total is at least the run alone and at least what is spent.
+    privacy.check(max(config.epsilon, privacy.total_epsilon(config.accountant)), request)
+
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    model.train()
+    trained: nn.Module = model
+    engine = None
+    if config.private:
+        engine = PrivacyEngine(accountant=config.accountant)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # secure-RNG and RDP-order hints
+            trained, optimizer, loader = engine.make_private_with_epsilon(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                target_epsilon=config.epsilon,
+                target_delta=config.delta,
+                epochs=config.epochs,
+                max_grad_norm=config.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=config.grad_sample_mode,
+            )
+        mechanism = (float(optimizer.noise_multiplier), 1.0 / len(loader), config.epochs * len(loader))
+        planned_total = privacy.total_epsilon(config.accountant, [mechanism])
+        try:
+            privacy.check(planned_total, request)
+        except BudgetExceeded:
+            trained.to_standard_module()  # remove Opacus' hooks: the model is left as it was
+            raise
+    total_steps = config.epochs * len(loader)
+
+    start, step, losses = time.perf_counter(), 0, []
+    try:
+        with warnings.catch_warnings():
+            # Opacus' hook on the first layer fires although images need no gradient: harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(config.epochs):
+                epoch_loss, epoch_pairs = 0.0, 0
+                for image, question, answers in loader:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = bradley_terry_loss(pair_margins(trained, image, question, answers))
+                    loss.backward()
+                    optimizer.step()
+                    epoch_loss += loss.item() * len(image)
+                    epoch_pairs += len(image)
+                    step += 1
+                    if progress:
+                        progress(step, total_steps, epoch_loss / max(epoch_pairs, 1))
+                losses.append(epoch_loss / max(epoch_pairs, 1))
+    finally:
+        if engine is not None:
+            trained.to_standard_module()
+    model.eval()
+    seconds = time.perf_counter() - start
+
+    if engine is None:
+        return TrainResult(config, len(data), step, None, None, math.inf, math.inf, losses, seconds)
+    noise_multiplier, sample_rate, planned_steps = mechanism
+    if step != planned_steps:
+        raise RuntimeError(f"ran {step} steps, planned {planned_steps}: the accounting would be wrong")
+    return TrainResult(
+        config,
+        len(data),
+        step,
+        noise_multiplier,
+        sample_rate,
+        epsilon=engine.get_epsilon(config.delta),
+        total_epsilon=planned_total,
+        epoch_losses=losses,
+        seconds=seconds,
+    )

@@ -1,0 +1,45 @@
+"""`secure-mor client train / eval` end to end on a tiny split."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from secure_mor.audits.ledger import verify_ledger
+from secure_mor.clients.cli import client_app
+from secure_mor.crypto.signing import read_registry
+
+torch.set_num_threads(1)
+TINY = ["--pairs-per-client", "64", "--epochs", "2", "--batch-size", "16", "--accountant", "rdp"]
+
+
+def test_train_then_eval_writes_the_run_directory(tmp_path):
+    runner = CliRunner()
+    out = str(tmp_path)
+    budget = ["--budget-epsilon", "2.5"]
+    first = runner.invoke(
+        client_app, ["train", "--client", "2", "--arch", "minilm-head", "--epsilon", "2", *budget, "--out", out, *TINY]
+    )
+    assert first.exit_code == 0, first.output
+    assert "total" in first.output
+    directory = tmp_path / "clients" / "client-2"
+    for name in ["client.json", "model.safetensors", "text_encoder.json", "privacy.json", "metrics.json"]:
+        assert (directory / name).exists(), name
+    assert (directory / "keys" / "client-2.key").exists()
+    assert set(read_registry(tmp_path / "keys")) == {"client-2"}
+    assert json.loads((directory / "client.json").read_text())["split"]["pairs_per_client"] == 64
+
+    # The stored budget (2.5) and split are reused; 2 more composes to ~2.7: refused.
+    refused = runner.invoke(client_app, ["train", "--client", "2", "--epsilon", "2", "--out", out, *TINY])
+    assert refused.exit_code == 2, refused.output
+    assert "refused" in refused.output
+    assert verify_ledger(tmp_path / "ledger.jsonl", read_registry(tmp_path / "keys")).ok
+
+    evaluated = runner.invoke(client_app, ["eval", "--out", out])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "client-2 (minilm-head)" in evaluated.output and "presence" in evaluated.output
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert set(metrics["evaluation"]) == {"color", "shape", "presence"}
+    assert len(metrics["runs"]) == 1 and metrics["runs"][0]["noise_multiplier"] > 0
