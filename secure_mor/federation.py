@@ -60,7 +60,7 @@ def _toml_value(value: object) -> str:
 
 
 def _flwr() -> str:
-    found = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr")
+    found = shutil.which("flwr", path=str(Path(sys.executable).parent))
     if not found:
         raise FederationError("the `flwr` command is not installed (pip install 'secure-mor[simulation]')")
     return found
@@ -68,8 +68,12 @@ def _flwr() -> str:
 
 def simulation_env(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
     ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": _free_port(), "FLWR_LOCAL_CONTROL_API_PORT": _free_port()}
+    # flwr starts `flower-superlink` and `flower-superexec` by name: they live beside
+    # this interpreter, which need not be on PATH (a venv that was never activated).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {
         **os.environ,
+        "PATH": path,
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
