@@ -85,6 +85,13 @@ def _load_data(spec: DataSpec):  # noqa: ANN202 - FederatedData, imported lazily
         raise _fail(str(err)) from err
 
 
+def _run_data_spec(run: RunDir) -> DataSpec:
+    try:
+        return run.data_spec()
+    except DatasetError as err:
+        raise _fail(str(err)) from err
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -184,7 +191,7 @@ def policy_sft(
     run = RunDir(out)
     if not run.base_policy.exists():
         raise _fail(f"{run.base_policy} is missing: run `secure-mor policy build --out {out}` first")
-    spec = run.data_spec()
+    spec = _run_data_spec(run)
     data = _load_data(spec)
     model, processor = load_policy(run.base_policy)
     settings = SFTSettings(
@@ -220,7 +227,7 @@ def policy_eval(
     path = {"base": run.base_policy, "sft": run.sft_policy}.get(stage, Path(stage))
     if not path.exists():
         raise _fail(f"no policy at {path}")
-    data = _load_data(run.data_spec())
+    data = _load_data(_run_data_spec(run))
     model, processor = load_policy(path)
     started = time.perf_counter()
     with _progress() as progress:

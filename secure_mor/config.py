@@ -81,7 +81,7 @@ class RunDir:
 
     def data_spec(self) -> DataSpec:
         if not self.data_spec_path.exists():
-            raise FileNotFoundError(
+            raise DatasetError(
                 f"{self.data_spec_path} is missing: run `secure-mor policy build --out {self.path}` first"
             )
         return DataSpec.from_json(json.loads(self.data_spec_path.read_text()))
