@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from secure_mor.audits.cli import audit_app
 from secure_mor.clients.cli import client_app
 from secure_mor.config import EASY_VQA, DataSpec, RunDir
 from secure_mor.data import FAMILIES, DatasetError, SplitConfig, default_clients, family_counts
@@ -27,6 +28,7 @@ policy_app = typer.Typer(help="Build, warm-start (SFT) and evaluate the policy V
 app.add_typer(data_app, name="data")
 app.add_typer(policy_app, name="policy")
 app.add_typer(client_app, name="client")
+app.add_typer(audit_app, name="audit")
 
 console = Console()
 
