@@ -1,30 +1,67 @@
-"""The client's Flower ClientApp: thin handlers over the client task modules.
+"""The project's Flower ClientApp: thin handlers over the node task modules.
 
-Until the reward-model and scoring handlers land, the app answers one query:
-the size of this client's private partition, per question family.
+Every SuperNode runs this app (Flower has one ClientApp per app); its node
+config decides what it is (`secure_mor.protocol.node_role`): a client
+institution (`secure_mor.clients.node.ClientNode`) or the key authority
+(`secure_mor.crypto.authority_node.AuthorityNode`). A node keeps its state under
+node config `state-dir`, or, in the simulation runtime, the run config's
+`run-dir`. The authority's K_min comes from its own node config (`k-min`,
+default 2), never from the server's run config.
 """
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from secure_mor.data import FAMILIES, SplitConfig, build_federated_data, default_clients, family_counts
+from secure_mor.protocol import ROLE_AUTHORITY, node_role
 
 app = ClientApp()
 
+QUERY_ACTIONS = ("identify", "setup", "margins", "router_gradient", "score", "decrypt")
+_NODES: dict[tuple[str, str, int | None], Any] = {}
 
-@app.query()
-def describe(message: Message, context: Context) -> Message:
-    config = message.content["config"]
-    client_id = int(context.node_config["partition-id"])
-    split = SplitConfig(
-        clients=default_clients(int(config["num-clients"])), skew=float(config["data-skew"]), seed=int(config["seed"])
-    )
-    pairs = build_federated_data(split).clients[client_id]
-    counts = family_counts(pairs)
-    metrics = MetricRecord({"pairs": len(pairs), **{f"pairs-{f}": counts.get(f, 0) for f in FAMILIES}})
-    return Message(
-        RecordDict({"metrics": metrics, "identity": ConfigRecord({"client": f"client-{client_id}"})}),
-        reply_to=message,
-    )
+
+def _node(context: Context) -> Any:
+    """The node object of this SuperNode (cached per worker process; state lives on disk)."""
+    role = node_role(context.node_config)
+    state_dir = str(context.node_config.get("state-dir") or context.run_config["run-dir"])
+    key = (state_dir, role.role, role.client_id)
+    if key not in _NODES:
+        if role.role == ROLE_AUTHORITY:
+            from secure_mor.crypto.authority_node import AuthorityNode
+
+            registry = context.node_config.get("registry")
+            _NODES[key] = AuthorityNode(state_dir, registry=str(registry) if registry else None,
+                                        k_min=int(context.node_config.get("k-min", 2)))
+        else:
+            from secure_mor.clients.node import ClientNode
+
+            _NODES[key] = ClientNode(Path(state_dir), int(role.client_id))
+    return _NODES[key]
+
+
+def _answer(action: str, message: Message, context: Context) -> Message:
+    payload = dict(message.content["payload"]) if "payload" in message.content else {}
+    reply = _node(context).handle(action, payload)
+    return Message(RecordDict({"payload": ConfigRecord(reply)}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    return _answer("train", message, context)
+
+
+def _register(action: str) -> None:
+    def handler(message: Message, context: Context) -> Message:
+        return _answer(action, message, context)
+
+    handler.__name__ = action
+    app.query(action)(handler)
+
+
+for _action in QUERY_ACTIONS:
+    _register(_action)

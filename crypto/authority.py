@@ -51,10 +51,12 @@ the error, i.e. a larger scale and parameters than the default.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,15 +115,30 @@ class _ReleaseState:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read the file: another process of the same authority may have released since."""
         self.nonces: set[tuple[str, str]] = set()
         self.last_step: dict[tuple[str, str], int] = {}
-        if path.exists():
-            for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if self.path.exists():
+            for number, line in enumerate(self.path.read_text().splitlines(), start=1):
                 try:
                     entry = json.loads(line)
                     self._note(entry["run_id"], entry["nonce"], entry["purpose"], int(entry["step"]))
                 except (ValueError, KeyError, TypeError) as err:
-                    raise PolicyError(f"release state {path} line {number} is damaged; not starting") from err
+                    raise PolicyError(f"release state {self.path} line {number} is damaged; not starting") from err
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Check-and-burn is atomic across processes (advisory lock next to the file)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _note(self, run_id: str, nonce: str, purpose: str, step: int) -> None:
         self.nonces.add((run_id, nonce))
@@ -209,8 +226,10 @@ class KeyAuthority:
     def decrypt(self, request: bytes) -> bytes:
         """Check the policy, decrypt, flood, round, sign, log. Returns the signed response."""
         req = parse_request(request, self.public, self.server_public_key, self.policy.limits)
-        contributors = self._check_policy(req)
-        self._state.burn(req.run_id, req.nonce, req.purpose, req.step)
+        with self._state.locked():
+            self._state.reload()
+            contributors = self._check_policy(req)
+            self._state.burn(req.run_id, req.nonce, req.purpose, req.step)
         vectors = self._rederive(req) if req.mode == "rederive" else req.ciphertexts
         values = self._decrypt(vectors, req.n_scores)
         self._check_range(req, values)

@@ -108,3 +108,11 @@ def load_or_create_signer(party: str, directory: Path, passphrase: str | None = 
 def read_registry(directory: Path) -> dict[str, str]:
     """Public keys of all parties in `directory`: {party: hex key}."""
     return {p.stem: p.read_text().strip() for p in sorted(directory.glob("*.pub"))}
+
+
+def publish_public_key(signer: Signer, registry: Path) -> Path:
+    """Write `<party>.pub` into the shared registry directory (what verifiers read)."""
+    registry.mkdir(parents=True, exist_ok=True)
+    path = registry / f"{signer.party}.pub"
+    path.write_text(signer.public_key_hex + "\n")
+    return path

@@ -1,20 +1,33 @@
-"""The server's Flower ServerApp.
+"""The project's Flower ServerApp: the main job (`server.pipeline.align`) over Flower's grid.
 
-Until the router and GRPO handlers land, the app checks that every client is
-reachable and reports what each holds.
+Run config (`[tool.flwr.app.config]` in pyproject.toml, overridable with
+`flwr run . --run-config "..."` or `secure-mor align`): see `align_config`.
+The federation holds num-clients client nodes and one key-authority node.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from secure_mor.protocol import Payload
+from secure_mor.server.grpo import GRPOSettings
+from secure_mor.server.pipeline import AlignConfig, AlignError, align
+from secure_mor.server.router_training import RouterTrainingConfig
+from secure_mor.server.transport import NodeFailure, Replies, payload_for
+
 app = ServerApp()
 
+POLL_SECONDS = 0.05  # Grid.send_and_receive polls every 3 s, which would dominate a scoring round
 
-def wait_for_nodes(grid: Grid, count: int, timeout: float = 120.0) -> list[int]:
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> list[int]:
     """Node ids once `count` nodes are connected: the ServerApp may start before they register."""
     deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < count:
@@ -24,14 +37,84 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float = 120.0) -> list[int]:
     return sorted(nodes)
 
 
+def _message_type(action: str) -> str:
+    return "train" if action == "train" else f"query.{action}"
+
+
+class GridTransport:
+    """`server.transport.Transport` over Flower's grid: parties are mapped to node ids by
+    asking every node to identify itself."""
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        self.grid = grid
+        self.nodes: dict[str, int] = {}
+        replies = self._exchange({node: ("identify", {}) for node in node_ids}, timeout=300.0)
+        for node, reply in replies.items():
+            if isinstance(reply, NodeFailure):
+                raise AlignError(f"node {node} failed to identify itself: {reply.reason}")
+            self.nodes[str(reply["party"])] = node
+
+    def _exchange(self, requests: Mapping[int, tuple[str, Payload]], timeout: float | None) -> dict[int, Any]:
+        messages = [
+            Message(RecordDict({"payload": ConfigRecord(payload)}), dst_node_id=node,
+                    message_type=_message_type(action))
+            for node, (action, payload) in requests.items()
+        ]
+        pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), requests, strict=True) if mid}
+        out: dict[int, Any] = {}
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is None:
+                    continue
+                if reply.has_error():
+                    out[node] = NodeFailure(str(node), reply.error.reason)
+                else:
+                    out[node] = dict(reply.content["payload"])
+            if pending:
+                time.sleep(POLL_SECONDS)
+        return out  # nodes still pending are late: their replies are never read
+
+    def ask(self, parties: Sequence[str], action: str, payloads: Payload | Mapping[str, Payload],
+            timeout: float | None = None) -> Replies:
+        unknown = [p for p in parties if p not in self.nodes]
+        if unknown:
+            raise AlignError(f"no node identified itself as {unknown}; connected: {sorted(self.nodes)}")
+        requests = {self.nodes[p]: (action, payload_for(payloads, p, parties)) for p in parties}
+        replies = self._exchange(requests, timeout)
+        party_of = {node: party for party, node in self.nodes.items()}
+        return {party_of[node]: (NodeFailure(party_of[node], r.reason) if isinstance(r, NodeFailure) else r)
+                for node, r in replies.items()}
+
+
+def align_config(run_config: Mapping[str, Any]) -> AlignConfig:
+    """The AlignConfig of a Flower run config (keys as in pyproject.toml's [tool.flwr.app.config])."""
+    c = dict(run_config)
+    grpo = GRPOSettings(max_steps=int(c["grpo-steps"]), num_generations=int(c["num-generations"]),
+                        batch_size=int(c["grpo-batch-size"]), steps_per_generation=int(c["steps-per-round"]),
+                        learning_rate=float(c["grpo-learning-rate"]), beta=float(c["beta"]),
+                        loss_type=str(c["loss-type"]), save_steps=int(c["save-steps"]))
+    router = RouterTrainingConfig(steps=int(c["router-steps"]), batch_size=int(c["router-batch-size"]))
+    client_training = {"epochs": int(c["client-epochs"])} if int(c.get("client-epochs", 0)) > 0 else {}
+    from secure_mor.policy import SFTSettings
+
+    return AlignConfig(
+        fusion=str(c["fusion"]), epsilon=float(c["epsilon"]), delta=float(c["delta"]), seed=int(c["seed"]),
+        num_clients=int(c["num-clients"]), objective=str(c["objective"]), k_min=int(c["k-min"]),
+        reply_timeout=float(c["reply-timeout"]), grpo=grpo, router=router,
+        sft=SFTSettings(examples=int(c["sft-examples"]), epochs=float(c["sft-epochs"])),
+        client_training=client_training, eval_per_family=int(c["eval-per-family"]),
+        pairs_per_client=int(c["pairs-per-client"]), calibration_pairs=int(c["calibration-pairs"]),
+        resume=bool(c["resume"]),
+    )
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = ConfigRecord({k: context.run_config[k] for k in ("num-clients", "data-skew", "seed")})
-    nodes = wait_for_nodes(grid, int(context.run_config["num-clients"]))
-    queries = [Message(RecordDict({"config": config}), dst_node_id=node, message_type="query") for node in nodes]
-    replies = list(grid.send_and_receive(queries))
-    failed = [reply.error.reason for reply in replies if reply.has_error()]
-    if failed:
-        raise RuntimeError(f"{len(failed)} client(s) failed: {failed}")
-    for reply in sorted(replies, key=lambda r: r.content["identity"]["client"]):
-        print(reply.content["identity"]["client"], dict(reply.content["metrics"]))
+    config = align_config(context.run_config)
+    run_dir = Path(str(context.run_config["run-dir"])).resolve()
+    nodes = wait_for_nodes(grid, config.num_clients + 1)
+    results = align(GridTransport(grid, nodes), run_dir, config, log=lambda m: print(f"[secure-mor] {m}", flush=True))
+    print(f"[secure-mor] results: {run_dir / 'align' / config.label / 'results.json'}", flush=True)
+    print(f"[secure-mor] accuracy {results['accuracy']}", flush=True)

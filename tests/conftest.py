@@ -9,11 +9,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from secure_mor.data import FederatedData, SplitConfig, build_federated_data  # noqa: E402
+from secure_mor.data import FederatedData, SplitConfig, build_federated_data, vocabulary_texts  # noqa: E402
+from secure_mor.policy import SFTSettings, run_sft  # noqa: E402
+from secure_mor.vlm import build_tiny_vlm, save_policy  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def federated() -> FederatedData:
     """The default federated split of easy-VQA (seed 0)."""
     return build_federated_data(SplitConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, federated):
+    """The untrained tiny VLM, saved."""
+    model, processor = build_tiny_vlm(vocabulary_texts(federated))
+    return save_policy(model, processor, tmp_path_factory.mktemp("tiny") / "policy")
+
+
+@pytest.fixture(scope="session")
+def warm_policy(tmp_path_factory, federated):
+    """A very short SFT warm start: it answers in words, greedily "no" to every question."""
+    torch.set_num_threads(1)
+    model, processor = build_tiny_vlm(vocabulary_texts(federated))
+    root = tmp_path_factory.mktemp("warm")
+    run_sft(
+        model, processor, federated.sft, SFTSettings(examples=960, epochs=1.0, batch_size=32, learning_rate=2e-3), root
+    )
+    return save_policy(model, processor, root / "policy")

@@ -1,8 +1,20 @@
+"""The main job end to end through Flower's simulation runtime, at tiny size (default suite)."""
+
+import json
+
 import psutil
 
+from secure_mor.audits.ledger import verify_ledger
+from secure_mor.crypto.signing import read_registry
 from secure_mor.federation import run_local_simulation
 
 FLOWER_OR_RAY = ("flower-superlink", "flower-superexec", "flwr-", "raylet", "gcs_server", "ray::")
+
+TINY = {
+    "fusion": "mor", "epsilon": 4.0, "seed": 0, "num-clients": 3, "grpo-steps": 2, "sft-examples": 64,
+    "sft-epochs": 1.0, "pairs-per-client": 100, "calibration-pairs": 300, "client-epochs": 2, "router-steps": 2,
+    "grpo-batch-size": 8, "steps-per-round": 1, "save-steps": 1, "eval-per-family": 8,
+}
 
 
 def _flower_and_ray_processes() -> set[int]:
@@ -14,11 +26,18 @@ def _flower_and_ray_processes() -> set[int]:
     return found
 
 
-def test_flower_app_runs_on_the_simulation_runtime_and_leaves_no_process():
+def test_secure_alignment_runs_end_to_end_on_flower_and_leaves_no_process(tmp_path):
     before = _flower_and_ray_processes()
-    result = run_local_simulation({"num-clients": 3, "data-skew": 0.8, "seed": 0}, num_supernodes=3, timeout=600)
+    result = run_local_simulation({**TINY, "run-dir": str(tmp_path)}, num_supernodes=4, timeout=900)
     assert result.status == "finished:completed"
-    for k in range(3):
-        assert f"client-{k} " in result.logs
-    assert "'pairs': 800" in result.logs
     assert _flower_and_ray_processes() <= before
+
+    results = json.loads((tmp_path / "align" / "mor" / "results.json").read_text())
+    assert results["schema"] == "secure-mor/results/v1" and results["config"]["fusion"] == "mor"
+    assert results["grpo"]["steps"] == 2 and results["grpo"]["rounds"] == 2 and results["router"]["steps"] == 2
+    assert {c["arch"] for c in results["clients"].values()} == {"cnn-gru", "vit-xattn", "minilm-head"}
+    assert all(0 < c["total_epsilon"] <= 4.0 for c in results["clients"].values())
+    # the key authority ran on its own node: its keys and release state are under authority/
+    assert (tmp_path / "authority" / "secret.key").exists() and (tmp_path / "authority" / "released.jsonl").exists()
+    check = verify_ledger(tmp_path / "ledger.jsonl", read_registry(tmp_path / "keys"), results["ledger"]["head"])
+    assert check.ok and check.entries == 3 + 2 * 2 + 2, check

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from trl.data_utils import prepare_multimodal_messages
 
-from secure_mor.data import normalize_text, user_prompt, vocabulary_texts
-from secure_mor.policy import SFTSettings, generate_answers, run_sft
+from secure_mor.data import normalize_text, user_prompt
+from secure_mor.policy import generate_answers
 from secure_mor.server.grpo import (
     LOG_FILE,
     GRPOSettings,
@@ -19,7 +19,7 @@ from secure_mor.server.grpo import (
     run_grpo,
     step_metrics,
 )
-from secure_mor.vlm import build_tiny_vlm, load_policy, save_policy
+from secure_mor.vlm import load_policy
 
 REWARD_KWARGS = {
     "completion_ids",
@@ -39,25 +39,6 @@ def _one_thread():
     torch.set_num_threads(1)  # two cores shared with other jobs
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory, federated):
-    """The untrained tiny VLM, saved."""
-    model, processor = build_tiny_vlm(vocabulary_texts(federated))
-    return save_policy(model, processor, tmp_path_factory.mktemp("tiny") / "policy")
-
-
-@pytest.fixture(scope="module")
-def warm_policy(tmp_path_factory, federated):
-    """A very short SFT warm start: it answers in words, greedily "no" to every question."""
-    torch.set_num_threads(1)
-    model, processor = build_tiny_vlm(vocabulary_texts(federated))
-    root = tmp_path_factory.mktemp("warm")
-    run_sft(
-        model, processor, federated.sft, SFTSettings(examples=960, epochs=1.0, batch_size=32, learning_rate=2e-3), root
-    )
-    return save_policy(model, processor, root / "policy")
 
 
 class SaysYes:

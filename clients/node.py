@@ -1,0 +1,233 @@
+"""Client k's side of the federation protocol (secure_mor.protocol), independent of Flower.
+
+`ClientNode.handle(action, payload)` is what the ClientApp calls for every message
+addressed to a client. A node keeps everything on disk under its state directory
+(`<state>/clients/client-k/`, as `secure-mor client train` does), so any worker
+process can serve its next message: Flower's simulation runs nodes in a pool of
+Ray workers and does not promise the same worker twice.
+
+What leaves the node: its public key, its training metrics (epsilon spent, and the
+preference accuracy of its model on the public held-out set), and ciphertexts signed
+with its key. Scores, margins and router-gradient terms are encrypted under the key
+authority's public context before they leave; the server can fuse them but not read
+them. Scoring and margins spend no budget (post-processing of the DP-trained model).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from secure_mor.clients.client import ClientConfig, RewardClient, client_dir, train_client
+from secure_mor.clients.evaluation import held_out_pairs
+from secure_mor.clients.models import DEFAULT_ARCHS
+from secure_mor.clients.training import TrainConfig
+from secure_mor.config import DataSpec
+from secure_mor.crypto.context import PublicContext, load_public_context
+from secure_mor.crypto.params import ReleaseConfig
+from secure_mor.crypto.signing import load_or_create_signer, publish_public_key
+from secure_mor.crypto.wire import seal_reply
+from secure_mor.data import FederatedData, column
+from secure_mor.protocol import (
+    ROLE_CLIENT,
+    Payload,
+    ProtocolError,
+    bytes_array,
+    calibration_set,
+    decode_gradient_query,
+    family_metrics,
+)
+from secure_mor.routing import ItemUseLimiter, QueryLimits, answer_gradient_query, pair_margins
+
+NODE_FILE = "node.json"
+CONTEXT_FILE = "public_context.bin"
+LIMITER_FILE = "router_item_uses.json"
+TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "max_grad_norm")  # what a train request may set
+
+_DATA_CACHE: dict[str, FederatedData] = {}
+
+
+def federated_data(spec: DataSpec) -> FederatedData:
+    """The public split (cached per process: every node of a simulation worker shares it)."""
+    key = json.dumps(spec.to_json(), sort_keys=True)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = spec.load()
+    return _DATA_CACHE[key]
+
+
+class ClientNode:
+    """One client institution: its reward model, keys and protocol state under `state_dir`."""
+
+    def __init__(self, state_dir: Path | str, client_id: int) -> None:
+        self.state_dir = Path(state_dir)
+        self.client_id = client_id
+        self.directory = client_dir(self.state_dir, client_id)
+        self._public: PublicContext | None = None
+        self._loaded: RewardClient | None = None
+        self._margins: np.ndarray | None = None
+
+    @property
+    def party(self) -> str:
+        return f"client-{self.client_id}"
+
+    # ------------------------------------------------------------ persisted node state
+
+    def _node_state(self) -> dict[str, Any]:
+        path = self.directory / NODE_FILE
+        if not path.exists():
+            raise ProtocolError(f"{self.party} has not been set up (no {path})")
+        return json.loads(path.read_text())
+
+    def _spec(self) -> DataSpec:
+        return DataSpec.from_json(self._node_state()["data_spec"])
+
+    def _public_context(self) -> PublicContext:
+        if self._public is None:
+            state = self._node_state()
+            self._public = load_public_context((self.directory / CONTEXT_FILE).read_bytes(), state["fingerprint"])
+        return self._public
+
+    def _client(self) -> RewardClient:
+        if self._loaded is None:
+            self._loaded = RewardClient.load(self.state_dir, self.client_id)
+        return self._loaded
+
+    # ------------------------------------------------------------ actions
+
+    def handle(self, action: str, payload: Mapping[str, Any]) -> Payload:
+        handlers: dict[str, Callable[[Mapping[str, Any]], Payload]] = {
+            "identify": self.identify,
+            "setup": self.setup,
+            "train": self.train,
+            "margins": self.margins,
+            "router_gradient": self.router_gradient,
+            "score": self.score,
+        }
+        if action not in handlers:
+            raise ProtocolError(f"a client does not handle {action!r}")
+        return handlers[action](payload)
+
+    def identify(self, payload: Mapping[str, Any]) -> Payload:
+        signer = load_or_create_signer(self.party, self.directory / "keys")
+        publish_public_key(signer, self.state_dir / "keys")
+        return {"party": self.party, "role": ROLE_CLIENT, "public_key": signer.public_key_hex}
+
+    def setup(self, payload: Mapping[str, Any]) -> Payload:
+        """Store the authority's public context (checked against its fingerprint) and the public split."""
+        context, fingerprint = bytes(payload["context"]), str(payload["fingerprint"])
+        load_public_context(context, fingerprint)  # refuses a context that does not match
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / CONTEXT_FILE).write_bytes(context)
+        state = {"fingerprint": fingerprint, "data_spec": json.loads(str(payload["data_spec"]))}
+        (self.directory / NODE_FILE).write_text(json.dumps(state, indent=2))
+        self._public = None
+        return {"party": self.party}
+
+    def train(self, payload: Mapping[str, Any]) -> Payload:
+        """Train the reward model with DP-SGD under budget (epsilon, delta), once: a client
+        already trained with the same budget answers with its stored metrics and spends nothing."""
+        epsilon, delta = float(payload["epsilon"]), float(payload["delta"])
+        spec = self._spec()
+        data = federated_data(spec)
+        data_config = spec.split.clients[self.client_id]
+        split = {"seed": spec.split.seed, "skew": spec.split.skew, "pairs_per_client": spec.split.pairs_per_client,
+                 "num_clients": len(spec.split.clients)}
+        config = ClientConfig(
+            client_id=self.client_id,
+            arch=str(payload.get("arch") or DEFAULT_ARCHS[self.client_id % len(DEFAULT_ARCHS)]),
+            family=data_config.family,
+            style=data_config.style,
+            budget_epsilon=epsilon,
+            budget_delta=delta,
+            split=split,
+        )
+        started = time.perf_counter()
+        if RewardClient.exists(self.state_dir, self.client_id) and self._client().config == config:
+            client, reused = self._client(), True
+        else:
+            overrides = {k: payload[k] for k in TRAIN_OVERRIDES if k in payload}
+            train_config = TrainConfig(epsilon=epsilon, delta=delta, seed=spec.split.seed, **overrides)
+            client, _ = train_client(self.state_dir, config, data.clients[self.client_id], train_config)
+            self._loaded, self._margins, reused = client, None, False
+        metrics = client.metrics()
+        if "held_out" not in metrics:
+            metrics["held_out"] = client.evaluate(held_out_pairs(data, config.style, seed=spec.split.seed))
+            client.save_metrics(metrics)
+        total = metrics["runs"][-1]["total_epsilon"]  # None: non-private, unbounded
+        return {
+            "party": self.party,
+            "arch": config.arch,
+            "family": config.family,
+            "budget_epsilon": epsilon,
+            "total_epsilon": math.inf if total is None else float(total),
+            "reused": reused,
+            "seconds": time.perf_counter() - started,
+            **family_metrics(metrics["held_out"]),
+        }
+
+    def _calibration_margins(self) -> np.ndarray:
+        """clip(R(chosen) - R(rejected)) for every public calibration pair (cached)."""
+        if self._margins is None:
+            client = self._client()
+            pairs = calibration_set(federated_data(self._spec()))
+            images, questions = list(pairs["image"]), column(pairs, "question")
+            chosen = client.score(list(zip(images, questions, column(pairs, "chosen_text"), strict=True)))
+            rejected = client.score(list(zip(images, questions, column(pairs, "rejected_text"), strict=True)))
+            self._margins = pair_margins(chosen, rejected, ReleaseConfig().value_bound)
+        return self._margins
+
+    def _seal(self, payload: Mapping[str, Any], purpose: str, values: np.ndarray, started: float) -> Payload:
+        reply = seal_reply(
+            self._client().signer(), self._public_context(), run_id=str(payload["run_id"]), step=int(payload["step"]),
+            nonce=str(payload["nonce"]), purpose=purpose, scores=values, value_bound=ReleaseConfig().value_bound,
+        )
+        return {"reply": reply, "seconds": time.perf_counter() - started}
+
+    def _limiter(self, run_id: str) -> tuple[ItemUseLimiter, Callable[[], None]]:
+        """The item-use counts of router run `run_id`, persisted so that no worker can be asked twice."""
+        path = self.directory / LIMITER_FILE
+        runs = json.loads(path.read_text()) if path.exists() else {}
+        limiter = ItemUseLimiter(QueryLimits().item_uses)
+        saved = runs.get(run_id, {"uses": {}, "steps": {}})
+        limiter.uses = {int(k): v for k, v in saved["uses"].items()}
+        limiter.steps = {int(k): tuple(v) for k, v in saved["steps"].items()}
+
+        def save() -> None:
+            runs[run_id] = {"uses": limiter.uses, "steps": {k: list(v) for k, v in limiter.steps.items()}}
+            path.write_text(json.dumps(runs))
+
+        return limiter, save
+
+    def margins(self, payload: Mapping[str, Any]) -> Payload:
+        started = time.perf_counter()
+        items = bytes_array(payload["items"]).astype(np.int64)
+        limiter, save = self._limiter(str(payload["run_id"]))
+        limiter.admit(int(payload["step"]), items.tolist())
+        save()
+        return self._seal(payload, "reward", self._calibration_margins()[items], started)
+
+    def router_gradient(self, payload: Mapping[str, Any]) -> Payload:
+        started = time.perf_counter()
+        query = decode_gradient_query(payload)
+        limiter, save = self._limiter(str(payload["run_id"]))
+        values = answer_gradient_query(query, self._calibration_margins(), self.client_id,
+                                       value_bound=ReleaseConfig().value_bound, limiter=limiter)
+        save()
+        return self._seal(payload, "router_gradient", values, started)
+
+    def score(self, payload: Mapping[str, Any]) -> Payload:
+        started = time.perf_counter()
+        images = [Image.open(io.BytesIO(bytes(b))).convert("RGB") for b in payload["images"]]
+        index, questions, answers = list(payload["image_index"]), list(payload["questions"]), list(payload["answers"])
+        if not len(index) == len(questions) == len(answers) or any(not 0 <= i < len(images) for i in index):
+            raise ProtocolError("a score request's images, questions and answers do not line up")
+        scores = self._client().score([(images[i], q, a) for i, q, a in zip(index, questions, answers, strict=True)])
+        return self._seal(payload, "reward", scores, started)

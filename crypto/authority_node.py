@@ -1,0 +1,101 @@
+"""The key authority's side of the federation protocol (secure_mor.protocol), independent of Flower.
+
+The authority runs the project's ClientApp on a node of its own (node config
+`role=authority`). It trusts no key the server sends it: the clients' and the
+server's Ed25519 public keys are read from the registry directory the parties
+publish to (`<state>/keys`; in a deployment, the PKI's directory given as node
+config `registry`), so a server cannot invent "clients" to reach K_min with.
+
+Its secret key lives in `<state>/authority/secret.key`, encrypted under the
+passphrase in the environment variable SECURE_MOR_AUTHORITY_PASSPHRASE. Without
+it (simulation on one machine) a random passphrase is generated into
+`<state>/authority/passphrase` with mode 0600: convenient, but then the key is
+only as safe as that file. Set the variable in any deployment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from secure_mor.audits.ledger import Ledger
+from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority
+from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
+from secure_mor.protocol import AUTHORITY_PARTY, ROLE_AUTHORITY, SERVER_PARTY, Payload, ProtocolError
+
+PASSPHRASE_ENV = "SECURE_MOR_AUTHORITY_PASSPHRASE"
+SECRET_FILE = "secret.key"
+
+
+class AuthorityNode:
+    """The key authority over `state_dir` (its files in `<state>/authority/`, the shared ledger
+    `<state>/ledger.jsonl`, the key registry `registry` or `<state>/keys`)."""
+
+    def __init__(self, state_dir: Path | str, registry: Path | str | None = None, k_min: int = 2) -> None:
+        self.state_dir = Path(state_dir)
+        self.directory = self.state_dir / AUTHORITY_PARTY
+        self.registry = Path(registry) if registry else self.state_dir / "keys"
+        self.policy = AuthorityPolicy(k_min=k_min)
+        self._authority: KeyAuthority | None = None
+
+    def _passphrase(self) -> str:
+        if PASSPHRASE_ENV in os.environ:
+            return os.environ[PASSPHRASE_ENV]
+        path = self.directory / "passphrase"
+        if not path.exists():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
+    def _keys(self) -> tuple[dict[str, str], str]:
+        registry = read_registry(self.registry)
+        if SERVER_PARTY not in registry:
+            raise ProtocolError(f"the server's public key is not in the registry {self.registry}")
+        clients = {p: k for p, k in registry.items() if p.startswith("client-")}
+        return clients, registry[SERVER_PARTY]
+
+    def authority(self) -> KeyAuthority:
+        """Open (or, the first time, create) the authority with the registry's current keys."""
+        clients, server_key = self._keys()
+        if self._authority is not None and self._authority.clients == clients:
+            return self._authority
+        signer = load_or_create_signer(AUTHORITY_PARTY, self.directory / "keys")
+        publish_public_key(signer, self.registry)
+        kwargs: dict[str, Any] = {
+            "clients": clients,
+            "server_public_key": server_key,
+            "state_dir": self.directory,
+            "policy": self.policy,
+            "ledger": Ledger(self.state_dir / "ledger.jsonl"),
+        }
+        key_path = self.directory / SECRET_FILE
+        if key_path.exists():
+            self._authority = KeyAuthority.open(key_path, self._passphrase(), signer, **kwargs)
+        else:
+            self._authority = KeyAuthority.create(key_path, self._passphrase(), signer, **kwargs)
+        return self._authority
+
+    def handle(self, action: str, payload: Mapping[str, Any]) -> Payload:
+        if action == "identify":
+            signer = load_or_create_signer(AUTHORITY_PARTY, self.directory / "keys")
+            publish_public_key(signer, self.registry)
+            return {"party": AUTHORITY_PARTY, "role": ROLE_AUTHORITY, "public_key": signer.public_key_hex}
+        if action == "setup":
+            authority = self.authority()
+            return {
+                "context": authority.public_context_bytes,
+                "fingerprint": authority.fingerprint,
+                "clients": sorted(authority.clients),
+                "k_min": self.policy.k_min,
+            }
+        if action == "decrypt":
+            started = time.perf_counter()
+            response = self.authority().decrypt(bytes(payload["request"]))
+            return {"response": response, "seconds": time.perf_counter() - started}
+        raise ProtocolError(f"the key authority does not handle {action!r}")

@@ -1,0 +1,183 @@
+"""Messages between the server, the clients and the key authority (DESIGN.md, data flow).
+
+Every node runs the same Flower ClientApp; its *role* ("client" or "authority")
+comes from its node config (`role`, and `client-id` for a client). In Flower's
+simulation runtime, which gives nodes no config of their own, the last
+partition is the key authority and partition k < K is client k (`node_role`).
+
+A message is an *action* and a flat payload of Flower-config values (int,
+float, str, bytes, bool, or lists of one of them); arrays travel as `.npy`
+bytes. The actions and their payloads:
+
+    any node    identify        -> party, role, public_key (Ed25519, hex)
+    authority   setup           clients (["party=hex", ...]), server_key, k_min
+                                -> context (public CKKS context bytes), fingerprint
+    authority   decrypt         request (SMRQ bytes) -> response (SMRA bytes)
+    client      setup           context, fingerprint
+    client      train           epsilon, delta, [epochs, batch_size, lr, max_grad_norm]
+                                -> epsilon_spent, total_epsilon, accuracy_<family>, seconds, reused
+    client      margins         run_id, step, nonce, items (.npy) -> reply (SMRC bytes)
+    client      router_gradient run_id, step, nonce, query (GradientQuery, see encode_gradient_query)
+                                -> reply (SMRC bytes)
+    client      score           run_id, step, nonce, images (PNG bytes, one per distinct image),
+                                image_index, questions, answers -> reply (SMRC bytes)
+
+Replies (SMRC) are CKKS ciphertexts signed by the client (secure_mor.crypto.wire):
+the server can verify and fuse them but not read them.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+from secure_mor.data import FAMILIES, FederatedData, column, styled_answer
+from secure_mor.routing import GradientQuery, RouterState
+
+Payload = dict[str, Any]
+
+ROLE_CLIENT = "client"
+ROLE_AUTHORITY = "authority"
+AUTHORITY_PARTY = "authority"
+SERVER_PARTY = "server"
+
+# The alignment objectives the router knows (RouterConfig.objectives). "correctness"
+# prefers the true answer over a wrong one; "sentences" prefers the true answer
+# written as a sentence over the same answer as a single word.
+OBJECTIVES = ("correctness", "sentences")
+
+
+class ProtocolError(ValueError):
+    """A message is malformed or names an unknown action or role."""
+
+
+@dataclass(frozen=True)
+class NodeRole:
+    role: str
+    client_id: int | None = None
+
+    @property
+    def party(self) -> str:
+        return AUTHORITY_PARTY if self.role == ROLE_AUTHORITY else f"client-{self.client_id}"
+
+
+def node_role(node_config: Mapping[str, Any]) -> NodeRole:
+    """The role of a node from its Flower node config (see the module docstring)."""
+    if "role" in node_config:
+        role = str(node_config["role"])
+        if role == ROLE_AUTHORITY:
+            return NodeRole(ROLE_AUTHORITY)
+        if role == ROLE_CLIENT and "client-id" in node_config:
+            return NodeRole(ROLE_CLIENT, int(node_config["client-id"]))
+        raise ProtocolError(f"node config role={role!r} needs role 'authority', or 'client' with a client-id")
+    if "partition-id" in node_config and "num-partitions" in node_config:
+        partition, partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        return NodeRole(ROLE_AUTHORITY) if partition == partitions - 1 else NodeRole(ROLE_CLIENT, partition)
+    raise ProtocolError("the node config gives no role (set role=client client-id=K, or role=authority)")
+
+
+# ---------------------------------------------------------------- arrays and images
+
+
+def array_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def bytes_array(data: bytes) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ProtocolError(f"not an .npy array: {err}") from err
+
+
+def png_bytes(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_gradient_query(query: GradientQuery) -> Payload:
+    return {
+        "step": int(query.step),
+        "nonce": query.nonce,
+        "state": query.state.to_bytes(),
+        "items": array_bytes(np.asarray(query.items, dtype=np.int64)),
+        "features": array_bytes(np.asarray(query.features, dtype=np.float64)),
+        "objective_ids": array_bytes(np.asarray(query.objective_ids, dtype=np.int64)),
+        "coefficients": array_bytes(np.asarray(query.coefficients, dtype=np.float64)),
+        "scale": float(query.scale),
+    }
+
+
+def decode_gradient_query(payload: Mapping[str, Any]) -> GradientQuery:
+    try:
+        return GradientQuery(
+            step=int(payload["step"]),
+            nonce=str(payload["nonce"]),
+            state=RouterState.from_bytes(bytes(payload["state"])),
+            items=bytes_array(payload["items"]).astype(np.int64),
+            features=bytes_array(payload["features"]).astype(np.float64),
+            objective_ids=bytes_array(payload["objective_ids"]).astype(np.int64),
+            coefficients=bytes_array(payload["coefficients"]).astype(np.float64),
+            scale=float(payload["scale"]),
+        )
+    except KeyError as err:
+        raise ProtocolError(f"gradient query lacks {err}") from err
+
+
+# ---------------------------------------------------------------- the public calibration set
+
+
+def calibration_set(data: FederatedData) -> Dataset:
+    """The server's public calibration preferences, one objective per item (alternating):
+    for "correctness" the pair as built by the split (true vs wrong answer, one word);
+    for "sentences" the true answer as a sentence vs the same answer as one word.
+    The server and every client build the same set from the public split."""
+    calibration = data.calibration
+    answers = column(calibration, "chosen_text")
+    families = column(calibration, "family")
+    rejected = column(calibration, "rejected_text")
+    objectives, chosen_out, rejected_out = [], [], []
+    for i, (answer, family) in enumerate(zip(answers, families, strict=True)):
+        objective = OBJECTIVES[i % len(OBJECTIVES)]
+        objectives.append(objective)
+        if objective == "sentences":
+            chosen_out.append(styled_answer(answer, family, "sentence"))
+            rejected_out.append(answer)
+        else:
+            chosen_out.append(answer)
+            rejected_out.append(rejected[i])
+    return Dataset.from_dict(
+        {
+            "image": column(calibration, "image"),
+            "question": column(calibration, "question"),
+            "family": families,
+            "objective": objectives,
+            "chosen_text": chosen_out,
+            "rejected_text": rejected_out,
+        },
+        features=None,
+    ).cast_column("image", calibration.features["image"])
+
+
+def score_request(images: Sequence[Any], questions: Sequence[str], answers: Sequence[str]) -> Payload:
+    """The items of a scoring round, each distinct image sent once (PNG)."""
+    if not len(images) == len(questions) == len(answers):
+        raise ProtocolError("images, questions and answers must have the same length")
+    index: dict[bytes, int] = {}
+    positions = []
+    for image in images:
+        positions.append(index.setdefault(png_bytes(image), len(index)))
+    encoded = list(index)
+    return {"images": encoded, "image_index": positions, "questions": list(questions), "answers": list(answers)}
+
+
+def family_metrics(accuracy: Mapping[str, float]) -> Payload:
+    return {f"accuracy_{f}": float(accuracy[f]) for f in FAMILIES if f in accuracy}

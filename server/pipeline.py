@@ -1,0 +1,475 @@
+"""The main job, as the server runs it: align the policy with GRPO on the clients'
+router-fused, encrypted rewards (DESIGN.md). Independent of Flower: the nodes are
+reached through a `Transport` (Flower's grid in `server.app`, in-process in tests).
+
+Stages of `align(transport, run_dir, config)`, each resumable:
+
+1. policy: build the tiny policy and warm-start it with SFT (kept if present);
+   evaluate it on the held-out set (`eval/sft.json`);
+2. connect: every node says who it is and publishes its Ed25519 key to the
+   registry (`<run>/keys`); the server publishes its own; the key authority
+   opens its CKKS context and the clients receive the public context;
+3. clients: each trains its reward model with DP-SGD under (epsilon, delta), once
+   per run directory (a later `align` in the same directory reuses it, spending nothing);
+4. router (fusion "mor"): trained on the public calibration preferences without
+   seeing any client's margins (`server.router_training`), once per run directory;
+5. GRPO (TRL) with `FederatedReward`; checkpoints; `resume` continues a killed run;
+6. evaluation of the aligned policy, and `results.json`.
+
+Outputs of one configuration go to `<run>/align/<label>/` (label: the fusion,
+e.g. `mor`, `uniform`, `single-1`), so several fusions can share one run
+directory's SFT policy and clients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secure_mor.audits.ledger import Ledger, line_hash
+from secure_mor.config import DataSpec, RunDir
+from secure_mor.crypto.context import load_public_context
+from secure_mor.crypto.signing import load_or_create_signer, publish_public_key
+from secure_mor.data import FAMILIES, FederatedData, SplitConfig, default_clients
+from secure_mor.policy import SFTSettings
+from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, SERVER_PARTY, calibration_set, encode_gradient_query
+from secure_mor.routing import Router, RouterConfig, RouterState
+from secure_mor.server.grpo import GRPOSettings
+from secure_mor.server.router import oracle_map, parse_fusion, prompt_features, weights_for
+from secure_mor.server.router_training import RouterTrainingConfig, train_router_securely
+from secure_mor.server.session import SecureSession
+from secure_mor.server.transport import Transport
+
+Log = Callable[[str], None]
+SCHEMA = "secure-mor/results/v1"
+
+
+class AlignError(RuntimeError):
+    """A stage of the pipeline cannot run (bad configuration, a node failed, a refused release)."""
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """One configuration of the main job.
+
+    fusion: "mor" (learned router), "uniform", "single:<k>" or "oracle" (evaluation only);
+    epsilon, delta: each client's DP budget for its reward model (inf: non-private);
+    objective: the alignment objective GRPO optimises (one of protocol.OBJECTIVES);
+    w_min: the router's floor per client (>= the authority's); k_min: a scoring round
+    needs at least this many clients (the authority enforces the same rule);
+    reply_timeout: seconds a scoring round waits for the clients (later replies are dropped);
+    client_training: further settings for the clients' DP training (e.g. epochs);
+    eval_per_family: held-out questions per family for the policy evaluation.
+    """
+
+    fusion: str = "mor"
+    epsilon: float = 4.0
+    delta: float = 1e-5
+    seed: int = 0
+    num_clients: int = 3
+    objective: str = "correctness"
+    w_min: float = 0.02
+    k_min: int = 2
+    reply_timeout: float = 600.0
+    grpo: GRPOSettings = field(default_factory=lambda: GRPOSettings(max_steps=40, save_steps=10))
+    router: RouterTrainingConfig = field(default_factory=lambda: RouterTrainingConfig(steps=15, batch_size=96))
+    sft: SFTSettings = field(default_factory=SFTSettings)
+    client_training: Mapping[str, Any] = field(default_factory=dict)
+    eval_per_family: int = 200
+    pairs_per_client: int = 800
+    calibration_pairs: int = 1500
+    resume: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.fusion.replace(":", "-")
+
+    @property
+    def clients(self) -> list[str]:
+        return [f"client-{k}" for k in range(self.num_clients)]
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["epsilon"] = self.epsilon if math.isfinite(self.epsilon) else None
+        out["client_training"] = dict(self.client_training)
+        return out
+
+
+# ---------------------------------------------------------------- stage 1: the policy
+
+
+def prepare_policy(run: RunDir, config: AlignConfig, log: Log) -> FederatedData:
+    """Build + SFT + evaluate the starting policy, reusing whatever the run directory holds."""
+    from secure_mor.data import vocabulary_texts
+    from secure_mor.vlm import TinyVLMConfig, build_tiny_vlm, load_policy, save_policy
+
+    if run.data_spec_path.exists():
+        spec = run.data_spec()
+        if spec.split.seed != config.seed or len(spec.split.clients) != config.num_clients:
+            raise AlignError(f"{run.path} holds a split with seed {spec.split.seed} and {len(spec.split.clients)} "
+                             f"clients; this run asks for seed {config.seed} and {config.num_clients}")
+    else:
+        spec = DataSpec(split=SplitConfig(clients=default_clients(config.num_clients), seed=config.seed,
+                                          pairs_per_client=config.pairs_per_client,
+                                          calibration_pairs=config.calibration_pairs))
+    data = spec.load()
+    if not run.base_policy.exists():
+        policy, processor = build_tiny_vlm(vocabulary_texts(data), TinyVLMConfig(seed=config.seed))
+        run.save_data_spec(spec)
+        save_policy(policy, processor, run.base_policy)
+    if not run.sft_policy.exists():
+        from secure_mor.policy import run_sft
+
+        log("SFT warm start")
+        model, processor = load_policy(run.base_policy)
+        run_sft(model, processor, data.sft, replace(config.sft, seed=config.seed), run.path)
+        save_policy(model, processor, run.sft_policy)
+    if not run.eval_path("sft").exists():
+        log("evaluating the SFT policy")
+        run.write_json(run.eval_path("sft"), evaluate(run.sft_policy, data, config))
+    return data
+
+
+def evaluation_rows(data: FederatedData, per_family: int, seed: int) -> Any:
+    from secure_mor.data import stratified_indices
+
+    return data.evaluation.select(stratified_indices(data.evaluation, per_family, seed))
+
+
+def evaluate(policy_path: Path, data: FederatedData, config: AlignConfig) -> dict[str, Any]:
+    from secure_mor.policy import evaluate_policy
+    from secure_mor.vlm import load_policy
+
+    model, processor = load_policy(policy_path)
+    started = time.perf_counter()
+    report = evaluate_policy(model, processor, evaluation_rows(data, config.eval_per_family, config.seed),
+                             data.answers)
+    report.update(policy=str(policy_path), seconds=time.perf_counter() - started)
+    return report
+
+
+# ---------------------------------------------------------------- stage 2: connect
+
+
+@dataclass
+class Federation:
+    """What the server knows after `connect`."""
+
+    registry: dict[str, str]  # party -> Ed25519 public key hex (clients and authority)
+    pub: Any  # PublicContext
+    authority_key: str
+    clients: list[str]
+
+
+def _ok(replies: Mapping[str, Any], parties: Sequence[str], what: str) -> dict[str, dict[str, Any]]:
+    failed = {p: getattr(replies.get(p), "reason", "no answer") for p in parties
+              if not isinstance(replies.get(p), Mapping)}
+    if failed:
+        raise AlignError(f"{what} failed on {len(failed)} node(s): {failed}")
+    return {p: dict(replies[p]) for p in parties}
+
+
+def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str]) -> Federation:
+    parties = [*clients, AUTHORITY_PARTY]
+    who = _ok(transport.ask(parties, "identify", {}), parties, "identify")
+    for party, reply in who.items():
+        if reply["party"] != party:
+            raise AlignError(f"node addressed as {party} says it is {reply['party']}")
+    server = load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys")
+    publish_public_key(server, run.path / "keys")
+    setup = _ok(transport.ask([AUTHORITY_PARTY], "setup", {}), [AUTHORITY_PARTY], "key authority setup")
+    authority = setup[AUTHORITY_PARTY]
+    if sorted(authority["clients"]) != sorted(clients):
+        raise AlignError(f"the key authority knows clients {authority['clients']}, expected {clients}")
+    context, fingerprint = bytes(authority["context"]), str(authority["fingerprint"])
+    pub = load_public_context(context, fingerprint)
+    _ok(transport.ask(clients, "setup", {"context": context, "fingerprint": fingerprint,
+                                          "data_spec": json.dumps(spec.to_json())}), clients, "client setup")
+    registry = {p: r["public_key"] for p, r in who.items()}
+    return Federation(registry, pub, registry[AUTHORITY_PARTY], clients)
+
+
+# ---------------------------------------------------------------- stage 3: the clients' reward models
+
+
+def train_clients(transport: Transport, federation: Federation, config: AlignConfig, log: Log) -> dict[str, Any]:
+    log(f"clients train their reward models with DP-SGD (epsilon {config.epsilon:g}, delta {config.delta:g})")
+    payload = {"epsilon": config.epsilon, "delta": config.delta, **dict(config.client_training)}
+    replies = _ok(transport.ask(federation.clients, "train", payload), federation.clients, "client training")
+    out = {}
+    for party, reply in replies.items():
+        out[party] = {
+            "arch": reply["arch"],
+            "family": reply["family"],
+            "budget_epsilon": _finite(reply["budget_epsilon"]),
+            "total_epsilon": _finite(reply["total_epsilon"]),
+            "reused": bool(reply["reused"]),
+            "seconds": float(reply["seconds"]),
+            "preference_accuracy": {f: reply[f"accuracy_{f}"] for f in FAMILIES if f"accuracy_{f}" in reply},
+        }
+    return out
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(float(x)) else None  # JSON has no inf: null = unbounded
+
+
+# ---------------------------------------------------------------- stage 4: the router
+
+
+def policy_features(policy_path: Path) -> Callable[[Sequence[Any], Sequence[str]], np.ndarray]:
+    """Pooled prompt features of the frozen reference (the starting policy)."""
+    from secure_mor.vlm import load_policy
+
+    model, processor = load_policy(policy_path)
+
+    def features(images: Sequence[Any], questions: Sequence[str]) -> np.ndarray:
+        return prompt_features(model, processor, [{"image": i, "question": q} for i, q in
+                                                  zip(images, questions, strict=True)])
+
+    return features
+
+
+def train_router(transport: Transport, federation: Federation, run: RunDir, data: FederatedData,
+                 features_of: Callable[..., np.ndarray], config: AlignConfig, log: Log) -> tuple[Router, dict]:
+    """Train (or load) the router of this run directory."""
+    path = run.path / SERVER_PARTY / "router.npz"
+    report_path = run.path / SERVER_PARTY / "router.json"
+    if path.exists():
+        return Router.from_state(RouterState.from_bytes(path.read_bytes())), json.loads(report_path.read_text())
+    pairs = calibration_set(data)
+    log(f"router: features of {len(pairs)} calibration prompts")
+    x = features_of(list(pairs["image"]), list(pairs["question"]))
+    router_config = RouterConfig(feature_dim=x.shape[1], objectives=OBJECTIVES, num_clients=config.num_clients,
+                                 w_min=config.w_min, seed=config.seed)
+    router = Router(router_config).fit_input_projection(x)
+    objective_ids = router_config.objective_ids(list(pairs["objective"]))
+    run_id = f"{run.path.name}-{secrets.token_hex(4)}:router"
+    server = load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys")
+    clients = federation.clients
+
+    def reply_bytes(replies: Mapping[str, Any], what: str) -> list[bytes]:
+        for party, reply in replies.items():
+            if not isinstance(reply, Mapping):
+                log(f"router {what}: {party} failed: {reply.reason}")
+        return [bytes(r["reply"]) for r in replies.values() if isinstance(r, Mapping)]
+
+    def margins(step: int, nonce: str, items: np.ndarray) -> list[bytes]:
+        replies = transport.ask(clients, "margins", {"run_id": run_id, "step": step, "nonce": nonce,
+                                                     "items": _npy(items)}, timeout=config.reply_timeout)
+        return reply_bytes(replies, f"margins of step {step}")
+
+    def gradients(step: int, nonce: str, query: Any) -> list[bytes]:
+        replies = transport.ask(clients, "router_gradient", {"run_id": run_id, **encode_gradient_query(query)},
+                                timeout=config.reply_timeout)
+        return reply_bytes(replies, f"gradients of step {step}")
+
+    def decrypt(request: bytes) -> bytes:
+        answer = transport.ask([AUTHORITY_PARTY], "decrypt", {"request": request}, timeout=config.reply_timeout)
+        reply = answer.get(AUTHORITY_PARTY)
+        if not isinstance(reply, Mapping):
+            raise AlignError(f"the key authority refused a router release: {getattr(reply, 'reason', 'no answer')}")
+        return bytes(reply["response"])
+
+    log(f"router: secure training, {config.router.steps} steps of {config.router.batch_size} pairs")
+    started = time.perf_counter()
+    result = train_router_securely(
+        router, x, objective_ids, clients=clients, registry={c: federation.registry[c] for c in clients},
+        pub=federation.pub, server_signer=server, authority_public_key=federation.authority_key,
+        get_encrypted_margins=margins, get_encrypted_gradients=gradients, decrypt=decrypt, run_id=run_id,
+        config=config.router,
+    )
+    if result.steps_taken == 0:
+        raise AlignError(f"router training took no step: {[r.skipped for r in result.history]}")
+    families = np.asarray(pairs["family"])
+    weights = router.weights(x, objective_ids)
+    report = {
+        "run_id": run_id,
+        "steps": result.steps_taken,
+        "skipped": [r.skipped for r in result.history if r.skipped],
+        "losses": result.losses,
+        "seconds": time.perf_counter() - started,
+        "mean_weights": {
+            objective: {f: weights[(families == f) & (objective_ids == j)].mean(axis=0).round(4).tolist()
+                        for f in FAMILIES if ((families == f) & (objective_ids == j)).any()}
+            for j, objective in enumerate(OBJECTIVES)
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(router.state().to_bytes())
+    run.write_json(report_path, report)
+    return router, report
+
+
+def _npy(array: np.ndarray) -> bytes:
+    from secure_mor.protocol import array_bytes
+
+    return array_bytes(array)
+
+
+# ---------------------------------------------------------------- stage 5: GRPO on the fused reward
+
+
+class FederatedReward:
+    """TRL reward function: the router-fused, encrypted clients' reward of each completion,
+    decrypted by the key authority (see `server.session`). None for a skipped round."""
+
+    __name__ = "fused_reward"
+
+    def __init__(self, session: SecureSession, config: AlignConfig, router: Router | None,
+                 features_of: Callable[..., np.ndarray], oracle: Mapping[str, int]) -> None:
+        self.session, self.config, self.router = session, config, router
+        self.features_of, self.oracle = features_of, oracle
+        self.seconds = {"weights": 0.0, "round": 0.0}
+
+    def weights(self, images: Sequence[Any], questions: Sequence[str], families: Sequence[str],
+                image_ids: Sequence[str]) -> np.ndarray:
+        n, k = len(questions), self.config.num_clients
+        if parse_fusion(self.config.fusion, k)[0] != "mor":
+            return weights_for(self.config.fusion, n=n, k=k, w_min=self.config.w_min, families=families,
+                               oracle=self.oracle)
+        first: dict[str, int] = {}  # features once per distinct prompt (TRL repeats each G times)
+        keys = [f"{i}\0{q}" for i, q in zip(image_ids, questions, strict=True)]
+        for j, key in enumerate(keys):
+            first.setdefault(key, j)
+        rows = list(first.values())
+        x = self.features_of([images[j] for j in rows], [questions[j] for j in rows])
+        x = x[[rows.index(first[key]) for key in keys]]
+        ids = np.full(n, self.router.config.objective_id(self.config.objective))
+        return weights_for("mor", n=n, k=k, w_min=self.config.w_min, router=self.router, features=x, objective_ids=ids)
+
+    def __call__(self, prompts: list, completions: list, image: list, question: list, family: list,
+                 image_id: list, **kwargs: Any) -> list[float | None]:
+        from secure_mor.protocol import score_request
+
+        started = time.perf_counter()
+        answers = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+        w = self.weights(image, question, family, image_id)
+        computed = time.perf_counter()
+        values = self.session.fused_rewards(score_request(image, question, answers), w)
+        self.seconds["weights"] += computed - started
+        self.seconds["round"] += time.perf_counter() - computed
+        if values is None:
+            return [None] * len(answers)
+        return [float(v) for v in values]
+
+
+# ---------------------------------------------------------------- the whole job
+
+
+def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: Log = print) -> dict[str, Any]:
+    """Run every stage (module docstring); returns and writes `<run>/align/<label>/results.json`."""
+    from secure_mor.server.grpo import run_grpo
+
+    started = time.perf_counter()
+    run = RunDir(run_dir)
+    out = run.path / "align" / config.label
+    if (out / "results.json").exists() and not config.resume:
+        raise AlignError(f"{out} already holds a finished run: use another --out, or --resume to re-run its tail")
+    if out.exists() and not config.resume and any(out.glob("checkpoint-*")):
+        raise AlignError(f"{out} holds an interrupted run: pass --resume to continue it")
+    kind, _ = parse_fusion(config.fusion, config.num_clients)
+    if config.objective not in OBJECTIVES:
+        raise AlignError(f"unknown objective {config.objective!r}; known: {list(OBJECTIVES)}")
+    timings: dict[str, float] = {}
+    user_log = log
+
+    def log(message: str) -> None:
+        write_progress(out, message)
+        user_log(message)
+
+    t = time.perf_counter()
+    data = prepare_policy(run, config, log)
+    timings["policy_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    federation = connect(transport, run, run.data_spec(), config.clients)
+    clients = train_clients(transport, federation, config, log)
+    timings["clients_s"] = time.perf_counter() - t
+
+    features_of = policy_features(run.sft_policy)
+    router, router_report = None, None
+    t = time.perf_counter()
+    if kind == "mor":
+        router, router_report = train_router(transport, federation, run, data, features_of, config, log)
+    timings["router_s"] = time.perf_counter() - t
+
+    state = _run_state(out, config)
+    server = load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys")
+    session = SecureSession(
+        transport=transport, pub=federation.pub, signer=server,
+        registry={c: federation.registry[c] for c in federation.clients}, clients=federation.clients,
+        authority_key=federation.authority_key, run_id=state["run_id"], state_dir=out,
+        ledger=Ledger(run.path / "ledger.jsonl"), k_min=config.k_min, w_min=config.w_min,
+        reply_timeout=config.reply_timeout,
+    )
+    reward = FederatedReward(session, config, router, features_of, oracle_map(run.data_spec().split.clients))
+    log(f"GRPO: {config.grpo.max_steps} steps, fusion {config.fusion}, objective {config.objective}")
+    t = time.perf_counter()
+    grpo = run_grpo(run.sft_policy, data.prompt_pool, reward, replace(config.grpo, seed=config.seed), out,
+                    on_step=lambda step, total: write_progress(out, "GRPO", step, total), resume=config.resume)
+    timings["grpo_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log("evaluating the aligned policy")
+    aligned = evaluate(Path(grpo["policy_path"]), data, config)
+    run.write_json(out / "eval.json", aligned)
+    timings["eval_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - started
+
+    rewards = [h["reward"] for h in grpo["history"] if "reward" in h]
+    ledger = Ledger(run.path / "ledger.jsonl").entries()
+    sft = json.loads(run.eval_path("sft").read_text())
+    results = {
+        "schema": SCHEMA,
+        "config": config.summary(),
+        "run_id": state["run_id"],
+        "accuracy": {
+            "sft": {"overall": sft["overall"], "per_family": sft["per_family"]},
+            "aligned": {"overall": aligned["overall"], "per_family": aligned["per_family"]},
+        },
+        "clients": clients,
+        "router": router_report,
+        "grpo": {
+            "steps": grpo["global_step"],
+            "resumed_from": grpo["resumed_from"],
+            "reward_first": rewards[0] if rewards else None,
+            "reward_last": rewards[-1] if rewards else None,
+            "rounds": session.timings.rounds,
+            "skipped_rounds": session.timings.skipped,
+            "log": str(grpo["log_path"]),
+        },
+        "timings": {**timings, "scoring": {**session.timings.as_dict(), **reward.seconds}},
+        "ledger": {"path": str(run.path / "ledger.jsonl"), "entries": len(ledger),
+                   "head": line_hash(ledger[-1]) if ledger else None},
+    }
+    run.write_json(out / "results.json", results)
+    write_progress(out, "done")
+    return results
+
+
+def write_progress(out: Path, stage: str, done: int = 0, total: int = 0) -> None:
+    """`<out>/progress.json`: what the job is doing now (the CLI draws its progress bar from it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "progress.json.tmp"
+    tmp.write_text(json.dumps({"stage": stage, "done": done, "total": total}))
+    tmp.replace(out / "progress.json")
+
+
+def _run_state(out: Path, config: AlignConfig) -> dict[str, Any]:
+    """The run id of this configuration, fixed at its first start (resume keeps it)."""
+    path = out / "run.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"run_id": f"{config.label}-s{config.seed}-{secrets.token_hex(4)}", "config": config.summary()}
+    path.write_text(json.dumps(state, indent=2, default=str))
+    return state

@@ -1,0 +1,286 @@
+"""The main job in-process (server.pipeline over LocalTransport): real client nodes, real key
+authority, real CKKS; what the server receives; dropouts, late replies, K_min; resume."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from secure_mor.audits.ledger import (
+    KIND_DP_TRAINING,
+    KIND_REWARD_RELEASE,
+    KIND_ROUTER_GRADIENT_RELEASE,
+    KIND_STEP_SKIPPED,
+    Ledger,
+    verify_ledger,
+)
+from secure_mor.clients.node import ClientNode
+from secure_mor.config import DataSpec, RunDir
+from secure_mor.crypto.authority_node import AuthorityNode
+from secure_mor.crypto.fusion import renormalise
+from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
+from secure_mor.crypto.wire import parse_reply, parse_response
+from secure_mor.data import normalize_text
+from secure_mor.policy import SFTSettings
+from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY, score_request
+from secure_mor.server.grpo import GRPOSettings, run_grpo
+from secure_mor.server.pipeline import AlignConfig, FederatedReward, align, connect
+from secure_mor.server.router_training import RouterTrainingConfig
+from secure_mor.server.session import SecureSession
+from secure_mor.server.transport import LocalTransport, payload_for
+
+CLIENTS = ["client-0", "client-1", "client-2"]
+CLIENT_ACTIONS = ("margins", "router_gradient", "score")
+
+
+def tiny(fusion: str = "mor", **kw) -> AlignConfig:
+    settings = {
+        "fusion": fusion,
+        "grpo": GRPOSettings(max_steps=2, batch_size=8, steps_per_generation=1, save_steps=1,
+                             max_completion_length=6),
+        "router": RouterTrainingConfig(steps=2, batch_size=96),
+        "sft": SFTSettings(examples=64, epochs=1.0),
+        "client_training": {"epochs": 2},
+        "eval_per_family": 8,
+        "pairs_per_client": 100,
+        "calibration_pairs": 300,
+        **kw,
+    }
+    return AlignConfig(**settings)
+
+
+class RecordingTransport(LocalTransport):
+    """LocalTransport that keeps everything the server got back, by action."""
+
+    def __init__(self, nodes, **kw) -> None:
+        super().__init__(nodes, **kw)
+        self.received: list[tuple[str, str, dict]] = []  # (party, action, reply)
+        self.sent: list[dict] = []  # the payload of each received reply, same order
+
+    def ask(self, parties, action, payloads, timeout=None):
+        replies = super().ask(parties, action, payloads, timeout)
+        for party, reply in replies.items():
+            if isinstance(reply, dict):
+                self.received.append((party, action, reply))
+                self.sent.append(payload_for(payloads, party, parties))
+        return replies
+
+
+def nodes_of(run: Path) -> dict:
+    return {**{c: ClientNode(run, k) for k, c in enumerate(CLIENTS)}, AUTHORITY_PARTY: AuthorityNode(run)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("align")
+    transport = RecordingTransport(nodes_of(run))
+    results = align(transport, run, tiny(), log=lambda m: None)
+    return run, transport, results
+
+
+def test_tiny_alignment_writes_results_and_a_verifiable_ledger(tiny_run):
+    run, _, results = tiny_run
+    assert results["schema"] == "secure-mor/results/v1"
+    for stage in ("sft", "aligned"):
+        assert set(results["accuracy"][stage]["per_family"]) == {"color", "shape", "presence"}
+    assert set(results["clients"]) == set(CLIENTS)
+    for c in results["clients"].values():
+        assert 0 < c["total_epsilon"] <= 4.0 and c["budget_epsilon"] == 4.0 and not c["reused"]
+        assert set(c["preference_accuracy"]) == {"color", "shape", "presence"}
+    assert results["router"]["steps"] == 2 and results["grpo"]["steps"] == 2
+    assert results["grpo"]["rounds"] == 2 and results["grpo"]["skipped_rounds"] == 0
+    assert (run / "align" / "mor" / "grpo_log.json").exists()
+
+    check = verify_ledger(run / "ledger.jsonl", read_registry(run / "keys"), expected_head=results["ledger"]["head"])
+    assert check.ok, check
+    kinds = Counter(e["kind"] for e in Ledger(run / "ledger.jsonl").entries())
+    # 3 DP trainings; per router step one margin and one gradient release; one release per GRPO round
+    assert kinds == {KIND_DP_TRAINING: 3, KIND_ROUTER_GRADIENT_RELEASE: 2, KIND_REWARD_RELEASE: 2 + 2}
+
+
+def test_the_server_never_holds_a_client_plaintext_score(tiny_run):
+    run, transport, _ = tiny_run
+    federation = connect(transport, RunDir(run), RunDir(run).data_spec(), CLIENTS)
+    seen = [(p, a, r) for p, a, r in transport.received if a in CLIENT_ACTIONS]
+    assert {a for _, a, _ in seen} == set(CLIENT_ACTIONS)
+    for party, action, reply in seen:
+        assert set(reply) == {"reply", "seconds"}, (action, set(reply))  # only a signed ciphertext (and a timing)
+        parsed = parse_reply(reply["reply"], federation.pub, federation.registry, expected=None)
+        assert parsed.client_id == party
+        with pytest.raises(ValueError):  # the server's context holds no secret key
+            parsed.ciphertexts[0].decrypt()
+    # The client's real scores of a request appear nowhere in what it sent back.
+    request = score_request(*_items(run, 8))
+    node = ClientNode(run, 0)
+    scores = node._client().score([(i, q, a) for i, q, a in zip(*_items(run, 8), strict=True)])
+    reply = node.handle("score", {**request, "run_id": "probe", "step": 0, "nonce": "0" * 32})["reply"]
+    for value in scores:
+        assert np.float32(value).tobytes() not in reply and np.float64(value).tobytes() not in reply
+    # What the key authority decrypted for the server was blinded: far outside [-R, R].
+    decrypted = [(sent["request"], reply["response"]) for (p, a, reply), sent in
+                 zip(transport.received, transport.sent, strict=True) if p == AUTHORITY_PARTY and a == "decrypt"]
+    assert len(decrypted) == 2 + 2 + 2  # router margins, router gradients, GRPO rounds
+    for request, response in decrypted:
+        assert np.max(np.abs(parse_response(response, federation.authority_key, request))) > 1e6
+
+
+def _items(run: Path, n: int):
+    data = RunDir(run).data_spec().load()
+    rows = data.prompt_pool.select(range(n))
+    return list(rows["image"]), list(rows["question"]), ["yes"] * n
+
+
+def _session(run: Path, transport, federation, run_id: str, **kw) -> SecureSession:
+    return SecureSession(
+        transport=transport, pub=federation.pub,
+        signer=load_or_create_signer(SERVER_PARTY, run / SERVER_PARTY / "keys"),
+        registry={c: federation.registry[c] for c in CLIENTS}, clients=CLIENTS,
+        authority_key=federation.authority_key, run_id=run_id, state_dir=run / "sessions" / run_id,
+        ledger=Ledger(run / "ledger.jsonl"), **kw,
+    )
+
+
+def test_dropouts_late_replies_and_k_min(tiny_run):
+    run, _, _ = tiny_run
+    nodes = nodes_of(run)
+    images, questions, answers = _items(run, 8)
+    answers = ["yes", "no", "red", "circle", "blue", "yes", "no", "green"]
+    request = score_request(images, questions, answers)
+    scores = np.stack([nodes[c]._client().score(list(zip(images, questions, answers, strict=True))) for c in CLIENTS],
+                      axis=1)
+    weights = np.tile([0.5, 0.3, 0.2], (8, 1))
+    federation = connect(LocalTransport(nodes), RunDir(run), RunDir(run).data_spec(), CLIENTS)
+
+    full = _session(run, LocalTransport(nodes), federation, "dropout-full").fused_rewards(request, weights)
+    np.testing.assert_allclose(full, (scores * weights).sum(axis=1), atol=1e-4)
+
+    dropped = LocalTransport(nodes, unavailable={"client-2"})
+    fused = _session(run, dropped, federation, "dropout-one").fused_rewards(request, weights)
+    present = renormalise(weights, [True, True, False])
+    np.testing.assert_allclose(fused, (scores[:, :2] * present).sum(axis=1), atol=1e-4)
+
+    late = LocalTransport(nodes, delays={"client-0": 100.0})
+    session = _session(run, late, federation, "late-one", reply_timeout=50.0)
+    fused = session.fused_rewards(request, weights)
+    np.testing.assert_allclose(fused, (scores[:, 1:] * renormalise(weights, [False, True, True])).sum(axis=1),
+                               atol=1e-4)
+
+    before = len(Ledger(run / "ledger.jsonl").entries())
+    alone = _session(run, LocalTransport(nodes, unavailable={"client-1", "client-2"}), federation, "below-k-min")
+    assert alone.fused_rewards(request, weights) is None and alone.timings.skipped == 1
+    entries = Ledger(run / "ledger.jsonl").entries()
+    assert len(entries) == before + 1
+    skipped = entries[-1]
+    assert skipped["kind"] == KIND_STEP_SKIPPED and skipped["party"] == SERVER_PARTY
+    assert skipped["details"]["present"] == ["client-0"] and skipped["details"]["run_id"] == "below-k-min"
+    assert verify_ledger(run / "ledger.jsonl", read_registry(run / "keys")).ok
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_killed_alignment_resumes_without_losing_or_duplicating_ledger_entries(tiny_run):
+    run, _, _ = tiny_run
+    config = tiny("uniform", grpo=GRPOSettings(max_steps=4, batch_size=8, steps_per_generation=1, save_steps=1,
+                                               max_completion_length=6))
+    calls = []
+
+    def crash_on_third_round(party, action, payload):
+        if action == "score" and party == "client-0":
+            calls.append(payload["step"])
+            if len(calls) == 3:
+                raise Crash
+
+    transport = LocalTransport(nodes_of(run), on_call=crash_on_third_round)
+    with pytest.raises(Crash):
+        align(transport, run, config, log=lambda m: None)
+    with pytest.raises(Exception, match="interrupted run"):
+        align(LocalTransport(nodes_of(run)), run, config, log=lambda m: None)
+
+    results = align(LocalTransport(nodes_of(run)), run, tiny("uniform", grpo=config.grpo, resume=True),
+                    log=lambda m: None)
+    assert results["grpo"]["steps"] == 4 and results["grpo"]["resumed_from"].endswith("checkpoint-2")
+    assert all(c["reused"] for c in results["clients"].values())  # no second DP training, no new spending
+    releases = [e["details"] for e in Ledger(run / "ledger.jsonl").entries()
+                if e["kind"] == KIND_REWARD_RELEASE and e["details"]["run_id"] == results["run_id"]]
+    steps = [d["step"] for d in releases]
+    # rounds 0, 1 released; round 2 crashed before any release (its number is never reused);
+    # the resumed run scores rounds 3 and 4 (steps 3 and 4 of GRPO)
+    assert steps == [0, 1, 3, 4]
+    assert len({d["nonce"] for d in releases}) == len(releases)
+    assert verify_ledger(run / "ledger.jsonl", read_registry(run / "keys")).ok
+    assert Counter(e["kind"] for e in Ledger(run / "ledger.jsonl").entries())[KIND_DP_TRAINING] == 3
+
+
+class SaysYesNode(ClientNode):
+    """A client whose reward model is a rule (1 for "yes" to a yes/no question, else 0), so the
+    test knows what signal the secure path must deliver. Everything else is the real node."""
+
+    class _Rule:
+        def __init__(self, node) -> None:
+            self.node = node
+
+        def score(self, items):
+            return np.array([1.0 if normalize_text(a) == "yes" else 0.0 for _, _, a in items], dtype=np.float32)
+
+        def signer(self):
+            return load_or_create_signer(self.node.party, self.node.directory / "keys")
+
+    def _client(self):
+        return self._Rule(self)
+
+
+def test_grpo_on_the_encrypted_fused_reward_raises_it(tmp_path, warm_policy, federated):
+    nodes = {**{c: SaysYesNode(tmp_path, k) for k, c in enumerate(CLIENTS)}, AUTHORITY_PARTY: AuthorityNode(tmp_path)}
+    transport = RecordingTransport(nodes)
+    federation = connect(transport, RunDir(tmp_path), DataSpec(), CLIENTS)
+    session = _session(tmp_path, transport, federation, "grpo-secure")
+    config = AlignConfig(fusion="uniform")
+    reward = FederatedReward(session, config, None, None, {})
+    settings = GRPOSettings(num_generations=4, batch_size=16, steps_per_generation=2, max_steps=30,
+                            learning_rate=1e-3, beta=0.04, max_completion_length=8, save_steps=0, seed=0)
+    presence = federated.prompt_pool.filter(lambda r: r["family"] == "presence").shuffle(seed=0).select(range(256))
+    result = run_grpo(warm_policy, presence, reward, settings, tmp_path / "grpo")
+    rewards = [h["reward"] for h in result["history"] if "reward" in h]
+    assert len(rewards) == session.timings.rounds == 15
+    assert statistics.mean(rewards[-4:]) > statistics.mean(rewards[:4]) + 0.2, rewards
+    assert {a for _, a, _ in transport.received} >= {"score", "decrypt"}
+    releases = [e for e in Ledger(tmp_path / "ledger.jsonl").entries() if e["kind"] == KIND_REWARD_RELEASE]
+    assert len(releases) == 15
+    assert json.loads((tmp_path / "grpo" / "grpo_log.json").read_text())["settings"]["beta"] == 0.04
+
+
+def test_the_server_key_the_authority_trusts_comes_from_the_registry_not_the_server(tmp_path):
+    nodes = nodes_of(tmp_path)
+    transport = LocalTransport(nodes)
+    for party in CLIENTS + [AUTHORITY_PARTY]:
+        transport.ask([party], "identify", {})
+    replies = transport.ask([AUTHORITY_PARTY], "setup", {"clients": ["client-9=" + "00" * 32]})
+    assert "server" in str(replies[AUTHORITY_PARTY].reason)  # no server key published yet: refused
+    publish_public_key(load_or_create_signer(SERVER_PARTY, tmp_path / "server" / "keys"), tmp_path / "keys")
+    setup = transport.ask([AUTHORITY_PARTY], "setup", {"clients": ["client-9=" + "00" * 32]})[AUTHORITY_PARTY]
+    assert setup["clients"] == CLIENTS  # the payload's "client-9" is ignored
+
+
+def test_unknown_fusion_and_objective_are_refused_before_any_work(tmp_path):
+    with pytest.raises(Exception, match="fusion"):
+        align(LocalTransport({}), tmp_path, tiny("best"), log=lambda m: None)
+    with pytest.raises(Exception, match="objective"):
+        align(LocalTransport({}), tmp_path, tiny(objective="speed"), log=lambda m: None)
+    assert not (tmp_path / "policy").exists()
