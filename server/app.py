@@ -54,13 +54,18 @@ class GridTransport:
                 raise AlignError(f"node {node} failed to identify itself: {reply.reason}")
             self.nodes[str(reply["party"])] = node
 
-    def _exchange(self, requests: Mapping[int, tuple[str, Payload]], timeout: float | None) -> dict[int, Any]:
+    def _push(self, requests: Mapping[int, tuple[str, Payload]]) -> dict[str, int]:
         messages = [
             Message(RecordDict({"payload": ConfigRecord(payload)}), dst_node_id=node,
                     message_type=_message_type(action))
             for node, (action, payload) in requests.items()
         ]
-        pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), requests, strict=True) if mid}
+        return {mid: node for mid, node in zip(self.grid.push_messages(messages), requests, strict=True) if mid}
+
+    def _exchange(self, requests: Mapping[int, tuple[str, Payload]], timeout: float | None) -> dict[int, Any]:
+        return self._pull(self._push(requests), timeout)
+
+    def _pull(self, pending: dict[str, int], timeout: float | None) -> dict[int, Any]:
         out: dict[int, Any] = {}
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
@@ -78,14 +83,23 @@ class GridTransport:
 
     def ask(self, parties: Sequence[str], action: str, payloads: Payload | Mapping[str, Payload],
             timeout: float | None = None) -> Replies:
+        return self.submit(parties, action, payloads).wait(timeout)
+
+    def submit(self, parties: Sequence[str], action: str, payloads: Payload | Mapping[str, Payload]) -> Any:
         unknown = [p for p in parties if p not in self.nodes]
         if unknown:
             raise AlignError(f"no node identified itself as {unknown}; connected: {sorted(self.nodes)}")
-        requests = {self.nodes[p]: (action, payload_for(payloads, p, parties)) for p in parties}
-        replies = self._exchange(requests, timeout)
+        pending = self._push({self.nodes[p]: (action, payload_for(payloads, p, parties)) for p in parties})
         party_of = {node: party for party, node in self.nodes.items()}
-        return {party_of[node]: (NodeFailure(party_of[node], r.reason) if isinstance(r, NodeFailure) else r)
-                for node, r in replies.items()}
+        transport = self
+
+        class _Pending:
+            def wait(self, timeout: float | None = None) -> Replies:
+                replies = transport._pull(pending, timeout)
+                return {party_of[node]: (NodeFailure(party_of[node], r.reason) if isinstance(r, NodeFailure) else r)
+                        for node, r in replies.items()}
+
+        return _Pending()
 
 
 def align_config(run_config: Mapping[str, Any]) -> AlignConfig:

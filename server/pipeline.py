@@ -46,7 +46,7 @@ from secure_mor.server.grpo import GRPOSettings
 from secure_mor.server.router import oracle_map, parse_fusion, prompt_features, weights_for
 from secure_mor.server.router_training import RouterTrainingConfig, train_router_securely
 from secure_mor.server.session import SecureSession
-from secure_mor.server.transport import Transport
+from secure_mor.server.transport import Pending, Transport
 
 Log = Callable[[str], None]
 SCHEMA = "secure-mor/results/v1"
@@ -106,10 +106,10 @@ class AlignConfig:
 # ---------------------------------------------------------------- stage 1: the policy
 
 
-def prepare_policy(run: RunDir, config: AlignConfig, log: Log) -> FederatedData:
-    """Build + SFT + evaluate the starting policy, reusing whatever the run directory holds."""
+def prepare_data(run: RunDir, config: AlignConfig) -> FederatedData:
+    """The run's split (data.json) and untrained policy, reusing what the run directory holds."""
     from secure_mor.data import vocabulary_texts
-    from secure_mor.vlm import TinyVLMConfig, build_tiny_vlm, load_policy, save_policy
+    from secure_mor.vlm import TinyVLMConfig, build_tiny_vlm, save_policy
 
     if run.data_spec_path.exists():
         spec = run.data_spec()
@@ -125,17 +125,24 @@ def prepare_policy(run: RunDir, config: AlignConfig, log: Log) -> FederatedData:
         policy, processor = build_tiny_vlm(vocabulary_texts(data), TinyVLMConfig(seed=config.seed))
         run.save_data_spec(spec)
         save_policy(policy, processor, run.base_policy)
+    return data
+
+
+def prepare_policy(run: RunDir, data: FederatedData, config: AlignConfig, log: Log,
+                   on_step: Callable[[int, int], None] | None = None) -> None:
+    """SFT warm start and its evaluation (eval/sft.json), unless the run directory holds them."""
+    from secure_mor.vlm import load_policy, save_policy
+
     if not run.sft_policy.exists():
         from secure_mor.policy import run_sft
 
         log("SFT warm start")
         model, processor = load_policy(run.base_policy)
-        run_sft(model, processor, data.sft, replace(config.sft, seed=config.seed), run.path)
+        run_sft(model, processor, data.sft, replace(config.sft, seed=config.seed), run.path, on_step=on_step)
         save_policy(model, processor, run.sft_policy)
     if not run.eval_path("sft").exists():
         log("evaluating the SFT policy")
         run.write_json(run.eval_path("sft"), evaluate(run.sft_policy, data, config))
-    return data
 
 
 def evaluation_rows(data: FederatedData, per_family: int, seed: int) -> Any:
@@ -200,10 +207,15 @@ def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str
 # ---------------------------------------------------------------- stage 3: the clients' reward models
 
 
-def train_clients(transport: Transport, federation: Federation, config: AlignConfig, log: Log) -> dict[str, Any]:
+def start_client_training(transport: Transport, federation: Federation, config: AlignConfig, log: Log) -> Pending:
+    """Ask every client to train its reward model with DP-SGD; collect with `client_results`."""
     log(f"clients train their reward models with DP-SGD (epsilon {config.epsilon:g}, delta {config.delta:g})")
     payload = {"epsilon": config.epsilon, "delta": config.delta, **dict(config.client_training)}
-    replies = _ok(transport.ask(federation.clients, "train", payload), federation.clients, "client training")
+    return transport.submit(federation.clients, "train", payload)
+
+
+def client_results(pending: Pending, federation: Federation) -> dict[str, Any]:
+    replies = _ok(pending.wait(), federation.clients, "client training")
     out = {}
     for party, reply in replies.items():
         out[party] = {
@@ -386,14 +398,15 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
         write_progress(out, message)
         user_log(message)
 
+    # The clients train their reward models while the server warm-starts its policy.
     t = time.perf_counter()
-    data = prepare_policy(run, config, log)
-    timings["policy_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+    data = prepare_data(run, config)
     federation = connect(transport, run, run.data_spec(), config.clients)
-    clients = train_clients(transport, federation, config, log)
-    timings["clients_s"] = time.perf_counter() - t
+    training = start_client_training(transport, federation, config, log)
+    prepare_policy(run, data, config, log, on_step=lambda step, total: write_progress(out, "SFT", step, total))
+    timings["policy_s"] = time.perf_counter() - t
+    clients = client_results(training, federation)
+    timings["clients_s"] = time.perf_counter() - t  # from the start: overlaps policy_s
 
     features_of = policy_features(run.sft_policy)
     router, router_report = None, None

@@ -6,6 +6,8 @@
 error. A party absent from the result did not answer in time (a dropout, or
 late: its reply is discarded). The Flower implementation is `server.app.GridTransport`;
 `LocalTransport` calls node objects in this process (tests, benchmarks).
+`submit` sends without waiting; its `wait` collects (a local transport does the
+work in `wait`, as it has no other process to hand it to).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ class NodeFailure:
 Replies = dict[str, Payload | NodeFailure]
 
 
+class Pending(Protocol):
+    def wait(self, timeout: float | None = None) -> Replies: ...
+
+
 class Transport(Protocol):
     def ask(
         self,
@@ -35,6 +41,10 @@ class Transport(Protocol):
         payloads: Payload | Mapping[str, Payload],
         timeout: float | None = None,
     ) -> Replies: ...
+
+    def submit(self, parties: Sequence[str], action: str, payloads: Payload | Mapping[str, Payload]) -> Pending:
+        """Send now, collect later (`wait`): the server can work while the nodes do."""
+        ...
 
 
 def payload_for(payloads: Payload | Mapping[str, Payload], party: str, parties: Sequence[str]) -> Payload:
@@ -58,6 +68,15 @@ class LocalTransport:
     unavailable: set[str] = field(default_factory=set)
     delays: dict[str, float] = field(default_factory=dict)
     on_call: Callable[[str, str, Payload], None] | None = None
+
+    def submit(self, parties: Sequence[str], action: str, payloads: Payload | Mapping[str, Payload]) -> Pending:
+        transport = self
+
+        class _Deferred:
+            def wait(self, timeout: float | None = None) -> Replies:
+                return transport.ask(parties, action, payloads, timeout)
+
+        return _Deferred()
 
     def ask(
         self,

@@ -1,0 +1,166 @@
+"""Encrypted vs plaintext fusion in the same short GRPO run: the time ratio, in one run.
+
+Both arms run the same GRPO (same policy, prompts, seed, steps) on the same trained
+client reward models, in this process (LocalTransport: no network):
+
+- secure: `server.pipeline.FederatedReward`: clients score, encrypt (CKKS) and sign;
+  the server verifies, fuses homomorphically, blinds; the key authority decrypts,
+  floods, rounds and signs; the server unblinds;
+- INSECURE plaintext: the server reads every client's plaintext scores and fuses them
+  in the clear (`crypto.fusion.insecure_plaintext_fusion`). A benchmark baseline only:
+  it is exactly what the system exists to prevent.
+
+The arms alternate (plaintext, secure, plaintext, secure, ...) so that drift in a
+shared machine's load hits both. Per arm and round it prints the breakdown:
+generation (TRL's sampling), scoring (clients' reward models, incl. encryption and
+signing in the secure arm), crypto (server verification, fusion, blinding and the
+authority's decryption), update (log-probs, loss, backward, optimizer). Messaging over
+Flower's runtime is not in this in-process benchmark; `results.json` of a Flower run
+reports it (`timings.scoring`).
+
+    .venv/bin/python bench/he_overhead.py [--steps 10] [--repeats 2] [--run RUN]
+
+`--run` reuses a run directory that already holds an SFT policy and trained clients
+(e.g. the main job's `runs/demo`); without it a small one is prepared first (~2 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from secure_mor.audits.ledger import Ledger
+from secure_mor.clients.node import ClientNode
+from secure_mor.config import RunDir
+from secure_mor.crypto.authority_node import AuthorityNode
+from secure_mor.crypto.fusion import insecure_plaintext_fusion
+from secure_mor.crypto.signing import load_or_create_signer
+from secure_mor.policy import SFTSettings
+from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY
+from secure_mor.server.grpo import GRPOSettings, build_grpo_trainer
+from secure_mor.server.pipeline import (
+    AlignConfig,
+    FederatedReward,
+    client_results,
+    connect,
+    prepare_data,
+    prepare_policy,
+    start_client_training,
+)
+from secure_mor.server.router import weights_for
+from secure_mor.server.session import SecureSession
+from secure_mor.server.transport import LocalTransport
+
+CLIENTS = ["client-0", "client-1", "client-2"]
+
+
+class InsecurePlaintextReward:
+    """INSECURE: reads each client's plaintext scores. Benchmark baseline only."""
+
+    __name__ = "fused_reward"
+
+    def __init__(self, nodes: dict, config: AlignConfig) -> None:
+        self.nodes, self.config = nodes, config
+        self.seconds = {"scoring": 0.0, "fusion": 0.0}
+
+    def __call__(self, prompts, completions, image, question, family, **kwargs):
+        started = time.perf_counter()
+        items = [(i, q, c[-1]["content"]) for i, q, c in zip(image, question, completions, strict=True)]
+        scores = [self.nodes[c]._client().score(items) for c in CLIENTS]
+        scored = time.perf_counter()
+        w = weights_for(self.config.fusion, n=len(items), k=len(CLIENTS), w_min=self.config.w_min)
+        fused = insecure_plaintext_fusion(scores, w)
+        self.seconds["scoring"] += scored - started
+        self.seconds["fusion"] += time.perf_counter() - scored
+        return fused.tolist()
+
+
+def timed(obj, name: str, bucket: dict, key: str) -> None:
+    """Wrap obj.name so that its wall time accumulates in bucket[key]."""
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            bucket[key] = bucket.get(key, 0.0) + time.perf_counter() - started
+
+    setattr(obj, name, wrapper)
+
+
+def run_arm(run: RunDir, prompts, reward, settings: GRPOSettings, out: Path) -> dict[str, float]:
+    trainer = build_grpo_trainer(run.sft_policy, prompts, reward, settings, out)
+    spent: dict[str, float] = {}
+    timed(trainer, "_generate", spent, "generation")
+    timed(trainer, "_calculate_rewards", spent, "rewards")
+    started = time.perf_counter()
+    trainer.train()
+    spent["total"] = time.perf_counter() - started
+    return spent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="GRPO optimizer steps per arm")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating repetitions of both arms")
+    parser.add_argument("--run", type=Path, default=None, help="a run directory with SFT policy and trained clients")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    scratch = tempfile.TemporaryDirectory(prefix="he-overhead-")
+    root = args.run or Path(scratch.name) / "run"
+    run = RunDir(root)
+    config = AlignConfig(fusion="uniform", sft=SFTSettings(examples=960, epochs=1.0), pairs_per_client=200,
+                         client_training={"epochs": 5}, eval_per_family=8)
+    nodes = {**{c: ClientNode(root, k) for k, c in enumerate(CLIENTS)}, AUTHORITY_PARTY: AuthorityNode(root)}
+    transport = LocalTransport(nodes)
+    data = prepare_data(run, config)
+    federation = connect(transport, run, run.data_spec(), CLIENTS)
+    client_results(start_client_training(transport, federation, config, print), federation)
+    prepare_policy(run, data, config, print)
+
+    settings = GRPOSettings(max_steps=args.steps, batch_size=16, steps_per_generation=2, save_steps=0, seed=0)
+    prompts = data.prompt_pool.shuffle(seed=0).select(range(settings.prompts_per_round * args.steps))
+    rows: dict[str, list[dict[str, float]]] = {"plaintext (INSECURE)": [], "secure": []}
+    for repeat in range(args.repeats):
+        plain = InsecurePlaintextReward(nodes, config)
+        spent = run_arm(run, prompts, plain, settings, Path(scratch.name) / f"plain-{repeat}")
+        rows["plaintext (INSECURE)"].append({**spent, "scoring": plain.seconds["scoring"],
+                                             "crypto": plain.seconds["fusion"]})
+        session = SecureSession(
+            transport=transport, pub=federation.pub,
+            signer=load_or_create_signer(SERVER_PARTY, root / SERVER_PARTY / "keys"),
+            registry={c: federation.registry[c] for c in CLIENTS}, clients=CLIENTS,
+            authority_key=federation.authority_key, run_id=f"bench-{time.time_ns()}",
+            state_dir=Path(scratch.name) / f"session-{repeat}", ledger=Ledger(Path(scratch.name) / "ledger.jsonl"),
+        )
+        secure = FederatedReward(session, config, None, None, {})
+        spent = run_arm(run, prompts, secure, settings, Path(scratch.name) / f"secure-{repeat}")
+        t = session.timings
+        rows["secure"].append({**spent, "scoring": t.client_compute,
+                               "crypto": t.server_crypto + t.authority_round_trip})
+
+    rounds = args.steps // settings.steps_per_round
+    print(f"\nGRPO {args.steps} steps ({rounds} scoring rounds of {settings.generation_batch_size} completions, "
+          f"K = {len(CLIENTS)}), {args.repeats} alternating repeats; seconds per round, mean over repeats")
+    print(f"{'arm':<22}{'total':>9}{'generation':>12}{'scoring':>10}{'crypto':>9}{'update':>9}")
+    totals = {}
+    for arm, measured in rows.items():
+        mean = {k: float(np.mean([m[k] for m in measured])) for k in measured[0]}
+        update = mean["total"] - mean["generation"] - mean["rewards"]
+        totals[arm] = mean["total"]
+        print(f"{arm:<22}{mean['total'] / rounds:>9.3f}{mean['generation'] / rounds:>12.3f}"
+              f"{mean['scoring'] / rounds:>10.3f}{mean['crypto'] / rounds:>9.3f}{update / rounds:>9.3f}")
+    ratio = totals["secure"] / totals["plaintext (INSECURE)"]
+    print(f"\nratio secure / plaintext GRPO wall time: {ratio:.3f} (goal <= 1.10)")
+    scratch.cleanup()
+
+
+if __name__ == "__main__":
+    main()
