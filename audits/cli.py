@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.table import Table
 
 from secure_mor.audits.ledger import Ledger, LedgerError, verify_ledger
-from secure_mor.audits.recompute import RecomputeError, recompute
 from secure_mor.crypto.signing import read_registry
 
 LedgerArg = Annotated[Path, typer.Argument(help="The ledger (JSON Lines).")]
@@ -78,6 +77,8 @@ def recompute_cmd(
     ] = 0.05,
 ) -> None:
     """Recompute every epsilon with dp-accounting (RDP and PLD) and check the totals against the budgets."""
+    from secure_mor.audits.recompute import RecomputeError, recompute  # dp-accounting: slow to import
+
     console = _console()
     if not ledger.is_file():
         raise _fail(console, f"no ledger at {ledger}")

@@ -365,5 +365,41 @@ def demo(
     console.print(f"[bold green]done[/] in {elapsed:.0f} s; results in {Path(out) / 'results.json'}")
 
 
+@app.command("ablate")
+def ablate(
+    out: OutOption = Path("runs/ablate"),
+    epsilons: Annotated[str, typer.Option(help="client budgets, comma-separated; inf = non-private")] = "inf,8,4,2,1",
+    fusions: Annotated[str, typer.Option(help="comma-separated: mor, uniform, single:K, oracle")] = (
+        "mor,uniform,single:0,single:1,single:2"
+    ),
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
+    steps: Annotated[int, typer.Option(help="GRPO optimizer steps per cell")] = 40,
+    workers: Annotated[int, typer.Option(help="(seed, epsilon) groups run in parallel")] = 1,
+) -> None:
+    """DP ablation sweep (epsilon x fusion x seed) through the real pipeline; CSV and plots in OUT."""
+    _quiet_libraries()
+    from dataclasses import replace as _replace
+
+    from secure_mor.audits.ablate import AblationGrid, run_ablation
+    from secure_mor.server.pipeline import AlignConfig
+
+    try:
+        grid = AblationGrid(
+            epsilons=tuple(float(e) for e in epsilons.split(",")),
+            fusions=tuple(f.strip() for f in fusions.split(",")),
+            seeds=tuple(int(s) for s in seeds.split(",")),
+        )
+    except ValueError as err:
+        raise _fail(f"bad grid: {err}") from err
+    overrides = {"grpo": _replace(AlignConfig().grpo, max_steps=steps)}
+    started = time.perf_counter()
+    groups = len(grid.seeds) * len(grid.epsilons)
+    with _progress() as progress:
+        task = progress.add_task(f"{groups} (seed, epsilon) groups x {len(grid.fusions)} fusions", total=groups)
+        path = run_ablation(out, grid, overrides, workers, lambda done, _: progress.update(task, completed=done))
+    console.print(f"done in {time.perf_counter() - started:.0f} s: {path}, {out / 'policy_accuracy.png'}, "
+                  f"{out / 'reward_models.png'}")
+
+
 if __name__ == "__main__":
     app()

@@ -229,26 +229,41 @@ def make_preference_pairs(
     *,
     style: str = "word",
     noise_rate: float = 0.0,
+    cross_family_rate: float = 0.0,
+    other_style_rate: float = 0.0,
     seed: int = 0,
 ) -> Dataset:
     """One pair per question, in TRL's conversational preference format.
 
     chosen = the true answer, rejected = another answer of the same family, both
-    in `style`; with probability `noise_rate` the annotator swaps them.
+    in `style`; with probability `cross_family_rate` the rejected answer is one of
+    another family instead (an answer of the wrong type: a policy's samples make
+    such mistakes, and a reward model that never saw one can be exploited by
+    them), with probability `other_style_rate` the pair is written in the other
+    style, and with probability `noise_rate` the annotator swaps the two.
     The plain-text columns (`question`, `chosen_text`, `rejected_text`) and
     `family` are kept for reward models and evaluation.
     """
     if not 0.0 <= noise_rate < 0.5:
         raise ValueError(f"noise_rate must be in [0, 0.5), got {noise_rate}")
+    if not (0.0 <= cross_family_rate <= 1.0 and 0.0 <= other_style_rate <= 1.0):
+        raise ValueError("cross_family_rate and other_style_rate must lie in [0, 1]")
     rng = random.Random(seed)
     questions, answers, families = column(rows, "question"), column(rows, "answer"), column(rows, "family")
     chosen_texts, rejected_texts, flipped = [], [], []
+    other_style = {"word": "sentence", "sentence": "word"}[style]
     for answer, family in zip(answers, families, strict=True):
         alternatives = [a for a in groups.get(family, []) if a != answer]
         if not alternatives:
             raise DatasetError(f"family {family!r} has a single answer {answer!r}: no rejected answer to draw")
-        good = styled_answer(answer, family, style)
-        bad = styled_answer(rng.choice(alternatives), family, style)
+        pair_style = other_style if rng.random() < other_style_rate else style
+        others = [f for f in groups if f != family and groups[f]]
+        good = styled_answer(answer, family, pair_style)
+        if others and rng.random() < cross_family_rate:
+            wrong_family = rng.choice(sorted(others))
+            bad = styled_answer(rng.choice(groups[wrong_family]), wrong_family, pair_style)
+        else:
+            bad = styled_answer(rng.choice(alternatives), family, pair_style)
         swap = rng.random() < noise_rate
         chosen_texts.append(bad if swap else good)
         rejected_texts.append(good if swap else bad)
@@ -290,11 +305,14 @@ def make_preference_pairs(
 
 @dataclass(frozen=True)
 class ClientDataConfig:
-    """One institution's private annotations."""
+    """One institution's private annotations: the family it specialises in, its answer style (and how often
+    it writes in the other), its label-noise rate, how often its rejected answer is of the wrong type."""
 
     family: str
     style: str = "word"
     noise_rate: float = 0.05
+    cross_family_rate: float = 0.25
+    other_style_rate: float = 0.25
 
 
 def default_clients(num_clients: int = 3) -> tuple[ClientDataConfig, ...]:
@@ -421,7 +439,8 @@ def build_federated_data(
     calibration_rows = calibration_rows.select(
         stratified_indices(calibration_rows, -(-config.calibration_pairs // len(FAMILIES)), config.seed)
     )
-    calibration = make_preference_pairs(calibration_rows, groups, style="word", seed=config.seed)
+    calibration = make_preference_pairs(calibration_rows, groups, style="word", cross_family_rate=0.25,
+                                        seed=config.seed)
     clients = []
     for k, client in enumerate(config.clients):
         rng = random.Random(f"{config.seed}/client/{k}")
@@ -435,6 +454,8 @@ def build_federated_data(
                 groups,
                 style=client.style,
                 noise_rate=client.noise_rate,
+                cross_family_rate=client.cross_family_rate,
+                other_style_rate=client.other_style_rate,
                 seed=rng.randrange(2**31),
             )
         )

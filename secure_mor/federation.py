@@ -130,8 +130,12 @@ def run_local_simulation(
     app_dir: Path = APP_DIR,
     timeout: float = 1800.0,
     on_poll: Callable[[float], None] | None = None,
+    poll_seconds: float = 5.0,
 ) -> SimulationResult:
-    """Run the Flower app in `app_dir` with `num_supernodes` simulated nodes (1 CPU each)."""
+    """Run the Flower app in `app_dir` with `num_supernodes` simulated nodes (1 CPU each).
+
+    The run's status is polled with `flwr list` every `poll_seconds` (each call starts a
+    Python process: about a second of CPU); `on_poll(elapsed)` is called every second."""
     if not (app_dir / "pyproject.toml").exists():
         raise FederationError(f"no Flower app at {app_dir} (pyproject.toml with [tool.flwr.app] expected)")
     started = time.perf_counter()
@@ -157,6 +161,10 @@ def run_local_simulation(
             run_id = str(submitted["run-id"])
             status, details = "", ""
             while True:
+                for _ in range(max(1, round(poll_seconds))):
+                    if on_poll:
+                        on_poll(time.perf_counter() - started)
+                    time.sleep(1.0)
                 listing = _flwr_json([flwr, "list", "--run-id", run_id, "--format", "json"], env, scratch_dir, 120)
                 run = (listing.get("runs") or [{}])[0]
                 status, details = str(run.get("status", "")), str(run.get("status-details", ""))
@@ -167,9 +175,6 @@ def run_local_simulation(
                     subprocess.run([flwr, "stop", run_id], env=env, cwd=scratch_dir, capture_output=True, timeout=60)
                     status, details = "finished:timeout", f"no result after {timeout:.0f} s"
                     break
-                if on_poll:
-                    on_poll(elapsed)
-                time.sleep(2.0)
             logs = subprocess.run(
                 [flwr, "log", run_id, "--show"], env=env, cwd=scratch_dir, capture_output=True, text=True, timeout=120
             ).stdout

@@ -79,7 +79,8 @@ class AlignConfig:
     w_min: float = 0.02
     k_min: int = 2
     reply_timeout: float = 600.0
-    grpo: GRPOSettings = field(default_factory=lambda: GRPOSettings(max_steps=40, save_steps=10))
+    # lr 1e-3 (the plaintext test's) collapsed the policy on the fused reward; see README, The main job
+    grpo: GRPOSettings = field(default_factory=lambda: GRPOSettings(max_steps=40, save_steps=10, learning_rate=3e-5))
     router: RouterTrainingConfig = field(default_factory=lambda: RouterTrainingConfig(steps=15, batch_size=96))
     sft: SFTSettings = field(default_factory=SFTSettings)
     client_training: Mapping[str, Any] = field(default_factory=dict)

@@ -87,12 +87,21 @@ def test_clients_are_non_iid_as_configured(skew):
 
 def test_pairs_are_valid_for_trl(federated):
     for pairs, client in zip(federated.clients, federated.config.clients, strict=True):
-        flips = 0
-        for row in pairs.select(range(200)):
+        flips = cross = other_style = 0
+        for row in pairs.select(range(400)):
             assert row["chosen_text"] != row["rejected_text"]
             family = row["family"]
-            styled = {styled_answer(a, family, client.style): a for a in federated.answers[family]}
-            assert row["chosen_text"] in styled and row["rejected_text"] in styled  # same answer type
+            by_style = {
+                style: {styled_answer(a, f, style): f for f, answers in federated.answers.items() for a in answers}
+                for style in ANSWER_STYLES
+            }
+            style = next(s for s in ANSWER_STYLES if row["chosen_text"] in by_style[s] and
+                         row["rejected_text"] in by_style[s])  # both answers in one style
+            right, wrong = (row["rejected_text"], row["chosen_text"]) if row["label_flipped"] else (
+                row["chosen_text"], row["rejected_text"])
+            assert by_style[style][right] == family
+            cross += by_style[style][wrong] != family
+            other_style += style != client.style
             assert row["prompt"][0]["role"] == "user"
             assert [part["type"] for part in row["prompt"][0]["content"]] == ["image", "text"]
             assert row["chosen"][0]["role"] == "assistant"
@@ -100,6 +109,9 @@ def test_pairs_are_valid_for_trl(federated):
             assert isinstance(row["image"], Image.Image)
             flips += row["label_flipped"]
         assert client.style in ANSWER_STYLES
+        # wrong-type rejected answers and other-style pairs at their configured rates (n = 400)
+        assert abs(cross / 400 - client.cross_family_rate) < 0.07, cross
+        assert abs(other_style / 400 - client.other_style_rate) < 0.07, other_style
     rates = [sum(column(p, "label_flipped")) / len(p) for p in federated.clients]
     for rate, client in zip(rates, federated.config.clients, strict=True):
         assert abs(rate - client.noise_rate) < 0.04
