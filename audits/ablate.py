@@ -45,16 +45,24 @@ def _eps_label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
+def _quiet_worker() -> None:
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _group(out: Path, seed: int, epsilon: float, fusions: Sequence[str], overrides: dict[str, Any]) -> list[dict]:
     """One (seed, epsilon) group: clients trained once, then every fusion. Runs in a worker process."""
-    import torch
 
     from secure_mor.clients.node import ClientNode
     from secure_mor.crypto.authority_node import AuthorityNode
     from secure_mor.server.pipeline import AlignConfig, align
     from secure_mor.server.transport import LocalTransport
 
-    torch.set_num_threads(1)
+    _quiet_worker()
     config = replace(AlignConfig(seed=seed, epsilon=epsilon), **overrides)
     base, run = out / f"seed-{seed}" / "base", out / f"seed-{seed}" / f"eps-{_eps_label(epsilon)}"
     if not run.exists():
@@ -74,12 +82,10 @@ def _group(out: Path, seed: int, epsilon: float, fusions: Sequence[str], overrid
 
 
 def _prepare_seed(out: Path, seed: int, overrides: dict[str, Any]) -> None:
-    import torch
-
     from secure_mor.config import RunDir
     from secure_mor.server.pipeline import AlignConfig, prepare_data, prepare_policy
 
-    torch.set_num_threads(1)
+    _quiet_worker()
     config = replace(AlignConfig(seed=seed), **overrides)
     run = RunDir(out / f"seed-{seed}" / "base")
     prepare_policy(run, prepare_data(run, config), config, log=lambda m: None)
@@ -159,6 +165,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import NullFormatter
 
     finite = sorted({float(r["epsilon"]) for r in rows if r["epsilon"] != "inf"})
     ticks = sorted({_epsilon_axis(r["epsilon"], finite) for r in rows})
@@ -178,6 +185,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set(xscale="log", xlabel="client DP budget epsilon", ylabel="held-out accuracy (overall)",
            title="Policy accuracy after GRPO, by fusion (mean, min-max over seeds)")
     ax.set_xticks(ticks, labels)
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "policy_accuracy.png", dpi=120)
@@ -197,6 +205,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set(xscale="log", xlabel="client DP budget epsilon", ylabel="own-family preference accuracy",
            title="Client reward models under DP-SGD (mean over seeds)")
     ax.set_xticks(ticks, labels)
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "reward_models.png", dpi=120)

@@ -15,6 +15,8 @@ them. Scoring and margins spend no budget (post-processing of the DP-trained mod
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import io
 import json
 import math
@@ -61,6 +63,16 @@ def federated_data(spec: DataSpec) -> FederatedData:
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = spec.load()
     return _DATA_CACHE[key]
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise, and a simulation worker
+    that trained a reward model would hold its peak for the rest of the run)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
 
 
 class ClientNode:
@@ -157,6 +169,7 @@ class ClientNode:
             train_config = TrainConfig(epsilon=epsilon, delta=delta, seed=spec.split.seed, **overrides)
             client, _ = train_client(self.state_dir, config, data.clients[self.client_id], train_config)
             self._loaded, self._margins, reused = client, None, False
+            release_freed_memory()  # DP-SGD's per-pair gradients are gone; give their pages back
         metrics = client.metrics()
         if "held_out" not in metrics:
             metrics["held_out"] = client.evaluate(held_out_pairs(data, config.style, seed=spec.split.seed))
