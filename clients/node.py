@@ -31,7 +31,7 @@ from PIL import Image
 from secure_mor.clients.client import ClientConfig, RewardClient, client_dir, train_client
 from secure_mor.clients.evaluation import held_out_pairs
 from secure_mor.clients.models import DEFAULT_ARCHS
-from secure_mor.clients.training import TrainConfig
+from secure_mor.clients.training import default_train_config
 from secure_mor.config import DataSpec
 from secure_mor.crypto.context import PublicContext, load_public_context
 from secure_mor.crypto.params import ReleaseConfig
@@ -166,7 +166,7 @@ class ClientNode:
             client, reused = self._client(), True
         else:
             overrides = {k: payload[k] for k in TRAIN_OVERRIDES if k in payload}
-            train_config = TrainConfig(epsilon=epsilon, delta=delta, seed=spec.split.seed, **overrides)
+            train_config = default_train_config(config.arch, epsilon, delta=delta, seed=spec.split.seed, **overrides)
             client, _ = train_client(self.state_dir, config, data.clients[self.client_id], train_config)
             self._loaded, self._margins, reused = client, None, False
             release_freed_memory()  # DP-SGD's per-pair gradients are gone; give their pages back
