@@ -119,8 +119,13 @@ def main() -> None:
     scratch = tempfile.TemporaryDirectory(prefix="he-overhead-")
     root = args.run or Path(scratch.name) / "run"
     run = RunDir(root)
-    config = AlignConfig(fusion="uniform", sft=SFTSettings(examples=960, epochs=1.0), pairs_per_client=200,
-                         client_training={"epochs": 5}, eval_per_family=8)
+    config = AlignConfig(
+        fusion="uniform",
+        sft=SFTSettings(examples=960, epochs=1.0),
+        pairs_per_client=200,
+        client_training={"epochs": 5},
+        eval_per_family=8,
+    )
     nodes = {**{c: ClientNode(root, k) for k, c in enumerate(CLIENTS)}, AUTHORITY_PARTY: AuthorityNode(root)}
     transport = LocalTransport(nodes)
     data = prepare_data(run, config)
@@ -144,33 +149,43 @@ def main() -> None:
         fresh_clients()
         plain = InsecurePlaintextReward(nodes, config)
         spent = run_arm(run, prompts, plain, settings, Path(scratch.name) / f"plain-{repeat}")
-        rows["plaintext (INSECURE)"].append({**spent, "scoring": plain.seconds["scoring"],
-                                             "crypto": plain.seconds["fusion"]})
+        rows["plaintext (INSECURE)"].append(
+            {**spent, "scoring": plain.seconds["scoring"], "crypto": plain.seconds["fusion"]}
+        )
         session = SecureSession(
-            transport=transport, pub=federation.pub,
+            transport=transport,
+            pub=federation.pub,
             signer=load_or_create_signer(SERVER_PARTY, root / SERVER_PARTY / "keys"),
-            registry={c: federation.registry[c] for c in CLIENTS}, clients=CLIENTS,
-            authority_key=federation.authority_key, run_id=f"bench-{time.time_ns()}",
-            state_dir=Path(scratch.name) / f"session-{repeat}", ledger=Ledger(Path(scratch.name) / "ledger.jsonl"),
+            registry={c: federation.registry[c] for c in CLIENTS},
+            clients=CLIENTS,
+            authority_key=federation.authority_key,
+            run_id=f"bench-{time.time_ns()}",
+            state_dir=Path(scratch.name) / f"session-{repeat}",
+            ledger=Ledger(Path(scratch.name) / "ledger.jsonl"),
         )
         fresh_clients()
         secure = FederatedReward(session, config, None, None, {})
         spent = run_arm(run, prompts, secure, settings, Path(scratch.name) / f"secure-{repeat}")
         t = session.timings
-        rows["secure"].append({**spent, "scoring": t.client_compute,
-                               "crypto": t.server_crypto + t.authority_round_trip})
+        rows["secure"].append(
+            {**spent, "scoring": t.client_compute, "crypto": t.server_crypto + t.authority_round_trip}
+        )
 
     rounds = args.steps // settings.steps_per_round
-    print(f"\nGRPO {args.steps} steps ({rounds} scoring rounds of {settings.generation_batch_size} completions, "
-          f"K = {len(CLIENTS)}), {args.repeats} alternating repeats; seconds per round, mean over repeats")
+    print(
+        f"\nGRPO {args.steps} steps ({rounds} scoring rounds of {settings.generation_batch_size} completions, "
+        f"K = {len(CLIENTS)}), {args.repeats} alternating repeats; seconds per round, mean over repeats"
+    )
     print(f"{'arm':<22}{'total':>9}{'generation':>12}{'scoring':>10}{'crypto':>9}{'update':>9}")
     totals = {}
     for arm, measured in rows.items():
         mean = {k: float(np.mean([m[k] for m in measured])) for k in measured[0]}
         update = mean["total"] - mean["generation"] - mean["rewards"]
         totals[arm] = mean["total"]
-        print(f"{arm:<22}{mean['total'] / rounds:>9.3f}{mean['generation'] / rounds:>12.3f}"
-              f"{mean['scoring'] / rounds:>10.3f}{mean['crypto'] / rounds:>9.3f}{update / rounds:>9.3f}")
+        print(
+            f"{arm:<22}{mean['total'] / rounds:>9.3f}{mean['generation'] / rounds:>12.3f}"
+            f"{mean['scoring'] / rounds:>10.3f}{mean['crypto'] / rounds:>9.3f}{update / rounds:>9.3f}"
+        )
     ratio = totals["secure"] / totals["plaintext (INSECURE)"]
     print(f"\nratio secure / plaintext GRPO wall time: {ratio:.3f} (goal <= 1.10)")
     scratch.cleanup()

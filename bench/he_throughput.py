@@ -56,8 +56,9 @@ def main() -> None:
         [ts.ckks_vector(ctx, c.tolist()).serialize() for c in chunks]
 
     def secure_reply() -> None:
-        seal_reply(client, pub, run_id="bench", step=0, nonce=new_nonce(), purpose="reward", scores=scores,
-                   value_bound=R)
+        seal_reply(
+            client, pub, run_id="bench", step=0, nonce=new_nonce(), purpose="reward", scores=scores, value_bound=R
+        )
 
     # Interleaved rounds after a warm-up, so that background load hits all three paths alike.
     secure_reply()
@@ -74,8 +75,10 @@ def main() -> None:
         ("seal_reply (clip+pack+encrypt+serialize+sign)", t_secure),
     ]:
         print(f"{name:<44}{t:>12.3f}{65_536 / t:>12,.0f}{t_raw / t:>8.2f}")
-    print(f"throughput ratio secure / raw encryption = {t_raw / t_secure:.2f} (goal >= 0.8); "
-          f"secure / (raw encryption + serialize) = {t_ser / t_secure:.2f}")
+    print(
+        f"throughput ratio secure / raw encryption = {t_raw / t_secure:.2f} (goal >= 0.8); "
+        f"secure / (raw encryption + serialize) = {t_ser / t_secure:.2f}"
+    )
 
     print("\n== fusion sum_k W[:,k] * ct_k (ciphertext x plaintext), vs the INSECURE plaintext fusion")
     print(f"{'K':>3}{'N':>8}{'cts/client':>12}{'HE fusion s':>13}{'plain s (INSECURE)':>20}{'HE/plain':>10}")
@@ -93,8 +96,9 @@ def main() -> None:
     sample = 16  # naive: one ciphertext per score, measured on a small sample and extrapolated
     naive = sum(len(ts.ckks_vector(ctx, [float(x)]).serialize()) for x in scores[:sample]) / sample
     for n in (4096, 65_536):
-        reply = seal_reply(client, pub, run_id="bench", step=0, nonce=new_nonce(), purpose="reward",
-                           scores=scores[:n], value_bound=R)
+        reply = seal_reply(
+            client, pub, run_id="bench", step=0, nonce=new_nonce(), purpose="reward", scores=scores[:n], value_bound=R
+        )
         per_score = len(reply) / n
         print(f"{n:>8}{len(reply):>14,}{per_score:>10.1f}{naive:>16,.0f}{naive / per_score:>14,.0f}")
     print("goal <= 100 B/score")
@@ -103,10 +107,14 @@ def main() -> None:
     config = ReleaseConfig()
     for report in measure_decryption_error(n=4096, config=config):
         print(f"{report.stage:<26} max |err| {report.max_abs:.2e}   std {report.std:.2e}")
-    print(f"release: Gaussian flooding sigma={config.flood_sigma:g} clipped at {config.flood_clip:g} sigma, "
-          f"rounded to 2^-{config.round_bits} = {config.precision:.2e}")
-    print(f"blinding: mask uniform on +-2^{config.mask_bits}, statistical distance <= "
-          f"{config.statistical_distance(4096):.1e} for 4,096 values")
+    print(
+        f"release: Gaussian flooding sigma={config.flood_sigma:g} clipped at {config.flood_clip:g} sigma, "
+        f"rounded to 2^-{config.round_bits} = {config.precision:.2e}"
+    )
+    print(
+        f"blinding: mask uniform on +-2^{config.mask_bits}, statistical distance <= "
+        f"{config.statistical_distance(4096):.1e} for 4,096 values"
+    )
 
 
 if __name__ == "__main__":

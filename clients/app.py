@@ -35,8 +35,9 @@ def _node(context: Context) -> Any:
             from secure_mor.crypto.authority_node import AuthorityNode
 
             registry = context.node_config.get("registry")
-            _NODES[key] = AuthorityNode(state_dir, registry=str(registry) if registry else None,
-                                        k_min=int(context.node_config.get("k-min", 2)))
+            _NODES[key] = AuthorityNode(
+                state_dir, registry=str(registry) if registry else None, k_min=int(context.node_config.get("k-min", 2))
+            )
         else:
             from secure_mor.clients.node import ClientNode
 

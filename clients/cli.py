@@ -5,8 +5,12 @@
 
 Settings fixed at a client's creation (architecture, budget, reward clip, data
 split) are read back from its client.json on later runs; passing a different
-value is an error. The signing key's passphrase, if any, is read from the
-environment variable named by --passphrase-env (never from the command line).
+value is an error. Training options left out (epochs, batch size, learning
+rate, clipping norm, grad-sample mode, ...) take the architecture's defaults
+(`training.default_train_config`); the values used are printed. A new
+client's initial parameters are drawn with the training seed. The signing
+key's passphrase, if any, is read from the environment variable named by
+--passphrase-env (never from the command line).
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from secure_mor.clients.client import ClientConfig, RewardClient, client_dir, train_client
 from secure_mor.clients.evaluation import accuracy_table, held_out_pairs
 from secure_mor.clients.models import DEFAULT_ARCHS
-from secure_mor.clients.training import ACCOUNTANTS, GRAD_SAMPLE_MODES, BudgetExceeded, TrainConfig
+from secure_mor.clients.training import ACCOUNTANTS, GRAD_SAMPLE_MODES, BudgetExceeded, default_train_config
 from secure_mor.data import SplitConfig, build_federated_data, default_clients
 
 client_app = typer.Typer(help="Client role: DP-SGD reward models, budget, evaluation.", no_args_is_help=True)
 console = Console()
 
-_D = TrainConfig(epsilon=4.0)  # the option defaults
+ARCH_DEFAULT = "(default: the architecture's)"
 SPLIT_DEFAULTS = {"seed": 0, "skew": 0.8, "pairs_per_client": 800, "num_clients": 3}
 
 
@@ -60,15 +64,17 @@ def _passphrase(env: str | None) -> str | None:
 def train(
     client: Annotated[int, typer.Option(help="client id k (0-based)")],
     out: Annotated[Path, typer.Option(help="run directory")],
-    epsilon: Annotated[float, typer.Option(help="epsilon this run may spend; inf = non-private")] = _D.epsilon,
-    delta: Annotated[float, typer.Option(help="delta of this run (<= the budget delta)")] = _D.delta,
-    epochs: int = _D.epochs,
-    batch_size: Annotated[int, typer.Option(help="expected (Poisson) batch size")] = _D.batch_size,
-    lr: float = _D.lr,
-    max_grad_norm: Annotated[float, typer.Option(help="per-pair clipping norm C")] = _D.max_grad_norm,
-    accountant: Annotated[str, typer.Option(help=f"one of {ACCOUNTANTS}")] = _D.accountant,
-    grad_sample_mode: Annotated[str, typer.Option(help=f"one of {GRAD_SAMPLE_MODES}")] = _D.grad_sample_mode,
-    train_seed: int = _D.seed,
+    epsilon: Annotated[float, typer.Option(help="epsilon this run may spend; inf = non-private")] = 4.0,
+    delta: Annotated[float | None, typer.Option(help=f"delta of this run (<= the budget delta) {ARCH_DEFAULT}")] = None,
+    epochs: Annotated[int | None, typer.Option(help=ARCH_DEFAULT)] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"expected (Poisson) batch size {ARCH_DEFAULT}")] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Adam learning rate {ARCH_DEFAULT}")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help=f"per-pair clipping norm C {ARCH_DEFAULT}")] = None,
+    accountant: Annotated[str | None, typer.Option(help=f"one of {ACCOUNTANTS} {ARCH_DEFAULT}")] = None,
+    grad_sample_mode: Annotated[str | None, typer.Option(help=f"one of {GRAD_SAMPLE_MODES} {ARCH_DEFAULT}")] = None,
+    train_seed: Annotated[
+        int | None, typer.Option(help=f"seed of initialisation, sampling, noise {ARCH_DEFAULT}")
+    ] = None,
     arch: Annotated[str | None, typer.Option(help="architecture (default: by client id)")] = None,
     budget_epsilon: Annotated[float | None, typer.Option(help="total budget, fixed at creation")] = None,
     budget_delta: Annotated[float | None, typer.Option(help="budget delta, fixed at creation")] = None,
@@ -98,16 +104,25 @@ def train(
         reward_clip=defaults.reward_clip if reward_clip is None else reward_clip,
         split=split,
     )
-    train_config = TrainConfig(
-        epsilon=epsilon,
-        delta=delta,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        max_grad_norm=max_grad_norm,
-        accountant=accountant,
-        grad_sample_mode=grad_sample_mode,
-        seed=train_seed,
+    try:
+        train_config = default_train_config(
+            config.arch,
+            epsilon,
+            delta=delta,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            max_grad_norm=max_grad_norm,
+            accountant=accountant,
+            grad_sample_mode=grad_sample_mode,
+            seed=train_seed,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    tc = train_config
+    console.print(
+        f"client-{client} ({config.arch}): epochs {tc.epochs}, batch {tc.batch_size}, lr {tc.lr:g}, "
+        f"clip {tc.max_grad_norm:g}, accountant {tc.accountant}, grad-sample mode {tc.grad_sample_mode}, seed {tc.seed}"
     )
     with console.status("building the federated split"):
         data = build_federated_data(split_config(split))
@@ -126,9 +141,10 @@ def train(
         except BudgetExceeded as err:
             console.print(f"[red]refused:[/red] {err}")
             raise typer.Exit(2) from err
-    spent = "non-private (no DP guarantee)" if not math.isfinite(result.total_epsilon) else (
-        f"epsilon {result.epsilon:.3f} this run, total {result.total_epsilon:.3f} of {trained.privacy.budget.epsilon:g}"
-    )
+    budget = trained.privacy.budget.epsilon
+    spent = f"epsilon {result.epsilon:.3f} this run, total {result.total_epsilon:.3f} of {budget:g}"
+    if not math.isfinite(result.total_epsilon):
+        spent = "non-private (no DP guarantee)"
     console.print(f"client-{client}: {result.steps} steps in {result.seconds:.1f} s; {spent}")
 
 

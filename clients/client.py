@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import Dataset
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -251,7 +252,8 @@ def train_client(
     passphrase: str | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[RewardClient, TrainResult]:
-    """Load the client (its stored config must agree with `config`) or create it, then train."""
+    """Load the client (its stored config must agree with `config`) or create it, then train.
+    A new client's initial parameters are drawn with the run's seed (reproducible runs)."""
     if RewardClient.exists(run_dir, config.client_id):
         client = RewardClient.load(run_dir, config.client_id)
         if client.config != config:
@@ -260,5 +262,6 @@ def train_client(
                 f"this request differs ({config}): architecture, budget and split are fixed at creation"
             )
     else:
+        torch.manual_seed(train_config.seed)
         client = RewardClient.new(run_dir, config, pairs)
     return client, client.train(pairs, train_config, passphrase, progress)

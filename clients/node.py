@@ -31,7 +31,7 @@ from PIL import Image
 from secure_mor.clients.client import ClientConfig, RewardClient, client_dir, train_client
 from secure_mor.clients.evaluation import held_out_pairs
 from secure_mor.clients.models import DEFAULT_ARCHS
-from secure_mor.clients.training import TrainConfig
+from secure_mor.clients.training import default_train_config
 from secure_mor.config import DataSpec
 from secure_mor.crypto.context import PublicContext, load_public_context
 from secure_mor.crypto.params import ReleaseConfig
@@ -150,8 +150,12 @@ class ClientNode:
         spec = self._spec()
         data = federated_data(spec)
         data_config = spec.split.clients[self.client_id]
-        split = {"seed": spec.split.seed, "skew": spec.split.skew, "pairs_per_client": spec.split.pairs_per_client,
-                 "num_clients": len(spec.split.clients)}
+        split = {
+            "seed": spec.split.seed,
+            "skew": spec.split.skew,
+            "pairs_per_client": spec.split.pairs_per_client,
+            "num_clients": len(spec.split.clients),
+        }
         config = ClientConfig(
             client_id=self.client_id,
             arch=str(payload.get("arch") or DEFAULT_ARCHS[self.client_id % len(DEFAULT_ARCHS)]),
@@ -166,7 +170,7 @@ class ClientNode:
             client, reused = self._client(), True
         else:
             overrides = {k: payload[k] for k in TRAIN_OVERRIDES if k in payload}
-            train_config = TrainConfig(epsilon=epsilon, delta=delta, seed=spec.split.seed, **overrides)
+            train_config = default_train_config(config.arch, epsilon, delta=delta, seed=spec.split.seed, **overrides)
             client, _ = train_client(self.state_dir, config, data.clients[self.client_id], train_config)
             self._loaded, self._margins, reused = client, None, False
             release_freed_memory()  # DP-SGD's per-pair gradients are gone; give their pages back
@@ -199,8 +203,14 @@ class ClientNode:
 
     def _seal(self, payload: Mapping[str, Any], purpose: str, values: np.ndarray, started: float) -> Payload:
         reply = seal_reply(
-            self._client().signer(), self._public_context(), run_id=str(payload["run_id"]), step=int(payload["step"]),
-            nonce=str(payload["nonce"]), purpose=purpose, scores=values, value_bound=ReleaseConfig().value_bound,
+            self._client().signer(),
+            self._public_context(),
+            run_id=str(payload["run_id"]),
+            step=int(payload["step"]),
+            nonce=str(payload["nonce"]),
+            purpose=purpose,
+            scores=values,
+            value_bound=ReleaseConfig().value_bound,
         )
         return {"reply": reply, "seconds": time.perf_counter() - started}
 
@@ -231,8 +241,9 @@ class ClientNode:
         started = time.perf_counter()
         query = decode_gradient_query(payload)
         limiter, save = self._limiter(str(payload["run_id"]))
-        values = answer_gradient_query(query, self._calibration_margins(), self.client_id,
-                                       value_bound=ReleaseConfig().value_bound, limiter=limiter)
+        values = answer_gradient_query(
+            query, self._calibration_margins(), self.client_id, value_bound=ReleaseConfig().value_bound, limiter=limiter
+        )
         save()
         return self._seal(payload, "router_gradient", values, started)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import torch
 from typer.testing import CliRunner
 
 from secure_mor.audits.ledger import verify_ledger
 from secure_mor.clients.cli import client_app
+from secure_mor.clients.training import ARCH_TRAIN_DEFAULTS, default_train_config
 from secure_mor.crypto.signing import read_registry
 
 torch.set_num_threads(1)
@@ -43,3 +45,19 @@ def test_train_then_eval_writes_the_run_directory(tmp_path):
     metrics = json.loads((directory / "metrics.json").read_text())
     assert set(metrics["evaluation"]) == {"color", "shape", "presence"}
     assert len(metrics["runs"]) == 1 and metrics["runs"][0]["noise_multiplier"] > 0
+
+
+def test_train_options_left_out_take_the_architecture_defaults(tmp_path, monkeypatch):
+    # A distinctive per-architecture value, so that the generic default cannot pass for it.
+    vit = {**ARCH_TRAIN_DEFAULTS["vit-xattn"], "batch_size": 24, "lr": 0.02}
+    monkeypatch.setitem(ARCH_TRAIN_DEFAULTS, "vit-xattn", vit)
+    out = str(tmp_path)
+    small = ["--pairs-per-client", "48", "--epochs", "1", "--accountant", "rdp"]
+    result = CliRunner().invoke(client_app, ["train", "--client", "1", "--out", out, *small])  # client 1: vit-xattn
+    assert result.exit_code == 0, result.output
+    expected = default_train_config("vit-xattn", 4.0, epochs=1, accountant="rdp")
+    assert expected.batch_size == 24 and expected.lr == 0.02 and expected.grad_sample_mode == vit["grad_sample_mode"]
+    assert "batch 24, lr 0.02," in result.output
+    metrics = json.loads((tmp_path / "clients" / "client-1" / "metrics.json").read_text())
+    assert metrics["runs"][0]["config"] == asdict(expected)
+    assert metrics["runs"][0]["steps"] == 2  # 48 pairs, expected batch 24

@@ -1,6 +1,6 @@
-"""The privacy unit is one preference pair: Opacus' per-sample gradients are the
-per-pair gradients (computed independently with torch.func), and clipping bounds
-each pair's whole contribution."""
+"""The privacy unit is one preference pair: Opacus' per-sample gradients, in every
+grad-sample mode, are the per-pair gradients (computed independently with
+torch.func), and clipping bounds each pair's whole contribution."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule, PrivacyEngine
+from opacus import PrivacyEngine
+from opacus.grad_sample import get_gsm_class
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
 
 from secure_mor.clients.models import ARCHITECTURES, architecture
-from secure_mor.clients.training import bradley_terry_loss, encode_pairs, pair_margins
+from secure_mor.clients.training import GRAD_SAMPLE_MODES, bradley_terry_loss, encode_pairs, pair_margins
 from secure_mor.data import SplitConfig, build_federated_data
 
 torch.set_num_threads(1)
@@ -33,6 +34,11 @@ def _setup(name: str, pairs):
     encoder = arch.build_encoder(texts)
     torch.manual_seed(0)
     model = arch.build_model(encoder)
+    # The bilinear head starts at zero, where every other parameter's gradient is
+    # zero too: give it the values of a trained model, so that all are compared.
+    with torch.no_grad():
+        for param in model.head.parameters():
+            param.normal_(0.0, 0.3)
     return model, encode_pairs(pairs, encoder)
 
 
@@ -47,11 +53,14 @@ def _per_pair_gradients(model: torch.nn.Module, rows) -> dict[str, torch.Tensor]
     return vmap(grad(pair_loss), in_dims=(None, 0, 0, 0))(params, *rows.tensors)
 
 
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_opacus_per_sample_gradient_is_the_per_pair_gradient(name, pairs):
+def test_opacus_per_sample_gradient_is_the_per_pair_gradient(name, mode, pairs):
     model, rows = _setup(name, pairs)
     reference = _per_pair_gradients(copy.deepcopy(model), rows)
-    wrapped = GradSampleModule(model)  # hooks mode, as in training
+    assert all(reference[k].abs().sum() > 0 for k in ["head.bilinear.weight", next(iter(reference))])
+    options = {"force_functorch": True} if mode == "functorch" else {}
+    wrapped = get_gsm_class(mode)(model, batch_first=True, loss_reduction="mean", **options)  # as make_private does
     bradley_terry_loss(pair_margins(wrapped, *rows.tensors)).backward()
     for key, param in model.named_parameters():
         assert param.grad_sample.shape == (PAIRS, *param.shape), key  # one row per pair, never 2 per pair

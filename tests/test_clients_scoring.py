@@ -103,3 +103,20 @@ def test_a_saved_client_scores_the_same_and_scoring_writes_nothing(tmp_path, dat
     np.testing.assert_array_equal(loaded.score(items), trained.score(items))
     assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files
     assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in files] == before  # no ledger entry, no spend
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_a_candidates_reward_does_not_depend_on_the_other_candidates(tmp_path, data, arch):
+    """Training scores chosen and rejected in one forward pass: neither reward may
+    see the other answer (a model that could would learn the candidates' order)."""
+    client = _client(tmp_path, data, arch)
+    with torch.no_grad():
+        for param in client.model.parameters():
+            param.add_(0.3 * torch.randn_like(param))  # away from the zero start, where little depends on anything
+    image, question, answers = encode_pairs(data.clients[1].select(range(8)), client.encoder).tensors
+    question, answers = trim_padding(question), trim_padding(answers)
+    with torch.no_grad():
+        joint = client.model(image, question, answers)
+        alone = torch.cat([client.model(image, question, answers[:, i : i + 1]) for i in range(2)], dim=1)
+    assert joint.std() > 0
+    torch.testing.assert_close(joint, alone, rtol=1e-5, atol=1e-5)

@@ -72,27 +72,56 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     clients = [Signer.generate(f"client-{i}") for i in range(2)]
     registry = {c.party: c.public_key_hex for c in clients}
     server = Signer.generate("server")
-    authority = KeyAuthority(secret, Signer.generate("authority"), clients=registry,
-                             server_public_key=server.public_key_hex, state_dir=tmp, policy=AuthorityPolicy())
+    authority = KeyAuthority(
+        secret,
+        Signer.generate("authority"),
+        clients=registry,
+        server_public_key=server.public_key_hex,
+        state_dir=tmp,
+        policy=AuthorityPolicy(),
+    )
     n, weights = 5000, np.full((5000, 2), 0.5)
 
     def step(number: int) -> tuple[list[bytes], bytes]:
         nonce = new_nonce()
-        payloads = [seal_reply(c, pub, run_id="r", step=number, nonce=nonce, purpose="reward",
-                               scores=np.ones(n), value_bound=10.0) for c in clients]
+        payloads = [
+            seal_reply(
+                c, pub, run_id="r", step=number, nonce=nonce, purpose="reward", scores=np.ones(n), value_bound=10.0
+            )
+            for c in clients
+        ]
         replies = [parse_reply(p, pub, registry) for p in payloads]
         fused, _ = Blinder(pub).blind(fuse(pub.context, [r.ciphertexts for r in replies], weights))
-        return payloads, build_request(server, pub, run_id="r", step=number, nonce=nonce, purpose="reward",
-                                       n_scores=n, statements=[r.statement.raw for r in replies],
-                                       weights=weights, fused=fused)
+        return payloads, build_request(
+            server,
+            pub,
+            run_id="r",
+            step=number,
+            nonce=nonce,
+            purpose="reward",
+            n_scores=n,
+            statements=[r.statement.raw for r in replies],
+            weights=weights,
+            fused=fused,
+        )
 
     _, answered = step(1)
     response = authority.decrypt(answered)
     payloads, request = step(2)  # valid and never submitted: mutations of it must all be refused
     statement = parse_reply(payloads[0], pub, registry)
-    return Corpus(pub, authority, registry, server, payloads[0], statement.statement.raw, request,
-                  response, statement.ciphertexts[0].serialize(),
-                  save_secret_context(secret, tmp / "authority.ckks", "pw", ScryptParams(n=2**10)), answered)
+    return Corpus(
+        pub,
+        authority,
+        registry,
+        server,
+        payloads[0],
+        statement.statement.raw,
+        request,
+        response,
+        statement.ciphertexts[0].serialize(),
+        save_secret_context(secret, tmp / "authority.ckks", "pw", ScryptParams(n=2**10)),
+        answered,
+    )
 
 
 @st.composite
@@ -137,8 +166,12 @@ def random_messages(magic: bytes) -> st.SearchStrategy[bytes]:
 
 
 def _fuzz(strategy: st.SearchStrategy[bytes], examples: int, check: Callable[[bytes], None]) -> None:
-    @settings(max_examples=examples, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(strategy)
     def run(data: bytes) -> None:
         check(data)

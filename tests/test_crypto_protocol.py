@@ -85,8 +85,9 @@ class World:
     def payloads(self, scores: list[np.ndarray], purpose: str = "reward", clients=None) -> list[bytes]:
         self.n = len(scores[0])
         return [
-            seal_reply(c, self.pub, run_id=RUN, step=self.step, nonce=self.nonce, purpose=purpose,
-                       scores=s, value_bound=R)
+            seal_reply(
+                c, self.pub, run_id=RUN, step=self.step, nonce=self.nonce, purpose=purpose, scores=s, value_bound=R
+            )
             for c, s in zip(clients or self.clients, scores, strict=True)
         ]
 
@@ -94,16 +95,31 @@ class World:
         return [parse_reply(p, self.pub, self.registry, self.expected(self.n, purpose)) for p in payloads]
 
     def build(
-        self, statements: list[bytes], weights: np.ndarray | None, fused: list[ts.CKKSVector],
-        purpose: str = "reward", nonce: str | None = None, payloads: list[bytes] | None = None,
+        self,
+        statements: list[bytes],
+        weights: np.ndarray | None,
+        fused: list[ts.CKKSVector],
+        purpose: str = "reward",
+        nonce: str | None = None,
+        payloads: list[bytes] | None = None,
     ) -> bytes:
         return build_request(
-            self.server, self.pub, run_id=RUN, step=self.step, nonce=nonce or self.nonce, purpose=purpose,
-            n_scores=self.n, statements=statements, weights=weights, fused=fused, client_payloads=payloads,
+            self.server,
+            self.pub,
+            run_id=RUN,
+            step=self.step,
+            nonce=nonce or self.nonce,
+            purpose=purpose,
+            n_scores=self.n,
+            statements=statements,
+            weights=weights,
+            fused=fused,
+            client_payloads=payloads,
         )
 
-    def request(self, payloads: list[bytes], weights: np.ndarray | None, purpose: str = "reward",
-                rederive: bool = False) -> tuple[bytes, np.ndarray | None]:
+    def request(
+        self, payloads: list[bytes], weights: np.ndarray | None, purpose: str = "reward", rederive: bool = False
+    ) -> tuple[bytes, np.ndarray | None]:
         """What the server does: verify replies, fuse, blind (unless re-derive), ask."""
         replies = self.replies(payloads, purpose)
         fused = fuse(self.pub.context, [r.ciphertexts for r in replies], weights, w_min=0.01)
@@ -123,12 +139,22 @@ def _statement_len(payload: bytes) -> int:
     return 9 + int.from_bytes(payload[5:9], "big") + 64
 
 
-def _make_authority(secret: ts.Context, world_server: Signer, clients: list[Signer], state_dir: Path,
-                    ledger: Ledger | None = None, **policy) -> KeyAuthority:
+def _make_authority(
+    secret: ts.Context,
+    world_server: Signer,
+    clients: list[Signer],
+    state_dir: Path,
+    ledger: Ledger | None = None,
+    **policy,
+) -> KeyAuthority:
     return KeyAuthority(
-        secret, Signer("authority", _AUTHORITY_KEY.private_key),
-        clients={c.party: c.public_key_hex for c in clients}, server_public_key=world_server.public_key_hex,
-        state_dir=state_dir, policy=AuthorityPolicy(**policy), ledger=ledger,
+        secret,
+        Signer("authority", _AUTHORITY_KEY.private_key),
+        clients={c.party: c.public_key_hex for c in clients},
+        server_public_key=world_server.public_key_hex,
+        state_dir=state_dir,
+        policy=AuthorityPolicy(**policy),
+        ledger=ledger,
     )
 
 
@@ -213,8 +239,7 @@ def test_reply_round_trip_and_statement(world: World) -> None:
     reply = parse_reply(payload, world.pub, world.registry, world.expected(5000))
     assert reply.client_id == "client-0" and len(reply.ciphertexts) == 2
     assert all(not v.context().is_private() for v in reply.ciphertexts)
-    statement = parse_statement(reply.statement.raw, world.registry, world.pub.fingerprint,
-                                world.expected(5000))
+    statement = parse_statement(reply.statement.raw, world.registry, world.pub.fingerprint, world.expected(5000))
     assert statement == reply.statement and len(statement.raw) < 1000
     assert payload.startswith(statement.raw)
 
@@ -256,8 +281,16 @@ def test_reply_for_another_step_or_nonce_is_refused(world: World) -> None:
 
 def test_foreign_context_is_refused(world: World) -> None:
     foreign = public_context_of(create_secret_context())
-    payload = seal_reply(world.clients[0], foreign, run_id=RUN, step=0, nonce=world.nonce, purpose="reward",
-                         scores=np.zeros(10), value_bound=R)
+    payload = seal_reply(
+        world.clients[0],
+        foreign,
+        run_id=RUN,
+        step=0,
+        nonce=world.nonce,
+        purpose="reward",
+        scores=np.zeros(10),
+        value_bound=R,
+    )
     with pytest.raises(PayloadError, match="foreign context"):
         parse_reply(payload, world.pub, world.registry)
 
@@ -270,8 +303,15 @@ def test_oversized_and_wrongly_sized_replies_are_refused(world: World) -> None:
         parse_reply(payload, world.pub, world.registry, limits=WireLimits(max_header_bytes=100))
     client = world.clients[0]
     vectors = encrypt_packed(world.pub.context, np.zeros(10))
-    header = {"client_id": client.party, "context": world.pub.fingerprint, "n_scores": 20,
-              "nonce": world.nonce, "purpose": "reward", "run_id": RUN, "step": 0}
+    header = {
+        "client_id": client.party,
+        "context": world.pub.fingerprint,
+        "n_scores": 20,
+        "nonce": world.nonce,
+        "purpose": "reward",
+        "run_id": RUN,
+        "step": 0,
+    }
     short = _frame(client, b"SMRC", header, [v.serialize() for v in vectors])  # claims 20 values, holds 10
     with pytest.raises(PayloadError, match="holds 10 values"):
         parse_reply(short, world.pub, world.registry)
@@ -307,10 +347,26 @@ def test_malformed_signed_headers_are_refused(world: World, raw_header: bytes, r
 
 
 def test_mistyped_header_fields_are_refused(world: World) -> None:
-    header = {"client_id": "client-0", "context": world.pub.fingerprint, "n_scores": 1, "nonce": world.nonce,
-              "purpose": "reward", "run_id": RUN, "sections": [], "step": 0}
-    for key, value in [("step", True), ("step", -1), ("n_scores", 0), ("nonce", "XYZ"), ("purpose", "other"),
-                       ("client_id", "../etc"), ("sections", [[1, "nothex"]]), ("n_scores", 1.0)]:
+    header = {
+        "client_id": "client-0",
+        "context": world.pub.fingerprint,
+        "n_scores": 1,
+        "nonce": world.nonce,
+        "purpose": "reward",
+        "run_id": RUN,
+        "sections": [],
+        "step": 0,
+    }
+    for key, value in [
+        ("step", True),
+        ("step", -1),
+        ("n_scores", 0),
+        ("nonce", "XYZ"),
+        ("purpose", "other"),
+        ("client_id", "../etc"),
+        ("sections", [[1, "nothex"]]),
+        ("n_scores", 1.0),
+    ]:
         raw = canonical_json({**header, key: value})
         with pytest.raises(PayloadError, match=f"field '{key}'"):
             parse_reply(_signed_raw(world.clients[0], raw), world.pub, world.registry)
@@ -363,8 +419,12 @@ def test_replayed_nonce_is_refused_even_after_restart(world: World, secret: ts.C
         world.authority.decrypt(request)
     key = save_secret_context(secret, world.state_dir / "authority.ckks", "pw", ScryptParams(n=2**12))
     restarted = KeyAuthority.open(
-        key, "pw", world.authority.signer, clients=world.registry,
-        server_public_key=world.server.public_key_hex, state_dir=world.state_dir,
+        key,
+        "pw",
+        world.authority.signer,
+        clients=world.registry,
+        server_public_key=world.server.public_key_hex,
+        state_dir=world.state_dir,
     )
     with pytest.raises(PolicyError, match="replayed nonce"):
         restarted.decrypt(request)

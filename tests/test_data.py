@@ -95,10 +95,14 @@ def test_pairs_are_valid_for_trl(federated):
                 style: {styled_answer(a, f, style): f for f, answers in federated.answers.items() for a in answers}
                 for style in ANSWER_STYLES
             }
-            style = next(s for s in ANSWER_STYLES if row["chosen_text"] in by_style[s] and
-                         row["rejected_text"] in by_style[s])  # both answers in one style
-            right, wrong = (row["rejected_text"], row["chosen_text"]) if row["label_flipped"] else (
-                row["chosen_text"], row["rejected_text"])
+            style = next(
+                s for s in ANSWER_STYLES if row["chosen_text"] in by_style[s] and row["rejected_text"] in by_style[s]
+            )  # both answers in one style
+            right, wrong = (
+                (row["rejected_text"], row["chosen_text"])
+                if row["label_flipped"]
+                else (row["chosen_text"], row["rejected_text"])
+            )
             assert by_style[style][right] == family
             cross += by_style[style][wrong] != family
             other_style += style != client.style

@@ -42,8 +42,7 @@ CLIENT_ACTIONS = ("margins", "router_gradient", "score")
 def tiny(fusion: str = "mor", **kw) -> AlignConfig:
     settings = {
         "fusion": fusion,
-        "grpo": GRPOSettings(max_steps=2, batch_size=8, steps_per_generation=1, save_steps=1,
-                             max_completion_length=6),
+        "grpo": GRPOSettings(max_steps=2, batch_size=8, steps_per_generation=1, save_steps=1, max_completion_length=6),
         "router": RouterTrainingConfig(steps=2, batch_size=96),
         "sft": SFTSettings(examples=64, epochs=1.0),
         "client_training": {"epochs": 2},
@@ -132,8 +131,11 @@ def test_the_server_never_holds_a_client_plaintext_score(tiny_run):
     for value in scores:
         assert np.float32(value).tobytes() not in reply and np.float64(value).tobytes() not in reply
     # What the key authority decrypted for the server was blinded: far outside [-R, R].
-    decrypted = [(sent["request"], reply["response"]) for (p, a, reply), sent in
-                 zip(transport.received, transport.sent, strict=True) if p == AUTHORITY_PARTY and a == "decrypt"]
+    decrypted = [
+        (sent["request"], reply["response"])
+        for (p, a, reply), sent in zip(transport.received, transport.sent, strict=True)
+        if p == AUTHORITY_PARTY and a == "decrypt"
+    ]
     assert len(decrypted) == 2 + 2 + 2  # router margins, router gradients, GRPO rounds
     for request, response in decrypted:
         assert np.max(np.abs(parse_response(response, federation.authority_key, request))) > 1e6
@@ -147,11 +149,16 @@ def _items(run: Path, n: int):
 
 def _session(run: Path, transport, federation, run_id: str, **kw) -> SecureSession:
     return SecureSession(
-        transport=transport, pub=federation.pub,
+        transport=transport,
+        pub=federation.pub,
         signer=load_or_create_signer(SERVER_PARTY, run / SERVER_PARTY / "keys"),
-        registry={c: federation.registry[c] for c in CLIENTS}, clients=CLIENTS,
-        authority_key=federation.authority_key, run_id=run_id, state_dir=run / "sessions" / run_id,
-        ledger=Ledger(run / "ledger.jsonl"), **kw,
+        registry={c: federation.registry[c] for c in CLIENTS},
+        clients=CLIENTS,
+        authority_key=federation.authority_key,
+        run_id=run_id,
+        state_dir=run / "sessions" / run_id,
+        ledger=Ledger(run / "ledger.jsonl"),
+        **kw,
     )
 
 
@@ -161,8 +168,9 @@ def test_dropouts_late_replies_and_k_min(tiny_run):
     images, questions, answers = _items(run, 8)
     answers = ["yes", "no", "red", "circle", "blue", "yes", "no", "green"]
     request = score_request(images, questions, answers)
-    scores = np.stack([nodes[c]._client().score(list(zip(images, questions, answers, strict=True))) for c in CLIENTS],
-                      axis=1)
+    scores = np.stack(
+        [nodes[c]._client().score(list(zip(images, questions, answers, strict=True))) for c in CLIENTS], axis=1
+    )
     weights = np.tile([0.5, 0.3, 0.2], (8, 1))
     federation = connect(LocalTransport(nodes), RunDir(run), RunDir(run).data_spec(), CLIENTS)
 
@@ -177,8 +185,9 @@ def test_dropouts_late_replies_and_k_min(tiny_run):
     late = LocalTransport(nodes, delays={"client-0": 100.0})
     session = _session(run, late, federation, "late-one", reply_timeout=50.0)
     fused = session.fused_rewards(request, weights)
-    np.testing.assert_allclose(fused, (scores[:, 1:] * renormalise(weights, [False, True, True])).sum(axis=1),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        fused, (scores[:, 1:] * renormalise(weights, [False, True, True])).sum(axis=1), atol=1e-4
+    )
 
     before = len(Ledger(run / "ledger.jsonl").entries())
     alone = _session(run, LocalTransport(nodes, unavailable={"client-1", "client-2"}), federation, "below-k-min")
@@ -197,8 +206,10 @@ class Crash(Exception):
 
 def test_a_killed_alignment_resumes_without_losing_or_duplicating_ledger_entries(tiny_run):
     run, _, _ = tiny_run
-    config = tiny("uniform", grpo=GRPOSettings(max_steps=4, batch_size=8, steps_per_generation=1, save_steps=1,
-                                               max_completion_length=6))
+    config = tiny(
+        "uniform",
+        grpo=GRPOSettings(max_steps=4, batch_size=8, steps_per_generation=1, save_steps=1, max_completion_length=6),
+    )
     calls = []
 
     def crash_on_third_round(party, action, payload):
@@ -213,12 +224,16 @@ def test_a_killed_alignment_resumes_without_losing_or_duplicating_ledger_entries
     with pytest.raises(Exception, match="interrupted run"):
         align(LocalTransport(nodes_of(run)), run, config, log=lambda m: None)
 
-    results = align(LocalTransport(nodes_of(run)), run, tiny("uniform", grpo=config.grpo, resume=True),
-                    log=lambda m: None)
+    results = align(
+        LocalTransport(nodes_of(run)), run, tiny("uniform", grpo=config.grpo, resume=True), log=lambda m: None
+    )
     assert results["grpo"]["steps"] == 4 and results["grpo"]["resumed_from"].endswith("checkpoint-2")
     assert all(c["reused"] for c in results["clients"].values())  # no second DP training, no new spending
-    releases = [e["details"] for e in Ledger(run / "ledger.jsonl").entries()
-                if e["kind"] == KIND_REWARD_RELEASE and e["details"]["run_id"] == results["run_id"]]
+    releases = [
+        e["details"]
+        for e in Ledger(run / "ledger.jsonl").entries()
+        if e["kind"] == KIND_REWARD_RELEASE and e["details"]["run_id"] == results["run_id"]
+    ]
     steps = [d["step"] for d in releases]
     # rounds 0, 1 released; round 2 crashed before any release (its number is never reused);
     # the resumed run scores rounds 3 and 4 (steps 3 and 4 of GRPO)
@@ -253,8 +268,17 @@ def test_grpo_on_the_encrypted_fused_reward_raises_it(tmp_path, warm_policy, fed
     session = _session(tmp_path, transport, federation, "grpo-secure")
     config = AlignConfig(fusion="uniform")
     reward = FederatedReward(session, config, None, None, {})
-    settings = GRPOSettings(num_generations=4, batch_size=16, steps_per_generation=2, max_steps=30,
-                            learning_rate=1e-3, beta=0.04, max_completion_length=8, save_steps=0, seed=0)
+    settings = GRPOSettings(
+        num_generations=4,
+        batch_size=16,
+        steps_per_generation=2,
+        max_steps=30,
+        learning_rate=1e-3,
+        beta=0.04,
+        max_completion_length=8,
+        save_steps=0,
+        seed=0,
+    )
     presence = federated.prompt_pool.filter(lambda r: r["family"] == "presence").shuffle(seed=0).select(range(256))
     result = run_grpo(warm_policy, presence, reward, settings, tmp_path / "grpo")
     rewards = [h["reward"] for h in result["history"] if "reward" in h]

@@ -37,8 +37,15 @@ NO_LIMITS = None  # unit tests of the arithmetic switch the clients' release che
 
 
 def _config(**kw) -> RouterConfig:
-    base = dict(feature_dim=6, objectives=("correctness", "style"), num_clients=3, hidden=5, objective_dim=3,
-                input_dim=4, w_min=W_MIN)
+    base = dict(
+        feature_dim=6,
+        objectives=("correctness", "style"),
+        num_clients=3,
+        hidden=5,
+        objective_dim=3,
+        input_dim=4,
+        w_min=W_MIN,
+    )
     return RouterConfig(**{**base, **kw})
 
 
@@ -179,8 +186,9 @@ def test_fusion_baselines() -> None:
     assert mapping == {"color": 0, "shape": 1, "presence": 2}
     oracle = weights_for("oracle", n=n, k=k, w_min=W_MIN, families=families, oracle=mapping)
     for i, family in enumerate(families):
-        expected = np.full(3, 1 / 3) if family == "other" else np.where(np.arange(3) == mapping[family],
-                                                                          1 - 2 * W_MIN, W_MIN)
+        expected = (
+            np.full(3, 1 / 3) if family == "other" else np.where(np.arange(3) == mapping[family], 1 - 2 * W_MIN, W_MIN)
+        )
         assert np.allclose(oracle[i], expected)
     router, x, o = _router()
     learned = weights_for("mor", n=40, k=3, w_min=W_MIN, router=router, features=x, objective_ids=o)
@@ -217,14 +225,22 @@ def test_prompt_features_of_the_tiny_policy(federated) -> None:
         assert not np.allclose(features[pair[0]], features[pair[1]])
     # The question family is recoverable from the whitened features (held-out nearest centroid).
     families = np.array(column(rows, "family"))
-    router = Router(RouterConfig(feature_dim=features.shape[1], objectives=("correctness",), num_clients=3,
-                                 input_dim=32)).fit_input_projection(features)
+    router = Router(
+        RouterConfig(feature_dim=features.shape[1], objectives=("correctness",), num_clients=3, input_dim=32)
+    ).fit_input_projection(features)
     u = ((torch.as_tensor(features) - router.input_mean) @ router.input_projection).numpy()
     train, test = np.arange(len(u)) % 2 == 0, np.arange(len(u)) % 2 == 1
     names = sorted(set(families))
     centroids = np.stack([u[train & (families == f)].mean(axis=0) for f in names])
     predicted = np.array(names)[np.argmin(((u[test, None] - centroids[None]) ** 2).sum(-1), axis=1)]
     assert np.mean(predicted == families[test]) > 0.7
-    w = weights_for("mor", n=len(rows), k=3, w_min=W_MIN, router=router, features=features,
-                    objective_ids=np.zeros(len(rows), dtype=np.int64))
+    w = weights_for(
+        "mor",
+        n=len(rows),
+        k=3,
+        w_min=W_MIN,
+        router=router,
+        features=features,
+        objective_ids=np.zeros(len(rows), dtype=np.int64),
+    )
     validate_weights(w, len(rows), 3, W_MIN)

@@ -36,8 +36,14 @@ def _batch(seed: int = 0):
 
 
 def _router(x: np.ndarray, seed: int = 0, **kw) -> Router:
-    config = RouterConfig(feature_dim=x.shape[1], objectives=("correctness",), num_clients=K, w_min=W_MIN,
-                          seed=seed, **{"input_dim": None, **kw})
+    config = RouterConfig(
+        feature_dim=x.shape[1],
+        objectives=("correctness",),
+        num_clients=K,
+        w_min=W_MIN,
+        seed=seed,
+        **{"input_dim": None, **kw},
+    )
     router = Router(config).fit_input_projection(x)
     with torch.no_grad():  # a router some way into training, not at its near-uniform start
         router.out.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(seed))
@@ -46,8 +52,11 @@ def _router(x: np.ndarray, seed: int = 0, **kw) -> Router:
 
 def _lstsq(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Minimum-norm least squares (torch, one thread: numpy's threaded OpenBLAS crawls here)."""
-    return torch.linalg.lstsq(torch.as_tensor(rows), torch.as_tensor(values)[:, None], driver="gelsd",
-                              rcond=1e-10).solution[:, 0].numpy()
+    return (
+        torch.linalg.lstsq(torch.as_tensor(rows), torch.as_tensor(values)[:, None], driver="gelsd", rcond=1e-10)
+        .solution[:, 0]
+        .numpy()
+    )
 
 
 def _rank(rows: np.ndarray) -> int:

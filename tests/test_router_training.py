@@ -59,8 +59,13 @@ def synthetic(n: int, objectives: tuple[str, ...] = ("correctness",), seed: int 
 
 
 def make_router(x: np.ndarray, objectives: tuple[str, ...], **kw) -> Router:
-    config = RouterConfig(feature_dim=x.shape[1], objectives=objectives, num_clients=K, w_min=W_MIN,
-                          **{"hidden": 8, "input_dim": None, **kw})
+    config = RouterConfig(
+        feature_dim=x.shape[1],
+        objectives=objectives,
+        num_clients=K,
+        w_min=W_MIN,
+        **{"hidden": 8, "input_dim": None, **kw},
+    )
     return Router(config).fit_input_projection(x)
 
 
@@ -80,13 +85,29 @@ class SimulatedClient:
 
     def margin_reply(self, step: int, nonce: str, items: np.ndarray) -> bytes:
         self.limiter.admit(step, items.tolist())
-        return seal_reply(self.signer, self.pub, run_id=self.run_id, step=step, nonce=nonce, purpose="reward",
-                          scores=self.margins[items], value_bound=R)
+        return seal_reply(
+            self.signer,
+            self.pub,
+            run_id=self.run_id,
+            step=step,
+            nonce=nonce,
+            purpose="reward",
+            scores=self.margins[items],
+            value_bound=R,
+        )
 
     def gradient_reply(self, step: int, nonce: str, query: GradientQuery) -> bytes:
         values = answer_gradient_query(query, self.margins, self.column, value_bound=R, limiter=self.limiter)
-        return seal_reply(self.signer, self.pub, run_id=self.run_id, step=step, nonce=nonce,
-                          purpose="router_gradient", scores=values, value_bound=R)
+        return seal_reply(
+            self.signer,
+            self.pub,
+            run_id=self.run_id,
+            step=step,
+            nonce=nonce,
+            purpose="router_gradient",
+            scores=values,
+            value_bound=R,
+        )
 
 
 @dataclass
@@ -115,16 +136,32 @@ class Federation:
         self.received.append(response)
         return response
 
-    def train(self, router: Router, x: np.ndarray, o: np.ndarray, config: RouterTrainingConfig, run_id: str,
-              margins=None, gradients=None):
+    def train(
+        self,
+        router: Router,
+        x: np.ndarray,
+        o: np.ndarray,
+        config: RouterTrainingConfig,
+        run_id: str,
+        margins=None,
+        gradients=None,
+    ):
         for c in self.clients:
             c.run_id = run_id
         return train_router_securely(
-            router, x, o, clients=[c.signer.party for c in self.clients],
-            registry={c.signer.party: c.signer.public_key_hex for c in self.clients}, pub=self.pub,
-            server_signer=self.server, authority_public_key=self.authority.signer.public_key_hex,
-            get_encrypted_margins=margins or self.margins, get_encrypted_gradients=gradients or self.gradients,
-            decrypt=self.decrypt, run_id=run_id, config=config,
+            router,
+            x,
+            o,
+            clients=[c.signer.party for c in self.clients],
+            registry={c.signer.party: c.signer.public_key_hex for c in self.clients},
+            pub=self.pub,
+            server_signer=self.server,
+            authority_public_key=self.authority.signer.public_key_hex,
+            get_encrypted_margins=margins or self.margins,
+            get_encrypted_gradients=gradients or self.gradients,
+            decrypt=self.decrypt,
+            run_id=run_id,
+            config=config,
         )
 
 
@@ -139,8 +176,12 @@ def make_federation(secret: ts.Context, margins: np.ndarray, state_dir: Path) ->
     clients = [SimulatedClient(Signer.generate(f"client-{k}"), pub, k, margins[:, k]) for k in range(K)]
     ledger_path = state_dir / "ledger.jsonl"
     authority = KeyAuthority(
-        secret, authority_signer, clients={c.signer.party: c.signer.public_key_hex for c in clients},
-        server_public_key=server.public_key_hex, state_dir=state_dir, policy=AuthorityPolicy(w_min=W_MIN),
+        secret,
+        authority_signer,
+        clients={c.signer.party: c.signer.public_key_hex for c in clients},
+        server_public_key=server.public_key_hex,
+        state_dir=state_dir,
+        policy=AuthorityPolicy(w_min=W_MIN),
         ledger=Ledger(ledger_path),
     )
     return Federation(pub, server, authority, clients, ledger_path)
@@ -157,8 +198,7 @@ def test_router_learns_family_routing_plaintext_reference() -> None:
     x, o, d, family = synthetic(30 * 128)
     router = make_router(x, ("correctness",))
     before = router.weights(x, o)
-    result = train_router_plaintext(router, x, o, d, RouterTrainingConfig(steps=30, batch_size=128,
-                                                                           learning_rate=0.1))
+    result = train_router_plaintext(router, x, o, d, RouterTrainingConfig(steps=30, batch_size=128, learning_rate=0.1))
     assert len(result.history) == 30 and result.losses[-1] < 0.7 * result.losses[0]
     after = router.weights(x, o)
     for f in range(K):
@@ -283,9 +323,16 @@ def test_dropped_or_forged_replies_skip_the_step(secret: ts.Context, tmp_path: P
     def gradients(step: int, nonce: str, query: GradientQuery) -> list[bytes]:
         replies = federation.gradients(step, nonce, query)
         if step == 3:  # an outsider replaces client-2's gradient term
-            replies[2] = seal_reply(impostor, federation.pub, run_id="run-3:router", step=step, nonce=nonce,
-                                    purpose="router_gradient", scores=np.ones(len(query.state.theta)),
-                                    value_bound=R)
+            replies[2] = seal_reply(
+                impostor,
+                federation.pub,
+                run_id="run-3:router",
+                step=step,
+                nonce=nonce,
+                purpose="router_gradient",
+                scores=np.ones(len(query.state.theta)),
+                value_bound=R,
+            )
         return replies
 
     router = make_router(x, ("correctness",))
@@ -309,8 +356,7 @@ def test_schedule_respects_the_release_budget() -> None:
     batches = batch_schedule(1000, config, p, K)
     assert len(batches) == 10  # one pass: the item budget, not `steps`, ends the run
     assert len(np.unique(np.concatenate(batches))) == 1000
-    twice = RouterTrainingConfig(steps=100, batch_size=200,
-                                 limits=QueryLimits(item_uses=2, max_release_ratio=0.8))
+    twice = RouterTrainingConfig(steps=100, batch_size=200, limits=QueryLimits(item_uses=2, max_release_ratio=0.8))
     counts = np.bincount(np.concatenate(batch_schedule(1000, twice, p, K)), minlength=1000)
     assert counts.max() == 2 and len(batch_schedule(1000, twice, p, K)) == 10
     budget = released_budget(config, router)
@@ -337,8 +383,9 @@ def test_secure_training_on_the_tiny_policys_prompt_features(secret: ts.Context,
     d = np.clip(rng.normal(0.0, 2.0, size=(len(rows), K)), -R, R)
     d[np.arange(len(rows)), family] = np.abs(rng.normal(2.0, 0.5, len(rows)))
     objective = np.zeros(len(rows), dtype=np.int64)
-    router = Router(RouterConfig(feature_dim=features.shape[1], objectives=("correctness",), num_clients=K,
-                                 w_min=W_MIN)).fit_input_projection(features)
+    router = Router(
+        RouterConfig(feature_dim=features.shape[1], objectives=("correctness",), num_clients=K, w_min=W_MIN)
+    ).fit_input_projection(features)
     config = RouterTrainingConfig(batch_size=96, learning_rate=0.1)
     result = make_federation(secret, d, tmp_path).train(router, features, objective, config, "run-4:router")
     assert result.steps_taken == len(rows) // 96  # one pass: each pair used once
