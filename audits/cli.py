@@ -11,9 +11,7 @@ ledger.
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -77,21 +75,13 @@ def recompute_cmd(
     ] = 0.05,
 ) -> None:
     """Recompute every epsilon with dp-accounting (RDP and PLD) and check the totals against the budgets."""
-    from secure_mor.audits.recompute import RecomputeError, recompute  # dp-accounting: slow to import
+    from secure_mor.audits.recompute import RecomputeError, recompute_quietly  # dp-accounting: slow to import
 
     console = _console()
     if not ledger.is_file():
         raise _fail(console, f"no ledger at {ledger}")
     try:
-        entries = Ledger(ledger).entries()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            level = logging.root.manager.disable
-            logging.disable(logging.WARNING)  # RDP's order-convergence chatter
-            try:
-                report = recompute(entries, tolerance=tolerance)
-            finally:
-                logging.disable(level)
+        report = recompute_quietly(Ledger(ledger).entries(), tolerance=tolerance)
     except (LedgerError, RecomputeError) as err:
         raise _fail(console, f"{ledger}: {err}") from None
 

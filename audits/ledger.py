@@ -184,8 +184,8 @@ def verify_ledger(path: Path | str, registry: Mapping[str, str], expected_head: 
     for number, raw in enumerate(raw_lines, start=1):
         try:
             line = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return fail(number, "not valid JSON (damaged or truncated)")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            return fail(number, "not valid JSON (damaged, truncated or nested too deep)")
         if not isinstance(line, dict):
             return fail(number, "not a JSON object")
         if line.get("seq") != number - 1:

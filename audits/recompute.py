@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import logging
 import math
 import sys
 import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,9 +208,11 @@ def _ledger_value(value: Any, where: str, *, unbounded: bool = True) -> float:
 
 
 def _delta(value: Any, where: str) -> float:
+    """Delta 0 is pure DP: the key authority logs its post-processing releases (epsilon 0) at
+    delta 0; a Gaussian mechanism then recomputes to inf, so a finite claim is flagged."""
     delta = _number(value, where)
-    if not 0.0 < delta < 1.0:
-        raise RecomputeError(f"{where}: delta must be in (0, 1), got {delta!r}")
+    if not 0.0 <= delta < 1.0:
+        raise RecomputeError(f"{where}: delta must be in [0, 1), got {delta!r}")
     return delta
 
 
@@ -402,3 +406,15 @@ def recompute(ledger_entries: Iterable[Mapping[str, Any]], tolerance: float = 0.
             )
         )  # fmt: skip
     return report
+
+
+def recompute_quietly(ledger_entries: Iterable[Mapping[str, Any]], tolerance: float = 0.05) -> Report:
+    """`recompute` without dp-accounting's warnings and RDP's order-convergence log chatter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        level = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            return recompute(ledger_entries, tolerance=tolerance)
+        finally:
+            logging.disable(level)

@@ -401,5 +401,37 @@ def ablate(
                   f"{out / 'reward_models.png'}")
 
 
+@app.command("report")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory (of `demo`, `align` or an ablation cell).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write the report [RUN_DIR/report].")] = None,
+    tolerance: Annotated[
+        float, typer.Option(min=0.0, help="Allowed epsilon difference in the recomputation (as `audit recompute`).")
+    ] = 0.05,
+) -> None:
+    """Privacy report of a run for auditors: OUT/report.html (one offline file) and OUT/report.md with its PNGs.
+
+    It verifies the ledger against RUN_DIR/keys, recomputes every epsilon, compares each party's spending
+    with its budget, shows the empirical audits (RUN_DIR/audits/empirical-*.json) and the run's results.
+
+    Exit codes: 0 every check passed; 1 a check FAILED (tampered ledger, wrong epsilon, budget overrun,
+    empirical bound above a claim; the report says which line and why); 2 RUN_DIR is not a run directory
+    (nothing written); 3 the ledger could not be checked (no ledger or no keys).
+    """
+    from secure_mor.audits.report import ReportError, build_report  # matplotlib, dp-accounting: slow to import
+
+    try:
+        result = build_report(run_dir, out, tolerance)
+    except ReportError as err:
+        raise _fail(str(err)) from None
+    colour = {"PASS": "green", "FAIL": "red"}.get(result.status, "yellow")
+    for check in result.checks:
+        console.print(
+            f"{check.status:>12}  {check.name}: {check.detail}", highlight=False, markup=False, soft_wrap=True
+        )
+    console.print(f"[bold {colour}]{result.status}[/] report written to {result.html} and {result.markdown}")
+    raise typer.Exit(result.exit_code)
+
+
 if __name__ == "__main__":
     app()

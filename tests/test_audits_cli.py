@@ -222,3 +222,32 @@ def test_event_from_json_round_trips_nested_events():
             dp_event.NoOpDpEvent(),
         ]
     )
+
+
+def test_delta_zero_is_pure_dp(tmp_path, claims):
+    """The key authority logs its post-processing releases at delta 0 (real ledgers do): they
+    recompute to 0; a Gaussian claimed at delta 0 recomputes to inf and is flagged."""
+    signer = Signer.generate("authority")
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.append(
+        signer,
+        KIND_REWARD_RELEASE,
+        mechanism=no_privacy_cost_event(),
+        epsilon=0.0,
+        delta=0.0,
+        accountant="none (post-processing)",
+        total_epsilon=0.0,
+    )
+    report = recompute(ledger.entries())
+    assert report.ok, report.problems
+    ledger.append(
+        signer,
+        KIND_REWARD_RELEASE,
+        mechanism=dp_sgd_event(*PRV_RUN),
+        epsilon=1.0,
+        delta=0.0,
+        accountant="rdp",
+        total_epsilon=1.0,
+    )
+    (bad,) = [e for e in recompute(ledger.entries()).entries if not e.ok]
+    assert bad.line == 2 and bad.status == "under-claimed" and math.isinf(bad.recomputed)
