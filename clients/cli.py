@@ -19,17 +19,15 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from secure_mor.clients.client import ClientConfig, RewardClient, client_dir, train_client
-from secure_mor.clients.evaluation import accuracy_table, held_out_pairs
-from secure_mor.clients.models import DEFAULT_ARCHS
-from secure_mor.clients.training import ACCOUNTANTS, GRAD_SAMPLE_MODES, BudgetExceeded, default_train_config
-from secure_mor.data import SplitConfig, build_federated_data, default_clients
+if TYPE_CHECKING:  # torch, Opacus and datasets load in the commands: `secure-mor --help` stays fast
+    from secure_mor.clients.client import ClientConfig
+    from secure_mor.data import SplitConfig
 
 client_app = typer.Typer(help="Client role: DP-SGD reward models, budget, evaluation.", no_args_is_help=True)
 console = Console()
@@ -39,6 +37,8 @@ SPLIT_DEFAULTS = {"seed": 0, "skew": 0.8, "pairs_per_client": 800, "num_clients"
 
 
 def split_config(split: dict[str, Any]) -> SplitConfig:
+    from secure_mor.data import SplitConfig, default_clients
+
     return SplitConfig(
         clients=default_clients(split["num_clients"]),
         skew=split["skew"],
@@ -48,6 +48,8 @@ def split_config(split: dict[str, Any]) -> SplitConfig:
 
 
 def _stored(out: Path, client: int) -> ClientConfig | None:
+    from secure_mor.clients.client import ClientConfig, client_dir
+
     path = client_dir(out, client) / "client.json"
     return ClientConfig.from_json(json.loads(path.read_text())) if path.exists() else None
 
@@ -70,8 +72,8 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help=f"expected (Poisson) batch size {ARCH_DEFAULT}")] = None,
     lr: Annotated[float | None, typer.Option(help=f"Adam learning rate {ARCH_DEFAULT}")] = None,
     max_grad_norm: Annotated[float | None, typer.Option(help=f"per-pair clipping norm C {ARCH_DEFAULT}")] = None,
-    accountant: Annotated[str | None, typer.Option(help=f"one of {ACCOUNTANTS} {ARCH_DEFAULT}")] = None,
-    grad_sample_mode: Annotated[str | None, typer.Option(help=f"one of {GRAD_SAMPLE_MODES} {ARCH_DEFAULT}")] = None,
+    accountant: Annotated[str | None, typer.Option(help=f"prv or rdp {ARCH_DEFAULT}")] = None,
+    grad_sample_mode: Annotated[str | None, typer.Option(help=f"hooks, functorch or ew {ARCH_DEFAULT}")] = None,
     train_seed: Annotated[
         int | None, typer.Option(help=f"seed of initialisation, sampling, noise {ARCH_DEFAULT}")
     ] = None,
@@ -86,6 +88,11 @@ def train(
     passphrase_env: Annotated[str | None, typer.Option(help="env var holding the key passphrase")] = None,
 ) -> None:
     """Train (or continue training) one client's reward model under its budget."""
+    from secure_mor.clients.client import ClientConfig, train_client
+    from secure_mor.clients.models import DEFAULT_ARCHS
+    from secure_mor.clients.training import BudgetExceeded, default_train_config
+    from secure_mor.data import build_federated_data, default_clients
+
     stored = _stored(out, client)
     given = {"seed": seed, "skew": skew, "pairs_per_client": pairs_per_client, "num_clients": num_clients}
     base_split = dict(stored.split) if stored else SPLIT_DEFAULTS
@@ -154,6 +161,10 @@ def evaluate(
     client: Annotated[list[int] | None, typer.Option(help="client id(s); default: all in the run")] = None,
 ) -> None:
     """Preference accuracy of each client on held-out pairs of every family."""
+    from secure_mor.clients.client import RewardClient
+    from secure_mor.clients.evaluation import accuracy_table, held_out_pairs
+    from secure_mor.data import build_federated_data
+
     ids = client or sorted(int(p.name.split("-")[1]) for p in (out / "clients").glob("client-*"))
     clients = [RewardClient.load(out, k) for k in ids]
     if not clients:
