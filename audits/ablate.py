@@ -313,6 +313,7 @@ def plot_audits(audits: list[dict[str, Any]], out: Path) -> None:
         ylabel=f"empirical epsilon lower bound ({confidence:g})",
         title=f"One-run audit of client-0 ({audits[0]['arch']}), m = {audits[0]['canaries']} canaries",
     )
+    ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.legend()
     fig.tight_layout()
