@@ -38,10 +38,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.stats import binom
+
+if TYPE_CHECKING:  # torch and datasets are imported only when an audit runs
+    from datasets import Dataset
+
+    from secure_mor.clients.training import ProgressFn
 
 SCHEMA = "secure-mor/empirical-audit/v1"
 DEFAULT_CONFIDENCE = 0.95
@@ -54,9 +59,9 @@ def p_value(correct: int, guesses: int, canaries: int, epsilon: float, delta: fl
     """Probability of at least `correct` right guesses out of `guesses` (among `canaries`
     each included with probability 1/2) if the training were (epsilon, delta)-DP.
 
-    The paper's main theorem for (epsilon, delta)-DP (Steinke, Nasr, Jagielski 2023,
-    Theorem 3.1 of arXiv 2305.08846; its Appendix D evaluates it the same way): with
-    f(v) = P[Binomial(r, q) >= v], q = e^eps / (1 + e^eps),
+    The paper's main result in its (epsilon, delta) form (Steinke, Nasr, Jagielski 2023,
+    arXiv 2305.08846, Theorem 3.1; their Appendix D computes the same p-value): with
+    r guesses fixed in advance, f(v) = P[Binomial(r, q) >= v] and q = e^eps / (1 + e^eps),
 
         P[W >= v] <= f(v) + 2 m delta * max_{1 <= i <= v} (f(v - i) - f(v)) / i.
 
@@ -212,8 +217,8 @@ class EmpiricalAuditResult:
 
 
 def mislabelled_canaries(
-    rows: Any, answers: dict[str, list[str]], count: int, family: str, style: str, seed: int
-) -> Any:
+    rows: Dataset, answers: dict[str, list[str]], count: int, family: str, style: str, seed: int
+) -> Dataset:
     """`count` canary pairs from the questions of `family` in `rows` (image, question,
     answer, family): chosen = a wrong answer of the same family, rejected = the true one."""
     from secure_mor.data import column, make_preference_pairs
@@ -228,7 +233,7 @@ def mislabelled_canaries(
     )
 
 
-def run_empirical_audit(config: EmpiricalAuditConfig, progress: Any = None) -> EmpiricalAuditResult:
+def run_empirical_audit(config: EmpiricalAuditConfig, progress: ProgressFn | None = None) -> EmpiricalAuditResult:
     """Build the client's data and the canaries, train once, score, guess, bound.
     `progress(step, total, loss)` is called after each training step."""
     import torch
