@@ -140,7 +140,7 @@ def _guesses(text: str) -> tuple[int, ...]:
 def empirical_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run directory; the result goes to RUN/audits/.")],
     client: Annotated[int, typer.Option(help="Whose data, family and annotation style (0-based).")] = 0,
-    arch: Annotated[str | None, typer.Option(help="Reward-model architecture [client k's default].")] = None,
+    arch: Annotated[str | None, typer.Option(help="Reward-model architecture (default: client k's).")] = None,
     epsilon: Annotated[float, typer.Option(help="Target epsilon of the training; inf = non-private.")] = 4.0,
     delta: Annotated[float, typer.Option(help="Delta of the training and of the bound.")] = 1e-5,
     canaries: Annotated[int, typer.Option(help="Canary pairs m, each included with probability 1/2.")] = 200,
@@ -150,10 +150,10 @@ def empirical_cmd(
     confidence: Annotated[float, typer.Option(help="Confidence of the lower bound.")] = 0.95,
     seed: Annotated[int, typer.Option(help="Seed of the split, the canaries, their inclusion and training.")] = 0,
     pairs: Annotated[int, typer.Option(help="The client's regular training pairs.")] = 800,
-    epochs: Annotated[int | None, typer.Option(help="[the architecture's default]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Expected batch size [the architecture's default].")] = None,
-    lr: Annotated[float | None, typer.Option(help="[the architecture's default]")] = None,
-    max_grad_norm: Annotated[float | None, typer.Option(help="Clipping norm [the architecture's default].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the architecture's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Expected batch size (default: the architecture's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default: the architecture's).")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Clipping norm (default: the architecture's).")] = None,
 ) -> None:
     """One-run empirical privacy audit (Steinke, Nasr, Jagielski 2023) of one client's DP-SGD training.
 
