@@ -7,13 +7,17 @@ a sweep). Layout under OUT:
 
     seed-S/base/          the split and the SFT policy of seed S (shared by its epsilons)
     seed-S/eps-E/         a run directory: clients trained at epsilon E (once), the
-                          router (once), align/<fusion>/results.json per fusion
-    results.csv           one row per finished cell, plus one "sft" row per (seed, epsilon)
+                          router (once), align/<fusion>/results.json per fusion, and
+                          audits/empirical-*.json: a one-run empirical privacy audit of
+                          client-0's training procedure at (epsilon E, seed S)
+    results.csv           one row per finished cell, plus one "sft" row per (seed, epsilon);
+                          the audit's columns (audit_*) on every row of its (seed, epsilon)
     policy_accuracy.png   held-out accuracy vs epsilon per fusion (mean and range over seeds)
     reward_models.png     each client's own-family preference accuracy vs epsilon
+    empirical_epsilon.png the audits' empirical epsilon lower bound vs the claimed epsilon
 
-Resumable: a cell whose results.json exists is read, not re-run. (seed, epsilon)
-groups run in `workers` processes.
+Resumable: a cell whose results.json exists is read, not re-run, and so is an
+audit whose JSON exists. (seed, epsilon) groups run in `workers` processes.
 """
 
 from __future__ import annotations
@@ -54,8 +58,27 @@ def _quiet_worker() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _group(out: Path, seed: int, epsilon: float, fusions: Sequence[str], overrides: dict[str, Any]) -> list[dict]:
-    """One (seed, epsilon) group: clients trained once, then every fusion. Runs in a worker process."""
+def _audit(run: Path, config: Any, audit: dict[str, Any]) -> dict[str, Any]:
+    """The empirical audit of client-0's training at the cell's (epsilon, delta, seed), with the
+    cell's pairs per client and training settings; read back if already done."""
+    from secure_mor.audits.empirical import EmpiricalAuditConfig, result_path, run_empirical_audit, write_result
+    from secure_mor.clients.models import DEFAULT_ARCHS
+
+    audit_config = EmpiricalAuditConfig(
+        **{"arch": DEFAULT_ARCHS[0], "client": 0, "epsilon": config.epsilon, "delta": config.delta,
+           "seed": config.seed, "pairs": config.pairs_per_client, "train": dict(config.client_training), **audit}
+    )  # fmt: skip
+    path = result_path(run, audit_config)
+    if not path.exists():
+        write_result(run_empirical_audit(audit_config), run)
+    return json.loads(path.read_text())
+
+
+def _group(
+    out: Path, seed: int, epsilon: float, fusions: Sequence[str], overrides: dict[str, Any], audit: dict | None
+) -> tuple[list[dict], dict | None]:
+    """One (seed, epsilon) group: clients trained once, then every fusion, then the empirical
+    audit (unless `audit` is None). Runs in a worker process."""
 
     from secure_mor.clients.node import ClientNode
     from secure_mor.crypto.authority_node import AuthorityNode
@@ -75,10 +98,13 @@ def _group(out: Path, seed: int, epsilon: float, fusions: Sequence[str], overrid
     rows = []
     for fusion in fusions:
         done = run / "align" / fusion.replace(":", "-") / "results.json"
-        results = json.loads(done.read_text()) if done.exists() else align(
-            LocalTransport(nodes), run, replace(config, fusion=fusion), log=lambda m: None)
+        results = (
+            json.loads(done.read_text())
+            if done.exists()
+            else align(LocalTransport(nodes), run, replace(config, fusion=fusion), log=lambda m: None)
+        )
         rows.append(results)
-    return rows
+    return rows, None if audit is None else _audit(run, config, audit)
 
 
 def _prepare_seed(out: Path, seed: int, overrides: dict[str, Any]) -> None:
@@ -97,11 +123,19 @@ def rows_of(results: dict[str, Any]) -> list[dict[str, Any]]:
     epsilon = "inf" if c["epsilon"] is None else c["epsilon"]
     out = []
     for fusion, accuracy in ((c["fusion"], results["accuracy"]["aligned"]), ("sft", results["accuracy"]["sft"])):
-        row = {"seed": c["seed"], "epsilon": epsilon, "fusion": fusion, "overall": accuracy["overall"]["accuracy"],
-               **{f: accuracy["per_family"][f]["accuracy"] for f in FAMILIES}}
+        row = {
+            "seed": c["seed"],
+            "epsilon": epsilon,
+            "fusion": fusion,
+            "overall": accuracy["overall"]["accuracy"],
+            **{f: accuracy["per_family"][f]["accuracy"] for f in FAMILIES},
+        }
         if fusion != "sft":
-            row.update(reward_first=results["grpo"]["reward_first"], reward_last=results["grpo"]["reward_last"],
-                       grpo_s=round(results["timings"]["grpo_s"], 1))
+            row.update(
+                reward_first=results["grpo"]["reward_first"],
+                reward_last=results["grpo"]["reward_last"],
+                grpo_s=round(results["timings"]["grpo_s"], 1),
+            )
             for party, client in results["clients"].items():
                 row[f"{party}_own_accuracy"] = client["preference_accuracy"][client["family"]]
                 row[f"{party}_epsilon"] = "inf" if client["total_epsilon"] is None else client["total_epsilon"]
@@ -115,8 +149,11 @@ def run_ablation(
     overrides: dict[str, Any] | None = None,
     workers: int = 1,
     on_cell: Callable[[int, int], None] | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> Path:
-    """Run (or resume) the sweep; returns the CSV path. `on_cell(done, total)` after each group."""
+    """Run (or resume) the sweep; returns the CSV path. `on_cell(done, total)` after each group.
+    `audit`: EmpiricalAuditConfig fields for each group's empirical audit (e.g. canaries, guesses),
+    over the cell's own settings; None: no audits."""
     out.mkdir(parents=True, exist_ok=True)
     overrides = overrides or {}
     groups = [(seed, eps) for seed in grid.seeds for eps in grid.epsilons]
@@ -124,16 +161,34 @@ def run_ablation(
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for future in as_completed([pool.submit(_prepare_seed, out, seed, overrides) for seed in grid.seeds]):
             future.result()
-        futures = [pool.submit(_group, out, seed, eps, grid.fusions, overrides) for seed, eps in groups]
+        futures = [pool.submit(_group, out, seed, eps, grid.fusions, overrides, audit) for seed, eps in groups]
         results: list[dict] = []
+        audits: list[dict] = []
         for done, future in enumerate(as_completed(futures), start=1):
-            results += future.result()
+            cells, audit_report = future.result()
+            results += cells
+            audits += [audit_report] if audit_report else []
             if on_cell:
                 on_cell(done, len(groups))
-    return write_outputs(out, results)
+    return write_outputs(out, results, audits)
 
 
-def write_outputs(out: Path, results: list[dict[str, Any]]) -> Path:
+def audit_columns(report: dict[str, Any]) -> dict[str, Any]:
+    """CSV columns of one empirical audit (audits.empirical JSON)."""
+    claimed = report["epsilon_claimed"]
+    return {
+        "audit_epsilon_lower_bound": round(report["epsilon_lower_bound"], 4),
+        "audit_epsilon_claimed": "inf" if claimed is None else round(claimed, 4),
+        "audit_correct": report["correct"],
+        "audit_guesses": report["guesses"],
+        "audit_canaries": report["canaries"],
+        "audit_confidence": report["confidence"],
+    }
+
+
+def write_outputs(out: Path, results: list[dict[str, Any]], audits: Sequence[dict[str, Any]] = ()) -> Path:
+    by_group = {(a["seed"], "inf" if a["train_config"]["epsilon"] is None else a["train_config"]["epsilon"]): a
+                for a in audits}  # fmt: skip
     rows: list[dict[str, Any]] = []
     seen_sft = set()
     for r in results:
@@ -142,6 +197,8 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> Path:
             if row["fusion"] == "sft" and key in seen_sft:
                 continue
             seen_sft.add(key)
+            if (row["seed"], row["epsilon"]) in by_group:
+                row.update(audit_columns(by_group[row["seed"], row["epsilon"]]))
             rows.append(row)
     rows.sort(key=lambda r: (r["fusion"], str(r["epsilon"]), r["seed"]))
     fields = COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
@@ -151,6 +208,8 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out)
+    if audits:
+        plot_audits(list(audits), out)
     return path
 
 
@@ -180,10 +239,21 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
         xs = sorted(by_eps)
         mean = [np.mean(by_eps[x]) for x in xs]
         low, high = [min(by_eps[x]) for x in xs], [max(by_eps[x]) for x in xs]
-        ax.errorbar(xs, mean, yerr=[np.subtract(mean, low), np.subtract(high, mean)], marker="o", capsize=3,
-                    label=fusion, linestyle="--" if fusion == "sft" else "-")
-    ax.set(xscale="log", xlabel="client DP budget epsilon", ylabel="held-out accuracy (overall)",
-           title="Policy accuracy after GRPO, by fusion (mean, min-max over seeds)")
+        ax.errorbar(
+            xs,
+            mean,
+            yerr=[np.subtract(mean, low), np.subtract(high, mean)],
+            marker="o",
+            capsize=3,
+            label=fusion,
+            linestyle="--" if fusion == "sft" else "-",
+        )
+    ax.set(
+        xscale="log",
+        xlabel="client DP budget epsilon",
+        ylabel="held-out accuracy (overall)",
+        title="Policy accuracy after GRPO, by fusion (mean, min-max over seeds)",
+    )
     ax.set_xticks(ticks, labels)
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend()
@@ -202,11 +272,50 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
         xs = sorted(by_eps)
         ax.plot(xs, [np.mean([v for _, v in by_eps[x]]) for x in xs], marker="o", label=client)
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-    ax.set(xscale="log", xlabel="client DP budget epsilon", ylabel="own-family preference accuracy",
-           title="Client reward models under DP-SGD (mean over seeds)")
+    ax.set(
+        xscale="log",
+        xlabel="client DP budget epsilon",
+        ylabel="own-family preference accuracy",
+        title="Client reward models under DP-SGD (mean over seeds)",
+    )
     ax.set_xticks(ticks, labels)
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "reward_models.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_audits(audits: list[dict[str, Any]], out: Path) -> None:
+    """Empirical lower bound vs claimed epsilon, one point per audit, with y = x: a point above the
+    line would refute the claim. Non-private runs (no claim) are drawn at the right, labelled inf."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = sorted({a["epsilon_claimed"] for a in audits if a["epsilon_claimed"] is not None})
+    top = max(finite, default=1.0)
+
+    def x_of(audit: dict[str, Any]) -> float:
+        return 1.25 * top if audit["epsilon_claimed"] is None else audit["epsilon_claimed"]
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="y = x (the claim)")
+    for seed in sorted({a["seed"] for a in audits}):
+        mine = sorted((a for a in audits if a["seed"] == seed), key=x_of)
+        ax.plot([x_of(a) for a in mine], [a["epsilon_lower_bound"] for a in mine], marker="o", label=f"seed {seed}")
+    ticks = finite + ([1.25 * top] if any(a["epsilon_claimed"] is None for a in audits) else [])
+    ax.set_xticks(ticks, [f"{t:.2g}" for t in finite] + ["inf"] * (len(ticks) - len(finite)))
+    confidence = audits[0]["confidence"]
+    ax.set(
+        xlabel="claimed epsilon (Opacus' accountant)",
+        ylabel=f"empirical epsilon lower bound ({confidence:g})",
+        title=f"One-run audit of client-0 ({audits[0]['arch']}), m = {audits[0]['canaries']} canaries",
+    )
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "empirical_epsilon.png", dpi=120)
     plt.close(fig)

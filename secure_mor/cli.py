@@ -375,6 +375,9 @@ def ablate(
     seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
     steps: Annotated[int, typer.Option(help="GRPO optimizer steps per cell")] = 40,
     workers: Annotated[int, typer.Option(help="(seed, epsilon) groups run in parallel")] = 1,
+    empirical: Annotated[
+        bool, typer.Option(help="one-run empirical privacy audit of client-0's training per (seed, epsilon)")
+    ] = True,
 ) -> None:
     """DP ablation sweep (epsilon x fusion x seed) through the real pipeline; CSV and plots in OUT."""
     _quiet_libraries()
@@ -396,9 +399,10 @@ def ablate(
     groups = len(grid.seeds) * len(grid.epsilons)
     with _progress() as progress:
         task = progress.add_task(f"{groups} (seed, epsilon) groups x {len(grid.fusions)} fusions", total=groups)
-        path = run_ablation(out, grid, overrides, workers, lambda done, _: progress.update(task, completed=done))
-    console.print(f"done in {time.perf_counter() - started:.0f} s: {path}, {out / 'policy_accuracy.png'}, "
-                  f"{out / 'reward_models.png'}")
+        path = run_ablation(out, grid, overrides, workers, lambda done, _: progress.update(task, completed=done),
+                            audit={} if empirical else None)  # fmt: skip
+    plots = ["policy_accuracy.png", "reward_models.png"] + (["empirical_epsilon.png"] if empirical else [])
+    console.print(f"done in {time.perf_counter() - started:.0f} s: {path}, " + ", ".join(str(out / p) for p in plots))
 
 
 @app.command("report")

@@ -1,6 +1,7 @@
-"""`secure-mor ablate` on a tiny grid: the CSV, the plots, and resuming."""
+"""`secure-mor ablate` on a tiny grid: the CSV, the plots, the empirical audits, and resuming."""
 
 import csv
+import json
 import math
 
 from PIL import Image
@@ -19,12 +20,15 @@ TINY = {
     "pairs_per_client": 60,
     "calibration_pairs": 150,
 }
+TINY_AUDIT = {"canaries": 20, "guesses": (10,)}
 
 
 def test_tiny_ablation_writes_csv_and_plots_and_resumes(tmp_path):
     grid = AblationGrid(epsilons=(math.inf, 4.0), fusions=("mor", "uniform"), seeds=(0,))
     calls = []
-    path = run_ablation(tmp_path, grid, TINY, workers=1, on_cell=lambda done, total: calls.append((done, total)))
+    path = run_ablation(
+        tmp_path, grid, TINY, workers=1, on_cell=lambda done, total: calls.append((done, total)), audit=TINY_AUDIT
+    )
     rows = list(csv.DictReader(open(path)))
     cells = {(r["epsilon"], r["fusion"]) for r in rows}
     assert cells == {(e, f) for e in ("inf", "4.0") for f in ("mor", "uniform", "sft")}
@@ -34,11 +38,21 @@ def test_tiny_ablation_writes_csv_and_plots_and_resumes(tmp_path):
         if row["fusion"] != "sft":
             spent = [row[f"client-{k}_epsilon"] for k in range(3)]
             assert spent == ["inf"] * 3 if row["epsilon"] == "inf" else all(0 < float(e) <= 4.0 for e in spent)
-    for name in ("policy_accuracy.png", "reward_models.png"):
+        # every row carries its (seed, epsilon)'s audit, whose claim is the cell's epsilon
+        assert row["audit_canaries"] == "20" and 0 <= int(row["audit_correct"]) <= int(row["audit_guesses"]) == 10
+        claimed = row["audit_epsilon_claimed"]
+        assert claimed == "inf" if row["epsilon"] == "inf" else abs(float(claimed) - 4.0) < 0.05
+        assert float(row["audit_epsilon_lower_bound"]) >= 0.0
+    for eps in ("inf", "4"):
+        report = json.loads((tmp_path / f"seed-0/eps-{eps}/audits/empirical-cnn-gru-eps{eps}-seed0.json").read_text())
+        assert report["schema"] == "secure-mor/empirical-audit/v1" and report["pairs"] == TINY["pairs_per_client"]
+    for name in ("policy_accuracy.png", "reward_models.png", "empirical_epsilon.png"):
         with Image.open(tmp_path / name) as image:
             assert image.size[0] > 400 and len(image.convert("L").getcolors(2**16)) > 10  # a real drawing
 
     # resume: every cell is finished, so nothing is trained again and the CSV is identical
-    stamp = {p: p.stat().st_mtime for p in tmp_path.glob("seed-0/eps-*/align/*/results.json")}
-    assert run_ablation(tmp_path, grid, TINY, workers=1).read_text() == path.read_text()
+    done = [*tmp_path.glob("seed-0/eps-*/align/*/results.json"), *tmp_path.glob("seed-0/eps-*/audits/*.json")]
+    stamp = {p: p.stat().st_mtime for p in done}
+    assert len(stamp) == 6  # 2 epsilons x (2 fusions + 1 audit)
+    assert run_ablation(tmp_path, grid, TINY, workers=1, audit=TINY_AUDIT).read_text() == path.read_text()
     assert {p: p.stat().st_mtime for p in stamp} == stamp
