@@ -60,7 +60,7 @@ def p_value(correct: int, guesses: int, canaries: int, epsilon: float, delta: fl
     each included with probability 1/2) if the training were (epsilon, delta)-DP.
 
     The paper's main result in its (epsilon, delta) form (Steinke, Nasr, Jagielski 2023,
-    arXiv 2305.08846, Theorem 3.1; their Appendix D computes the same p-value): with
+    arXiv 2305.08846; the p-value code printed in the paper computes the same): with
     r guesses fixed in advance, f(v) = P[Binomial(r, q) >= v] and q = e^eps / (1 + e^eps),
 
         P[W >= v] <= f(v) + 2 m delta * max_{1 <= i <= v} (f(v - i) - f(v)) / i.
@@ -86,7 +86,7 @@ def epsilon_lower_bound(
     """The largest epsilon that `correct` right guesses refute at `confidence`: the
     training is not (epsilon, delta)-DP for any smaller epsilon, except with probability
     at most 1 - confidence. 0 when nothing is refuted. Bisection on epsilon, as in the
-    paper's Appendix D (the p-value grows with epsilon)."""
+    paper's code (the p-value grows with epsilon: q does)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     alpha = 1 - confidence
