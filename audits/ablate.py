@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
@@ -53,6 +54,8 @@ def _quiet_worker() -> None:
     import torch
     import transformers
 
+    # A spawned worker starts with default warning filters; TRL calls a transformers API that v5 deprecates.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
