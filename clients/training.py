@@ -280,9 +280,9 @@ def train_reward_model(
     trained: nn.Module = model
     engine = None
     if config.private:
-        engine = PrivacyEngine(accountant=config.accountant)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # secure-RNG and RDP-order hints
+            engine = PrivacyEngine(accountant=config.accountant)
             trained, optimizer, loader = engine.make_private_with_epsilon(
                 module=model,
                 optimizer=optimizer,
