@@ -190,7 +190,7 @@ class LocalDeployment:
     # ------------------------------------------------------------ processes
 
     def _spawn(self, name: str, args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen:
-        log_path = self.root / name / f"{name.split('/')[0]}.log"
+        log_path = self.root / name / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = log_path.open("ab")
         self._logs.append(log)
