@@ -15,8 +15,7 @@ Layout under `root`:
                           copy of the public payload keys), flwr-home/, supernode.log
     server/               the ServerApp's run directory run/ and its copy of the registry
 
-The Flower commands run under this interpreter (small shims in `<root>/bin`): the
-processes then import this `secure_mor`, whichever `flower-*` scripts PATH holds.
+The Flower commands run under this interpreter (`federation.flower_shims` in `<root>/bin`).
 """
 
 from __future__ import annotations
@@ -28,11 +27,9 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -41,6 +38,7 @@ from secure_mor.crypto.pki import Pki, init_pki, install_signing_key, node_keys
 from secure_mor.federation import (
     APP_DIR,
     FederationError,
+    flower_shims,
     free_port,
     run_overrides,
     stop_process_trees,
@@ -79,21 +77,6 @@ class DeploymentResult:
     details: str
     logs: str
     seconds: float
-
-
-def flower_shims(directory: Path) -> Path:
-    """`directory` filled with one executable per Flower console script that runs it under this
-    interpreter; Flower's processes start each other by name, so this directory goes first on PATH."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for entry in entry_points(group="console_scripts"):
-        if entry.dist is None or entry.dist.name.lower() != "flwr":
-            continue
-        module, _, attr = entry.value.partition(":")
-        shim = directory / entry.name
-        code = f"import sys; sys.argv[0] = {entry.name!r}; from {module} import {attr}; sys.exit({attr}())"
-        shim.write_text(f'#!/bin/sh\nexec {json.dumps(sys.executable)} -c {json.dumps(code)} "$@"\n')
-        shim.chmod(0o755)
-    return directory
 
 
 def node_config_arg(config: Mapping[str, object]) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import psutil
@@ -59,18 +59,27 @@ def toml_value(value: object) -> str:
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
-def _flwr() -> str:
-    found = shutil.which("flwr", path=str(Path(sys.executable).parent))
-    if not found:
-        raise FederationError("the `flwr` command is not installed (pip install 'secure-mor[simulation]')")
-    return found
+def flower_shims(directory: Path) -> Path:
+    """`directory` filled with one executable per Flower console script that runs it under this
+    interpreter; Flower's processes start each other by name, so this directory goes first on PATH."""
+    directory.mkdir(parents=True, exist_ok=True)
+    scripts = [e for e in entry_points(group="console_scripts") if e.dist and e.dist.name.lower() == "flwr"]
+    if not scripts:
+        raise FederationError("Flower is not installed (pip install 'secure-mor[simulation]')")
+    for entry in scripts:
+        module, _, attr = entry.value.partition(":")
+        shim = directory / entry.name
+        code = f"import sys; sys.argv[0] = {entry.name!r}; from {module} import {attr}; sys.exit({attr}())"
+        shim.write_text(f'#!/bin/sh\nexec {json.dumps(sys.executable)} -c {json.dumps(code)} "$@"\n')
+        shim.chmod(0o755)
+    return directory
 
 
-def simulation_env(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
+def simulation_env(flwr_home: Path, ray_tmp: Path, bin_dir: Path) -> dict[str, str]:
     ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": free_port(), "FLWR_LOCAL_CONTROL_API_PORT": free_port()}
-    # flwr starts `flower-superlink` and `flower-superexec` by name: they live beside
-    # this interpreter, which need not be on PATH (a venv that was never activated).
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # flwr starts `flower-superlink`, `flower-superexec`, ... by name: `bin_dir` holds them
+    # (flower_shims), so that they run this interpreter and import this secure_mor.
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {
         **os.environ,
         "PATH": path,
@@ -187,13 +196,13 @@ def run_local_simulation(
     # Ray's socket paths must stay short (108 bytes): a fresh directory under /tmp.
     with tempfile.TemporaryDirectory(prefix="smor-flwr-") as scratch:
         scratch_dir = Path(scratch)
-        env = simulation_env(scratch_dir / "home", scratch_dir / "ray")
+        env = simulation_env(scratch_dir / "home", scratch_dir / "ray", flower_shims(scratch_dir / "bin"))
         (scratch_dir / "home").mkdir()
         (scratch_dir / "ray").mkdir()
         (scratch_dir / "home" / "config.toml").write_text(
             '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
         )
-        flwr = _flwr()
+        flwr = str(scratch_dir / "bin" / "flwr")
         overrides = run_overrides(run_config)
         federation = f"num-supernodes={int(num_supernodes)} client-resources-num-cpus=1"
         try:
@@ -201,6 +210,10 @@ def run_local_simulation(
             if overrides:
                 args += ["--run-config", overrides]
             submitted = flwr_json(args, env, scratch_dir, timeout=300)
+            if "Failed to start local SuperLink" in str(submitted.get("error-message")):
+                # flwr gives its SuperLink 15 s to start, too few on a busy machine; it keeps
+                # starting, and a second `flwr run` finds it up
+                submitted = flwr_json(args, env, scratch_dir, timeout=300)
             if not submitted.get("success") or "run-id" not in submitted:
                 raise FederationError(f"flwr run refused the app: {submitted}")
             run_id = str(submitted["run-id"])
