@@ -46,15 +46,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="smor-bench-") as scratch:
         root = (args.dir or Path(scratch)).resolve()
         started = time.perf_counter()
-        run_local_simulation({**overrides, "num-clients": CLIENTS, "run-dir": str(root / "simulation")}, CLIENTS + 1)
-        simulation = json.loads((root / "simulation" / "align" / "mor" / "results.json").read_text())
-        simulation_wall = time.perf_counter() - started
-
-        started = time.perf_counter()
         with LocalDeployment(root / "deployment", CLIENTS) as deployment:
             deployment.run(overrides)
             deployed = json.loads((deployment.run_dir / "align" / "mor" / "results.json").read_text())
         deployment_wall = time.perf_counter() - started
+
+        started = time.perf_counter()
+        run_local_simulation({**overrides, "num-clients": CLIENTS, "run-dir": str(root / "simulation")}, CLIENTS + 1)
+        simulation = json.loads((root / "simulation" / "align" / "mor" / "results.json").read_text())
+        simulation_wall = time.perf_counter() - started
 
     print(f"{'runtime':<12} {'rounds':>6} {'steps/round':>11} {'GRPO s/step':>11} {'wall s':>7}")
     per_step = {}
