@@ -52,6 +52,7 @@ from secure_mor.routing import ItemUseLimiter, QueryLimits, answer_gradient_quer
 NODE_FILE = "node.json"
 CONTEXT_FILE = "public_context.bin"
 LIMITER_FILE = "router_item_uses.json"
+MARGINS_FILE = "calibration_margins.npy"  # of the current reward model; removed when it is retrained
 TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "max_grad_norm")  # what a train request may set
 
 _DATA_CACHE: dict[str, FederatedData] = {}
@@ -173,6 +174,7 @@ class ClientNode:
             train_config = default_train_config(config.arch, epsilon, delta=delta, seed=spec.split.seed, **overrides)
             client, _ = train_client(self.state_dir, config, data.clients[self.client_id], train_config)
             self._loaded, self._margins, reused = client, None, False
+            (self.directory / MARGINS_FILE).unlink(missing_ok=True)
             release_freed_memory()  # DP-SGD's per-pair gradients are gone; give their pages back
         metrics = client.metrics()
         if "held_out" not in metrics:
@@ -191,7 +193,11 @@ class ClientNode:
         }
 
     def _calibration_margins(self) -> np.ndarray:
-        """clip(R(chosen) - R(rejected)) for every public calibration pair (cached)."""
+        """clip(R(chosen) - R(rejected)) for every public calibration pair, cached in memory and on
+        the node's disk: Flower's deployment runtime starts a fresh process for every message."""
+        path = self.directory / MARGINS_FILE
+        if self._margins is None and path.exists():
+            self._margins = np.load(path, allow_pickle=False)
         if self._margins is None:
             client = self._client()
             pairs = calibration_set(federated_data(self._spec()))
@@ -199,6 +205,7 @@ class ClientNode:
             chosen = client.score(list(zip(images, questions, column(pairs, "chosen_text"), strict=True)))
             rejected = client.score(list(zip(images, questions, column(pairs, "rejected_text"), strict=True)))
             self._margins = pair_margins(chosen, rejected, ReleaseConfig().value_bound)
+            np.save(path, self._margins, allow_pickle=False)
         return self._margins
 
     def _seal(self, payload: Mapping[str, Any], purpose: str, values: np.ndarray, started: float) -> Payload:

@@ -3,8 +3,9 @@
 The authority runs the project's ClientApp on a node of its own (node config
 `role=authority`). It trusts no key the server sends it: the clients' and the
 server's Ed25519 public keys are read from the registry directory the parties
-publish to (`<state>/keys`; in a deployment, the PKI's directory given as node
-config `registry`), so a server cannot invent "clients" to reach K_min with.
+publish to (`<state>/keys`, in the simulation runtime), or, in a deployment, from
+the operator's registry given as node config `registry`, which the authority only
+reads: a server cannot invent "clients" to reach K_min with.
 
 Its secret key lives in `<state>/authority/secret.key`, encrypted under the
 passphrase in the environment variable SECURE_MOR_AUTHORITY_PASSPHRASE. Without
@@ -24,7 +25,7 @@ from typing import Any
 
 from secure_mor.audits.ledger import Ledger
 from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority
-from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
+from secure_mor.crypto.signing import Signer, load_or_create_signer, publish_public_key, read_registry
 from secure_mor.protocol import AUTHORITY_PARTY, ROLE_AUTHORITY, SERVER_PARTY, Payload, ProtocolError
 
 PASSPHRASE_ENV = "SECURE_MOR_AUTHORITY_PASSPHRASE"
@@ -53,6 +54,14 @@ class AuthorityNode:
                 f.write(secrets.token_hex(32))
         return path.read_text().strip()
 
+    def _signer(self) -> Signer:
+        """The authority's signing key; published to the registry only when the registry is the
+        run directory's own (simulation): an operator's registry is never written by a node."""
+        signer = load_or_create_signer(AUTHORITY_PARTY, self.directory / "keys")
+        if self.registry == self.state_dir / "keys":
+            publish_public_key(signer, self.registry)
+        return signer
+
     def _keys(self) -> tuple[dict[str, str], str]:
         registry = read_registry(self.registry)
         if SERVER_PARTY not in registry:
@@ -65,8 +74,7 @@ class AuthorityNode:
         clients, server_key = self._keys()
         if self._authority is not None and self._authority.clients == clients:
             return self._authority
-        signer = load_or_create_signer(AUTHORITY_PARTY, self.directory / "keys")
-        publish_public_key(signer, self.registry)
+        signer = self._signer()
         kwargs: dict[str, Any] = {
             "clients": clients,
             "server_public_key": server_key,
@@ -83,8 +91,7 @@ class AuthorityNode:
 
     def handle(self, action: str, payload: Mapping[str, Any]) -> Payload:
         if action == "identify":
-            signer = load_or_create_signer(AUTHORITY_PARTY, self.directory / "keys")
-            publish_public_key(signer, self.registry)
+            signer = self._signer()
             return {"party": AUTHORITY_PARTY, "role": ROLE_AUTHORITY, "public_key": signer.public_key_hex}
         if action == "setup":
             authority = self.authority()

@@ -29,6 +29,10 @@ app.add_typer(data_app, name="data")
 app.add_typer(policy_app, name="policy")
 app.add_typer(client_app, name="client")
 app.add_typer(audit_app, name="audit")
+pki_app = typer.Typer(help="Certificates and keys of a deployment (docs/deployment.md).", no_args_is_help=True)
+deploy_app = typer.Typer(help="Flower's deployment runtime (docs/deployment.md).", no_args_is_help=True)
+app.add_typer(pki_app, name="pki")
+app.add_typer(deploy_app, name="deploy")
 
 console = Console()
 
@@ -435,6 +439,93 @@ def report(
         )
     console.print(f"[bold {colour}]{result.status}[/] report written to {result.html} and {result.markdown}")
     raise typer.Exit(result.exit_code)
+
+
+# ---------------------------------------------------------------- deployment
+
+PkiDirOption = Annotated[Path, typer.Option("--dir", help="The PKI directory (the operator's).")]
+
+
+@pki_app.command("init")
+def pki_init(
+    directory: PkiDirOption = Path("pki"),
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="a host name or address the SuperLink is reached at (repeat; default: localhost, loopback)"),
+    ] = None,
+    days: Annotated[int, typer.Option(help="validity of the CA and the SuperLink certificate")] = 365,
+) -> None:
+    """A CA and the SuperLink's TLS certificate (SANs: every --host)."""
+    from secure_mor.crypto.pki import DEFAULT_HOSTS, PkiError, init_pki
+
+    try:
+        pki = init_pki(directory, hosts=tuple(host or DEFAULT_HOSTS), days=days)
+    except PkiError as err:
+        raise _fail(str(err)) from err
+    console.print(f"CA {pki.ca_cert} (its key {pki.ca_key}: keep it offline); SuperLink certificate "
+                  f"{pki.superlink_cert} and key {pki.superlink_key}")
+
+
+@pki_app.command("node")
+def pki_node(
+    name: Annotated[str, typer.Argument(help="the party: client-K, authority or server")],
+    directory: PkiDirOption = Path("pki"),
+    install_into: Annotated[
+        Path | None, typer.Option(help="also copy the signing key to where this node reads it (its state-dir)")
+    ] = None,
+) -> None:
+    """NAME's SuperNode authentication key pair (EC P-384, OpenSSH) and Ed25519 payload-signing key;
+    the public payload key goes into the registry."""
+    from secure_mor.crypto.pki import PkiError, install_signing_key, node_keys
+
+    try:
+        pki = node_keys(directory, name)
+        installed = install_signing_key(directory, name, install_into) if install_into else None
+    except PkiError as err:
+        raise _fail(str(err)) from err
+    console.print(f"{name}: SuperNode key {pki.auth_key(name)} (register {pki.auth_public_key(name)}), "
+                  f"signing key {pki.signing_key(name)}, public key in {pki.registry / (name + '.pub')}")
+    if installed:
+        console.print(f"signing key installed at {installed}")
+
+
+@deploy_app.command("local")
+def deploy_local(
+    directory: Annotated[Path, typer.Option("--dir", help="where every party's directory goes")] = Path(
+        "runs/deployment"
+    ),
+    clients: ClientsOption = 3,
+    steps: Annotated[int, typer.Option(help="GRPO optimizer steps of the tiny run")] = 2,
+    run: Annotated[bool, typer.Option(help="run the tiny job; --no-run keeps the deployment up until Ctrl-C")] = True,
+    timeout: Annotated[float, typer.Option(help="give up on the run after this many seconds")] = 3600.0,
+) -> None:
+    """A whole deployment on 127.0.0.1 (SuperLink with TLS and SuperNode authentication, one SuperNode
+    per client and one for the key authority) running a tiny secure alignment; every process is
+    stopped at the end."""
+    from secure_mor.deployment import TINY_RUN, LocalDeployment
+    from secure_mor.federation import FederationError
+
+    started = time.perf_counter()
+    deployment = LocalDeployment(directory, clients)
+    try:
+        with deployment:
+            console.print(f"SuperLink on https://{deployment.address} (CA {deployment.pki.ca_cert}); "
+                          f"{len(deployment.parties)} SuperNodes online after {time.perf_counter() - started:.0f} s")
+            if not run:
+                home = deployment.root / "operator" / "flwr-home"
+                console.print(f"try: FLWR_HOME={home} {deployment.flwr_run_command(TINY_RUN)}", soft_wrap=True)
+                console.print("Ctrl-C stops every process.")
+                while True:
+                    time.sleep(3600)
+            result = deployment.run({**TINY_RUN, "grpo-steps": steps}, timeout=timeout)
+            console.print(f"Flower run {result.run_id}: {result.status} in {result.seconds:.0f} s")
+    except FederationError as err:
+        raise _fail(str(err)) from err
+    except KeyboardInterrupt:
+        console.print("stopped")
+        return
+    results = json.loads((deployment.run_dir / "align" / "mor" / "results.json").read_text())
+    print_results(results)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Stages of `align(transport, run_dir, config)`, each resumable:
    evaluate it on the held-out set (`eval/sft.json`);
 2. connect: every node says who it is and publishes its Ed25519 key to the
    registry (`<run>/keys`); the server publishes its own; the key authority
-   opens its CKKS context and the clients receive the public context;
+   opens its CKKS context and the clients receive the public context. In a
+   deployment (`registry` set: the operator's registry of public keys), the
+   server trusts only the registry's keys and refuses a node that presents another;
 3. clients: each trains its reward model with DP-SGD under (epsilon, delta), once
    per run directory (a later `align` in the same directory reuses it, spending nothing);
 4. router (fusion "mor"): trained on the public calibration preferences without
@@ -37,7 +39,7 @@ import numpy as np
 from secure_mor.audits.ledger import Ledger, line_hash
 from secure_mor.config import DataSpec, RunDir
 from secure_mor.crypto.context import load_public_context
-from secure_mor.crypto.signing import load_or_create_signer, publish_public_key
+from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
 from secure_mor.data import FAMILIES, FederatedData, SplitConfig, default_clients
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, SERVER_PARTY, calibration_set, encode_gradient_query
@@ -88,6 +90,7 @@ class AlignConfig:
     pairs_per_client: int = 800
     calibration_pairs: int = 1500
     resume: bool = False
+    registry: str = ""  # the operator's registry of public payload keys ("": what the nodes publish, simulation)
 
     @property
     def label(self) -> str:
@@ -185,7 +188,19 @@ def _ok(replies: Mapping[str, Any], parties: Sequence[str], what: str) -> dict[s
     return {p: dict(replies[p]) for p in parties}
 
 
-def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str]) -> Federation:
+def trusted_keys(registry: Path, parties: Sequence[str], presented: Mapping[str, str]) -> dict[str, str]:
+    """The operator's registry's key of every party; refuses a party that is missing from it or
+    presents another key (its payloads would not verify: better to stop before any work)."""
+    keys = read_registry(registry)
+    wrong = {p: "not in the registry" for p in parties if p not in keys}
+    wrong.update({p: "presents a key that is not the registry's" for p in parties
+                  if p in keys and presented[p] != keys[p]})
+    if wrong:
+        raise AlignError(f"refused by the key registry {registry}: {wrong}")
+    return {p: keys[p] for p in parties}
+
+
+def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str], registry: str = "") -> Federation:
     parties = [*clients, AUTHORITY_PARTY]
     who = _ok(transport.ask(parties, "identify", {}), parties, "identify")
     for party, reply in who.items():
@@ -193,6 +208,9 @@ def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str
             raise AlignError(f"node addressed as {party} says it is {reply['party']}")
     server = load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys")
     publish_public_key(server, run.path / "keys")
+    keys = {p: str(r["public_key"]) for p, r in who.items()}
+    if registry:
+        keys = trusted_keys(Path(registry), [*parties, SERVER_PARTY], {**keys, SERVER_PARTY: server.public_key_hex})
     setup = _ok(transport.ask([AUTHORITY_PARTY], "setup", {}), [AUTHORITY_PARTY], "key authority setup")
     authority = setup[AUTHORITY_PARTY]
     if sorted(authority["clients"]) != sorted(clients):
@@ -201,8 +219,7 @@ def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str
     pub = load_public_context(context, fingerprint)
     _ok(transport.ask(clients, "setup", {"context": context, "fingerprint": fingerprint,
                                           "data_spec": json.dumps(spec.to_json())}), clients, "client setup")
-    registry = {p: r["public_key"] for p, r in who.items()}
-    return Federation(registry, pub, registry[AUTHORITY_PARTY], clients)
+    return Federation({p: keys[p] for p in parties}, pub, keys[AUTHORITY_PARTY], clients)
 
 
 # ---------------------------------------------------------------- stage 3: the clients' reward models
@@ -402,7 +419,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     # The clients train their reward models while the server warm-starts its policy.
     t = time.perf_counter()
     data = prepare_data(run, config)
-    federation = connect(transport, run, run.data_spec(), config.clients)
+    federation = connect(transport, run, run.data_spec(), config.clients, config.registry)
     training = start_client_training(transport, federation, config, log)
     prepare_policy(run, data, config, log, on_step=lambda step, total: write_progress(out, "SFT", step, total))
     timings["policy_s"] = time.perf_counter() - t

@@ -1,0 +1,368 @@
+"""Run the Flower app on Flower's deployment runtime, as real processes on 127.0.0.1.
+
+`LocalDeployment` is what docs/deployment.md describes, on one machine: a SuperLink
+with TLS and SuperNode authentication, one SuperNode per client institution and one
+for the key authority, each party in its own directory (institutions share no disk),
+the operator's PKI (`secure_mor.crypto.pki`) and `flwr run`. Every process it starts
+is stopped, with everything it spawned, when the deployment is closed, also on error.
+
+Layout under `root`:
+
+    pki/                  the operator's CA, SuperLink certificate, node keys, registry
+    operator/flwr-home/   the `flwr` CLI's configuration (the SuperLink connection "deployment")
+    superlink/            its log and Flower home
+    client-K/, authority/ each SuperNode: state/ (node config `state-dir`), registry/ (its own
+                          copy of the public payload keys), flwr-home/, supernode.log
+    server/               the ServerApp's run directory run/ and its copy of the registry
+
+The Flower commands run under this interpreter (`federation.flower_shims` in `<root>/bin`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from secure_mor.crypto.pki import Pki, init_pki, install_signing_key, node_keys
+from secure_mor.federation import (
+    APP_DIR,
+    FederationError,
+    flower_shims,
+    free_port,
+    run_overrides,
+    stop_process_trees,
+    toml_value,
+    wait_for_run,
+)
+from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY
+
+HOST = "127.0.0.1"
+CONNECTION = "deployment"  # the `flwr` CLI's name for this SuperLink
+PASSPHRASE_ENV = "SECURE_MOR_AUTHORITY_PASSPHRASE"  # as secure_mor.crypto.authority_node reads it
+
+# The tiny job of the deployment test and of `secure-mor deploy local`: minutes, not hours, on a CPU.
+TINY_RUN: dict[str, object] = {
+    "fusion": "mor",
+    "epsilon": 4.0,
+    "seed": 0,
+    "grpo-steps": 2,
+    "sft-examples": 64,
+    "sft-epochs": 1.0,
+    "pairs-per-client": 100,
+    "calibration-pairs": 300,
+    "client-epochs": 2,
+    "router-steps": 2,
+    "grpo-batch-size": 8,
+    "steps-per-round": 1,
+    "save-steps": 1,
+    "eval-per-family": 8,
+}
+
+
+@dataclass(frozen=True)
+class DeploymentResult:
+    run_id: str
+    status: str
+    details: str
+    logs: str
+    seconds: float
+
+
+def node_config_arg(config: Mapping[str, object]) -> str:
+    """A node config as `flower-supernode --node-config` takes it."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FederationError(f"the process exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex((HOST, port)) == 0:
+                return
+        time.sleep(0.5)
+    raise FederationError(f"nothing listens on {HOST}:{port} after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+class LocalDeployment:
+    """A SuperLink (TLS, SuperNode authentication), `num_clients` client SuperNodes and one key
+    authority SuperNode on 127.0.0.1 under `root` (module docstring). Use as a context manager,
+    or call `start()` and, always, `stop()`."""
+
+    def __init__(self, root: Path | str, num_clients: int, *, k_min: int = 2, app_dir: Path = APP_DIR) -> None:
+        self.root = Path(root).resolve()
+        self.num_clients = num_clients
+        self.k_min = k_min
+        self.app_dir = app_dir
+        self.pki = Pki(self.root / "pki")
+        self.port = free_port()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._logs: list[IO[bytes]] = []
+        self._bin = self.root / "bin"
+
+    # ------------------------------------------------------------ layout
+
+    @property
+    def parties(self) -> list[str]:
+        return [*(f"client-{k}" for k in range(self.num_clients)), AUTHORITY_PARTY]
+
+    def state_dir(self, party: str) -> Path:
+        return self.root / party / "state"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / SERVER_PARTY / "run"
+
+    def registry(self, party: str) -> Path:
+        return self.root / party / "registry"
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def env(self, home: str) -> dict[str, str]:
+        """The environment of a Flower process whose Flower home is `<root>/<home>/flwr-home`."""
+        flwr_home = self.root / home / "flwr-home"
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        return {
+            **os.environ,
+            "PATH": os.pathsep.join([str(self._bin), os.environ.get("PATH", "")]),
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+        }
+
+    # ------------------------------------------------------------ keys
+
+    def prepare(self) -> None:
+        """The operator's PKI, every party's keys where its node reads them, and each party's own
+        copy of the registry of public payload keys (what the operator would hand out)."""
+        flower_shims(self._bin)
+        if not self.pki.ca_key.exists():
+            init_pki(self.pki.directory, hosts=("localhost", HOST))
+        for party in [*self.parties, SERVER_PARTY]:
+            if not self.pki.node_dir(party).exists():
+                node_keys(self.pki.directory, party)
+        for party in self.parties:
+            install_signing_key(self.pki.directory, party, self.state_dir(party))
+        install_signing_key(self.pki.directory, SERVER_PARTY, self.run_dir)
+        for party in [*self.parties, SERVER_PARTY]:
+            shutil.copytree(self.pki.registry, self.registry(party), dirs_exist_ok=True)
+        home = self.root / "operator" / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.address}"\nroot-certificates = "{self.pki.ca_cert}"\n'
+        )
+
+    # ------------------------------------------------------------ processes
+
+    def _spawn(self, name: str, args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen:
+        log_path = self.root / name / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = log_path.open("ab")
+        self._logs.append(log)
+        process = subprocess.Popen(
+            list(args), env=dict(env), cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        path = self.root / name / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_superlink(self, *, tls: bool = True, node_auth: bool = True) -> None:
+        args = [str(self._bin / "flower-superlink"), "--host", HOST, "--port", str(self.port)]
+        args += ["--disable-runtime-dependency-installation"]  # the app is installed: nothing is fetched
+        if tls:
+            args += [
+                "--ssl-ca-certfile", str(self.pki.ca_cert),
+                "--ssl-certfile", str(self.pki.superlink_cert),
+                "--ssl-keyfile", str(self.pki.superlink_key),
+            ]  # fmt: skip
+        else:
+            args += ["--insecure"]
+        if node_auth:
+            args += ["--enable-supernode-auth"]
+        process = self._spawn("superlink", args, self.env("superlink"))
+        _wait_for_port(self.port, process, self.root / "superlink" / "superlink.log")
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """A `flwr` command as the operator (connection "deployment", TLS with the CA)."""
+        return subprocess.run(
+            [str(self._bin / "flwr"), *args], env=self.env("operator"), cwd=self.root / "operator",
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def register(self, party: str) -> None:
+        """`flwr supernode register` the party's SuperNode authentication key."""
+        done = self.flwr("supernode", "register", str(self.pki.auth_public_key(party)), "--format", "json")
+        if done.returncode != 0 or '"success": true' not in done.stdout:
+            raise FederationError(f"registering {party} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+    def node_config(self, party: str) -> dict[str, object]:
+        """What the party's SuperNode is told about itself (secure_mor.protocol.node_role)."""
+        if party == AUTHORITY_PARTY:
+            return {
+                "role": "authority",
+                "state-dir": str(self.state_dir(party)),
+                "registry": str(self.registry(party)),
+                "k-min": self.k_min,
+            }
+        client_id = int(party.removeprefix("client-"))
+        return {"role": "client", "client-id": client_id, "state-dir": str(self.state_dir(party))}
+
+    def start_node(
+        self,
+        party: str,
+        *,
+        auth_key: Path | None = None,
+        authenticate: bool = True,
+        tls: bool = True,
+        max_retries: int | None = None,
+    ) -> subprocess.Popen:
+        """Start the party's SuperNode. The keyword arguments make the strangers of the fault tests:
+        another authentication key, none, no TLS, and how often it may retry to connect."""
+        args = [
+            str(self._bin / "flower-supernode"),
+            "--superlink", self.address,
+            "--host", HOST,
+            "--port", str(free_port()),
+            "--node-config", node_config_arg(self.node_config(party)),
+        ]  # fmt: skip
+        if authenticate:
+            args += ["--auth-supernode-private-key", str(auth_key or self.pki.auth_key(party))]
+        args += ["--root-certificates", str(self.pki.ca_cert)] if tls else ["--insecure"]
+        if max_retries is not None:
+            args += ["--max-retries", str(max_retries)]
+        env = self.env(party)
+        if party == AUTHORITY_PARTY:
+            env[PASSPHRASE_ENV] = self._authority_passphrase()
+        return self._spawn(party, args, env)
+
+    def _authority_passphrase(self) -> str:
+        """The passphrase of the authority's secret key at rest: the authority's own secret (0600)."""
+        path = self.root / AUTHORITY_PARTY / "passphrase"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
+    def online_nodes(self) -> int:
+        done = self.flwr("supernode", "ls", "--format", "json")
+        try:
+            nodes = json.loads(done.stdout).get("nodes", [])
+        except json.JSONDecodeError as err:
+            raise FederationError(f"`flwr supernode ls` failed: {done.stdout[-2000:]}{done.stderr[-2000:]}") from err
+        return sum(1 for node in nodes if node.get("status") == "online")
+
+    def wait_for_nodes(self, count: int, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (online := self.online_nodes()) < count:
+            if time.monotonic() > deadline:
+                raise FederationError(f"only {online} of {count} SuperNodes online after {timeout:.0f} s")
+            time.sleep(2.0)
+
+    def stop_node(self, party: str) -> None:
+        process = self.processes.pop(party, None)
+        if process is not None:
+            stop_process_trees([process.pid])
+
+    def start(self) -> LocalDeployment:
+        """Keys, SuperLink, registration of every SuperNode key, every SuperNode; returns once all are online."""
+        try:
+            self.prepare()
+            self.start_superlink()
+            for party in self.parties:
+                self.register(party)
+                self.start_node(party)
+            self.wait_for_nodes(len(self.parties))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every process this deployment started, with everything each one spawned."""
+        stop_process_trees([p.pid for p in self.processes.values()])
+        for process in self.processes.values():
+            process.wait(timeout=10)
+        self.processes.clear()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def __enter__(self) -> LocalDeployment:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ runs
+
+    def run_config(self, overrides: Mapping[str, object]) -> dict[str, object]:
+        """The run config of a run on this deployment: the server's run directory and registry."""
+        return {
+            "num-clients": self.num_clients,
+            "k-min": self.k_min,
+            **overrides,
+            "run-dir": str(self.run_dir),
+            "registry": str(self.registry(SERVER_PARTY)),
+        }
+
+    def flwr_run_command(self, overrides: Mapping[str, object]) -> str:
+        """The `flwr run` command line of a run on this deployment, for a person to paste."""
+        args = [str(self._bin / "flwr"), "run", str(self.app_dir), CONNECTION, "--run-config"]
+        return shlex.join([*args, run_overrides(self.run_config(overrides))])
+
+    def submit(self, overrides: Mapping[str, object]) -> str:
+        """`flwr run` the app; returns the run id."""
+        args = ["run", str(self.app_dir), CONNECTION, "--format", "json", "--run-config"]
+        done = self.flwr(*args, run_overrides(self.run_config(overrides)), timeout=300)
+        try:
+            submitted = json.loads(done.stdout)
+        except json.JSONDecodeError as err:
+            raise FederationError(f"`flwr run` failed: {done.stdout[-2000:]}{done.stderr[-2000:]}") from err
+        if not submitted.get("success") or "run-id" not in submitted:
+            raise FederationError(f"flwr run refused the app: {submitted}")
+        return str(submitted["run-id"])
+
+    def wait(
+        self, run_id: str, *, timeout: float = 1800.0, on_poll: Callable[[float], None] | None = None
+    ) -> DeploymentResult:
+        """Block until run `run_id` finishes (polling `flwr list`); its status and logs."""
+        started = time.perf_counter()
+        flwr = str(self._bin / "flwr")
+        status, details, logs = wait_for_run(
+            flwr, run_id, self.env("operator"), self.root / "operator", timeout, started, on_poll
+        )
+        return DeploymentResult(run_id, status, details, logs, time.perf_counter() - started)
+
+    def run(self, overrides: Mapping[str, object], *, timeout: float = 1800.0) -> DeploymentResult:
+        """`flwr run` the app and wait for it; raises FederationError unless it completed."""
+        started = time.perf_counter()
+        result = self.wait(self.submit(overrides), timeout=timeout)
+        result = DeploymentResult(result.run_id, result.status, result.details, result.logs,
+                                  time.perf_counter() - started)  # fmt: skip
+        if result.status != "finished:completed":
+            raise FederationError(f"Flower run {result.run_id} {result.status}: {result.details}\n"
+                                  f"--- logs ---\n{result.logs[-6000:]}")  # fmt: skip
+        return result

@@ -1,0 +1,204 @@
+"""Secure MoR on Flower's deployment runtime, as real processes on 127.0.0.1 (docs/deployment.md).
+
+A SuperLink with TLS and SuperNode authentication, a SuperNode per client institution and
+one for the key authority, each in a directory of its own, and `flwr run`. The default suite
+runs the PKI, the refusals of strangers (no full run) and one tiny secure alignment end to
+end in which client SuperNodes are lost; the faults that each need a full run of their own
+are marked slow.
+"""
+
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from secure_mor.audits.ledger import KIND_REWARD_RELEASE, KIND_STEP_SKIPPED, Ledger, verify_ledger
+from secure_mor.crypto.pki import PkiError, init_pki, node_keys
+from secure_mor.crypto.signing import Signer, read_registry, save_signer
+from secure_mor.deployment import TINY_RUN, LocalDeployment
+from secure_mor.federation import FederationError
+from secure_mor.server.pipeline import AlignError, trusted_keys
+
+
+def _processes_of(root: Path, command: str = "") -> list[int]:
+    """Live processes started by the deployment under `root` (they inherit its FLWR_HOME),
+    those whose command line holds `command` if given."""
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if process.environ().get("FLWR_HOME", "").startswith(str(root)) and command in " ".join(process.cmdline()):
+                found.append(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _results(deployment: LocalDeployment) -> dict:
+    return json.loads((deployment.run_dir / "align" / "mor" / "results.json").read_text())
+
+
+def _wait_for_grpo_step(deployment: LocalDeployment, step: int, timeout: float = 1800.0) -> None:
+    """Block until the ServerApp reports GRPO step `step` done (its progress file, on the server's disk)."""
+    progress = deployment.run_dir / "align" / "mor" / "progress.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = json.loads(progress.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("stage") == "GRPO" and state.get("done", 0) >= step:
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"GRPO step {step} not reached after {timeout:.0f} s")
+
+
+def test_pki_makes_what_flower_and_tls_expect_with_private_keys_0600(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    pki = init_pki(tmp_path, hosts=("link.example.org", "127.0.0.1"))
+    node_keys(tmp_path, "client-0")
+    cert = x509.load_pem_x509_certificate(pki.superlink_cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()))
+    assert try_load_public_key(pki.auth_public_key("client-0"))  # what `flwr supernode register` reads
+    assert load_ssh_private_key(pki.auth_key("client-0").read_bytes(), None).curve.name == "secp384r1"
+    for key in (pki.ca_key, pki.superlink_key, pki.auth_key("client-0"), pki.signing_key("client-0")):
+        assert key.stat().st_mode & 0o777 == 0o600, key
+    assert read_registry(pki.registry)["client-0"] == (pki.node_dir("client-0") / "client-0.pub").read_text().strip()
+    with pytest.raises(PkiError):
+        init_pki(tmp_path)
+    with pytest.raises(PkiError):
+        node_keys(tmp_path, "client-0")
+
+
+def test_the_server_trusts_only_the_registry_keys(tmp_path):
+    node_keys(tmp_path, "client-0")
+    keys = read_registry(tmp_path / "registry")
+    assert trusted_keys(tmp_path / "registry", ["client-0"], keys) == keys
+    with pytest.raises(AlignError, match="presents a key"):
+        trusted_keys(tmp_path / "registry", ["client-0"], {"client-0": Signer.generate("client-0").public_key_hex})
+    with pytest.raises(AlignError, match="not in the registry"):
+        trusted_keys(tmp_path / "registry", ["client-0", "client-1"], {**keys, "client-1": "00"})
+
+
+def test_the_superlink_refuses_unregistered_nodes_and_plaintext(tmp_path):
+    deployment = LocalDeployment(tmp_path, num_clients=1)
+    try:
+        deployment.prepare()
+        deployment.start_superlink()
+        node_keys(deployment.pki.directory, "stranger")  # a well-formed key the operator never registered
+        stranger = deployment.start_node("client-0", auth_key=deployment.pki.auth_key("stranger"), max_retries=2)
+        plaintext = deployment.start_node("authority", authenticate=False, tls=False, max_retries=2)
+        assert stranger.wait(timeout=120) != 0 and plaintext.wait(timeout=120) != 0
+        assert "No SuperNode found with the given public key" in deployment.log("superlink")
+        assert deployment.online_nodes() == 0
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP to the TLS port
+            urllib.request.urlopen(f"http://{deployment.address}/", timeout=10)
+    finally:
+        deployment.stop()
+    assert not _processes_of(tmp_path)
+
+
+@pytest.mark.timeout(3600)  # a fresh ClientApp process per message: minutes on a busy 2-core runner
+def test_secure_alignment_on_the_deployment_runtime_survives_lost_client_nodes_and_leaves_no_process(tmp_path):
+    """One tiny run: 3 clients (K_min 2) and the authority; client-2's SuperNode is killed after
+    GRPO step 1 (the run goes on with the other two), client-1's after step 2 (too few: the
+    round is skipped, in the ledger), and the run still finishes."""
+    deployment = LocalDeployment(tmp_path, num_clients=3, k_min=2)
+    try:
+        deployment.start()
+        run_id = deployment.submit({**TINY_RUN, "grpo-steps": 3, "reply-timeout": 120.0})
+        _wait_for_grpo_step(deployment, 1)
+        deployment.stop_node("client-2")
+        _wait_for_grpo_step(deployment, 2)
+        deployment.stop_node("client-1")
+        result = deployment.wait(run_id, timeout=2400)
+    finally:
+        deployment.stop()
+    assert not _processes_of(tmp_path)
+    assert result.status == "finished:completed", result.logs[-4000:]
+
+    results = _results(deployment)
+    assert results["config"]["registry"] == str(deployment.registry("server"))
+    assert results["grpo"]["steps"] == 3 and results["grpo"]["rounds"] == 3 and results["router"]["steps"] == 2
+    assert {c["arch"] for c in results["clients"].values()} == {"cnn-gru", "vit-xattn", "minilm-head"}
+    # each institution kept its state on its own disk, and only there
+    assert (deployment.state_dir("authority") / "authority" / "secret.key").exists()
+    assert not (deployment.run_dir / "authority").exists() and not (deployment.run_dir / "clients").exists()
+    for k in range(3):
+        assert (deployment.state_dir(f"client-{k}") / "clients" / f"client-{k}" / "node.json").exists()
+    # every party's ledger verifies against the operator's registry
+    registry = read_registry(deployment.pki.registry)
+    for party in ("client-0", "client-1", "client-2", "authority"):
+        check = verify_ledger(deployment.state_dir(party) / "ledger.jsonl", registry)
+        assert check.ok, (party, check)
+    assert verify_ledger(deployment.run_dir / "ledger.jsonl", registry).ok
+    # the authority released the scoring rounds the clients could make: all three, then the others
+    releases = [
+        e for e in Ledger(deployment.state_dir("authority") / "ledger.jsonl").entries()
+        if e["kind"] == KIND_REWARD_RELEASE and e["details"]["run_id"] == results["run_id"]
+    ]  # fmt: skip
+    contributors = [e["details"]["contributors"] for e in releases]
+    assert contributors[0] == ["client-0", "client-1", "client-2"]
+    assert contributors[-1] == ["client-0", "client-1"]
+    # the round with client-0 alone was skipped, and the server's ledger says so
+    skipped = [e for e in Ledger(deployment.run_dir / "ledger.jsonl").entries() if e["kind"] == KIND_STEP_SKIPPED]
+    assert results["grpo"]["skipped_rounds"] == len(skipped) >= 1
+    assert skipped[-1]["details"]["present"] == ["client-0"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_payload_key_not_in_the_registry_is_refused(tmp_path):
+    deployment = LocalDeployment(tmp_path, num_clients=2)
+    try:
+        deployment.start()
+        # client-1's node signs with a key of its own making, not the one the operator registered
+        save_signer(Signer.generate("client-1"), deployment.state_dir("client-1") / "clients" / "client-1" / "keys")
+        with pytest.raises(FederationError, match="refused by the key registry"):
+            deployment.run(TINY_RUN, timeout=1200)
+    finally:
+        deployment.stop()
+    assert not _processes_of(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(5400)
+def test_the_serverapp_killed_mid_grpo_resumes_without_losing_or_repeating_a_ledger_entry(tmp_path):
+    deployment = LocalDeployment(tmp_path, num_clients=3)
+    try:
+        deployment.start()
+        run_id = deployment.submit({**TINY_RUN, "grpo-steps": 3})
+        _wait_for_grpo_step(deployment, 1)
+        serverapps = _processes_of(tmp_path, "flwr-serverapp")
+        assert serverapps
+        for pid in serverapps:
+            os.kill(pid, signal.SIGKILL)
+        deployment.flwr("stop", run_id)  # the operator's part: a killed ServerApp reports nothing
+        assert deployment.wait(run_id, timeout=600).status != "finished:completed"
+        deployment.run({**TINY_RUN, "grpo-steps": 3, "resume": True}, timeout=2400)
+    finally:
+        deployment.stop()
+    assert not _processes_of(tmp_path)
+    results = _results(deployment)
+    assert results["grpo"]["steps"] == 3 and results["grpo"]["resumed_from"]
+    registry = read_registry(deployment.pki.registry)
+    for party in ("client-0", "client-1", "client-2", "authority"):
+        check = verify_ledger(deployment.state_dir(party) / "ledger.jsonl", registry)
+        assert check.ok, (party, check)  # hash chain and per-party sequence numbers: nothing lost
+    releases = Ledger(deployment.state_dir("authority") / "ledger.jsonl").entries()
+    keys = Counter((e["details"]["run_id"], e["details"]["purpose"], e["details"]["step"]) for e in releases)
+    assert max(keys.values()) == 1  # nothing released twice
+    for k in range(3):  # the clients' reward models were trained once: the resumed run reused them
+        assert len(Ledger(deployment.state_dir(f"client-{k}") / "ledger.jsonl").entries()) == 1
