@@ -6,27 +6,12 @@ import psutil
 
 from secure_mor.audits.ledger import verify_ledger
 from secure_mor.crypto.signing import read_registry
+from secure_mor.deployment import TINY_RUN
 from secure_mor.federation import run_local_simulation
 
 FLOWER_OR_RAY = ("flower-superlink", "flower-superexec", "flwr-", "raylet", "gcs_server", "ray::")
 
-TINY = {
-    "fusion": "mor",
-    "epsilon": 4.0,
-    "seed": 0,
-    "num-clients": 3,
-    "grpo-steps": 2,
-    "sft-examples": 64,
-    "sft-epochs": 1.0,
-    "pairs-per-client": 100,
-    "calibration-pairs": 300,
-    "client-epochs": 2,
-    "router-steps": 2,
-    "grpo-batch-size": 8,
-    "steps-per-round": 1,
-    "save-steps": 1,
-    "eval-per-family": 8,
-}
+TINY = {**TINY_RUN, "num-clients": 3}  # the deployment tests run the same tiny job
 
 
 def _flower_and_ray_processes() -> set[int]:
