@@ -17,7 +17,6 @@ only as safe as that file. Set the variable in any deployment.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +24,13 @@ from typing import Any
 
 from secure_mor.audits.ledger import Ledger
 from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority
-from secure_mor.crypto.signing import Signer, load_or_create_signer, publish_public_key, read_registry
+from secure_mor.crypto.signing import (
+    Signer,
+    load_or_create_signer,
+    publish_public_key,
+    read_or_create_secret,
+    read_registry,
+)
 from secure_mor.protocol import AUTHORITY_PARTY, ROLE_AUTHORITY, SERVER_PARTY, Payload, ProtocolError
 
 PASSPHRASE_ENV = "SECURE_MOR_AUTHORITY_PASSPHRASE"
@@ -46,13 +51,7 @@ class AuthorityNode:
     def _passphrase(self) -> str:
         if PASSPHRASE_ENV in os.environ:
             return os.environ[PASSPHRASE_ENV]
-        path = self.directory / "passphrase"
-        if not path.exists():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-        return path.read_text().strip()
+        return read_or_create_secret(self.directory / "passphrase")
 
     def _signer(self) -> Signer:
         """The authority's signing key; published to the registry only when the registry is the

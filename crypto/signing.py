@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,3 +117,13 @@ def publish_public_key(signer: Signer, registry: Path) -> Path:
     path = registry / f"{signer.party}.pub"
     path.write_text(signer.public_key_hex + "\n")
     return path
+
+
+def read_or_create_secret(path: Path) -> str:
+    """A random secret kept in `path` (created 0600, never overwritten: O_EXCL), e.g. a key passphrase."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip()

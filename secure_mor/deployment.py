@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shlex
 import shutil
 import socket
@@ -35,6 +34,7 @@ from types import TracebackType
 from typing import IO
 
 from secure_mor.crypto.pki import Pki, init_pki, install_signing_key, node_keys
+from secure_mor.crypto.signing import read_or_create_secret
 from secure_mor.federation import (
     APP_DIR,
     FederationError,
@@ -258,13 +258,7 @@ class LocalDeployment:
 
     def _authority_passphrase(self) -> str:
         """The passphrase of the authority's secret key at rest: the authority's own secret (0600)."""
-        path = self.root / AUTHORITY_PARTY / "passphrase"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-        return path.read_text().strip()
+        return read_or_create_secret(self.root / AUTHORITY_PARTY / "passphrase")
 
     def online_nodes(self) -> int:
         done = self.flwr("supernode", "ls", "--format", "json")
