@@ -33,17 +33,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from datasets import Dataset
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
 from secure_mor.audits.ledger import KIND_DP_TRAINING, Budget, Ledger, dp_sgd_event, non_private_event
-from secure_mor.clients.evaluation import evaluate_model
 from secure_mor.clients.models import architecture
 from secure_mor.clients.scoring import ScoreItem, score
 from secure_mor.clients.text import TextEncoder, encoder_from_json
@@ -56,6 +54,9 @@ from secure_mor.clients.training import (
     train_reward_model,
 )
 from secure_mor.crypto.signing import Signer, load_or_create_signer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 UNBOUNDED_EPSILON = sys.float_info.max
 
@@ -156,7 +157,7 @@ class RewardClient:
         if not cls.exists(run_dir, client_id):
             raise ClientError(f"no trained client-{client_id} in {run_dir} (train it first)")
         config = ClientConfig.from_json(json.loads((directory / "client.json").read_text()))
-        encoder = encoder_from_json(json.loads((directory / "text_encoder.json").read_text()))
+        encoder = encoder_from_json(json.loads((directory / "text_encoder.json").read_text()), cache_dir=directory)
         model = architecture(config.arch).build_model(encoder)
         model.load_state_dict(load_tensors((directory / "model.safetensors").read_bytes()))
         model.eval()
@@ -233,6 +234,8 @@ class RewardClient:
 
     def evaluate(self, held_out: Mapping[str, Dataset]) -> dict[str, float]:
         """Preference accuracy per family on held-out pairs (`evaluation.held_out_pairs`)."""
+        from secure_mor.clients.evaluation import evaluate_model  # needs datasets; scoring does not
+
         return evaluate_model(self.model, self.encoder, held_out)
 
     def metrics(self) -> dict[str, Any]:

@@ -23,31 +23,26 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from secure_mor.clients.client import ClientConfig, RewardClient, client_dir, train_client
-from secure_mor.clients.evaluation import held_out_pairs
+from secure_mor.clients.client import ClientConfig, RewardClient, client_dir
 from secure_mor.clients.models import DEFAULT_ARCHS
-from secure_mor.clients.training import default_train_config
-from secure_mor.config import DataSpec
 from secure_mor.crypto.context import PublicContext, load_public_context
 from secure_mor.crypto.params import ReleaseConfig
 from secure_mor.crypto.signing import load_or_create_signer, publish_public_key
 from secure_mor.crypto.wire import seal_reply
-from secure_mor.data import FederatedData, column
-from secure_mor.protocol import (
-    ROLE_CLIENT,
-    Payload,
-    ProtocolError,
-    bytes_array,
-    calibration_set,
-    decode_gradient_query,
-    family_metrics,
-)
-from secure_mor.routing import ItemUseLimiter, QueryLimits, answer_gradient_query, pair_margins
+from secure_mor.protocol import ROLE_CLIENT, Payload, ProtocolError, bytes_array
+from secure_mor.routing import ItemUseLimiter, QueryLimits, answer_gradient_query, decode_gradient_query, pair_margins
+
+if TYPE_CHECKING:
+    from secure_mor.config import DataSpec
+    from secure_mor.data import FederatedData
+
+# Flower's deployment runtime starts a fresh process for every message: a scoring process must
+# start fast, so what only training and calibration need (datasets, Opacus) is imported there.
 
 NODE_FILE = "node.json"
 CONTEXT_FILE = "public_context.bin"
@@ -100,6 +95,8 @@ class ClientNode:
         return json.loads(path.read_text())
 
     def _spec(self) -> DataSpec:
+        from secure_mor.config import DataSpec
+
         return DataSpec.from_json(self._node_state()["data_spec"])
 
     def _public_context(self) -> PublicContext:
@@ -147,6 +144,11 @@ class ClientNode:
     def train(self, payload: Mapping[str, Any]) -> Payload:
         """Train the reward model with DP-SGD under budget (epsilon, delta), once: a client
         already trained with the same budget answers with its stored metrics and spends nothing."""
+        from secure_mor.clients.client import train_client
+        from secure_mor.clients.evaluation import held_out_pairs
+        from secure_mor.clients.training import default_train_config
+        from secure_mor.data import FAMILIES
+
         epsilon, delta = float(payload["epsilon"]), float(payload["delta"])
         spec = self._spec()
         data = federated_data(spec)
@@ -189,7 +191,7 @@ class ClientNode:
             "total_epsilon": math.inf if total is None else float(total),
             "reused": reused,
             "seconds": time.perf_counter() - started,
-            **family_metrics(metrics["held_out"]),
+            **{f"accuracy_{f}": float(metrics["held_out"][f]) for f in FAMILIES if f in metrics["held_out"]},
         }
 
     def _calibration_margins(self) -> np.ndarray:
@@ -199,6 +201,8 @@ class ClientNode:
         if self._margins is None and path.exists():
             self._margins = np.load(path, allow_pickle=False)
         if self._margins is None:
+            from secure_mor.data import calibration_set, column
+
             client = self._client()
             pairs = calibration_set(federated_data(self._spec()))
             images, questions = list(pairs["image"]), column(pairs, "question")

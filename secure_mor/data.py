@@ -25,6 +25,8 @@ from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from secure_mor.protocol import OBJECTIVES
+
 FAMILIES = ("color", "shape", "presence")
 OTHER_FAMILY = "other"
 REQUIRED_COLUMNS = ("image", "question", "answer")
@@ -479,3 +481,38 @@ def vocabulary_texts(data: FederatedData) -> list[str]:
     for family, answers in data.answers.items():
         texts += [styled_answer(a, family, s) for a in answers for s in ANSWER_STYLES]
     return texts
+
+
+# ----------------------------------------------------------- the public calibration set
+
+
+def calibration_set(data: FederatedData) -> Dataset:
+    """The server's public calibration preferences, one objective per item (alternating):
+    for "correctness" the pair as built by the split (true vs wrong answer, one word);
+    for "sentences" the true answer as a sentence vs the same answer as one word.
+    The server and every client build the same set from the public split."""
+    calibration = data.calibration
+    answers = column(calibration, "chosen_text")
+    families = column(calibration, "family")
+    rejected = column(calibration, "rejected_text")
+    objectives, chosen_out, rejected_out = [], [], []
+    for i, (answer, family) in enumerate(zip(answers, families, strict=True)):
+        objective = OBJECTIVES[i % len(OBJECTIVES)]
+        objectives.append(objective)
+        if objective == "sentences":
+            chosen_out.append(styled_answer(answer, family, "sentence"))
+            rejected_out.append(answer)
+        else:
+            chosen_out.append(answer)
+            rejected_out.append(rejected[i])
+    return Dataset.from_dict(
+        {
+            "image": column(calibration, "image"),
+            "question": column(calibration, "question"),
+            "family": families,
+            "objective": objectives,
+            "chosen_text": chosen_out,
+            "rejected_text": rejected_out,
+        },
+        features=None,
+    ).cast_column("image", calibration.features["image"])

@@ -50,6 +50,7 @@ from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY
 HOST = "127.0.0.1"
 CONNECTION = "deployment"  # the `flwr` CLI's name for this SuperLink
 PASSPHRASE_ENV = "SECURE_MOR_AUTHORITY_PASSPHRASE"  # as secure_mor.crypto.authority_node reads it
+SUPEREXEC_POLL_SECONDS = 0.2
 
 # The tiny job of the deployment test and of `secure-mor deploy local`: minutes, not hours, on a CPU.
 TINY_RUN: dict[str, object] = {
@@ -145,6 +146,9 @@ class LocalDeployment:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1",
+            # How often a SuperExec asks its SuperNode for a message to start a ClientApp for
+            # (Flower's default 1 s, paid on every message of every scoring round).
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_SECONDS),
         }
 
     # ------------------------------------------------------------ keys
@@ -251,7 +255,9 @@ class LocalDeployment:
         args += ["--root-certificates", str(self.pki.ca_cert)] if tls else ["--insecure"]
         if max_retries is not None:
             args += ["--max-retries", str(max_retries)]
-        env = self.env(party)
+        # One thread per party, as Flower's simulation gives each node one CPU: the parties stand
+        # for separate machines, and sharing this one's cores they would oversubscribe it.
+        env = {**self.env(party), "OMP_NUM_THREADS": "1"}
         if party == AUTHORITY_PARTY:
             env[PASSPHRASE_ENV] = self._authority_passphrase()
         return self._spawn(party, args, env)
@@ -340,20 +346,28 @@ class LocalDeployment:
         return str(submitted["run-id"])
 
     def wait(
-        self, run_id: str, *, timeout: float = 1800.0, on_poll: Callable[[float], None] | None = None
+        self,
+        run_id: str,
+        *,
+        timeout: float = 1800.0,
+        on_poll: Callable[[float], None] | None = None,
+        poll_seconds: float = 5.0,
     ) -> DeploymentResult:
-        """Block until run `run_id` finishes (polling `flwr list`); its status and logs."""
+        """Block until run `run_id` finishes (polling `flwr list` every `poll_seconds`: each poll
+        is a Python process, about a second of CPU); its status and logs."""
         started = time.perf_counter()
         flwr = str(self._bin / "flwr")
         status, details, logs = wait_for_run(
-            flwr, run_id, self.env("operator"), self.root / "operator", timeout, started, on_poll
+            flwr, run_id, self.env("operator"), self.root / "operator", timeout, started, on_poll, poll_seconds
         )
         return DeploymentResult(run_id, status, details, logs, time.perf_counter() - started)
 
-    def run(self, overrides: Mapping[str, object], *, timeout: float = 1800.0) -> DeploymentResult:
+    def run(
+        self, overrides: Mapping[str, object], *, timeout: float = 1800.0, poll_seconds: float = 5.0
+    ) -> DeploymentResult:
         """`flwr run` the app and wait for it; raises FederationError unless it completed."""
         started = time.perf_counter()
-        result = self.wait(self.submit(overrides), timeout=timeout)
+        result = self.wait(self.submit(overrides), timeout=timeout, poll_seconds=poll_seconds)
         result = DeploymentResult(result.run_id, result.status, result.details, result.logs,
                                   time.perf_counter() - started)  # fmt: skip
         if result.status != "finished:completed":

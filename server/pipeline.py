@@ -40,10 +40,10 @@ from secure_mor.audits.ledger import Ledger, line_hash
 from secure_mor.config import DataSpec, RunDir
 from secure_mor.crypto.context import load_public_context
 from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
-from secure_mor.data import FAMILIES, FederatedData, SplitConfig, default_clients
+from secure_mor.data import FAMILIES, FederatedData, SplitConfig, calibration_set, default_clients
 from secure_mor.policy import SFTSettings
-from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, SERVER_PARTY, calibration_set, encode_gradient_query
-from secure_mor.routing import Router, RouterConfig, RouterState
+from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, SERVER_PARTY
+from secure_mor.routing import Router, RouterConfig, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
 from secure_mor.server.router import oracle_map, parse_fusion, prompt_features, weights_for
 from secure_mor.server.router_training import RouterTrainingConfig, train_router_securely
