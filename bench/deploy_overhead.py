@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=16, help="optimizer steps per scoring round")
     parser.add_argument("--dir", type=Path, default=None, help="keep both runs here (default: a temporary directory)")
     args = parser.parse_args()
-    overrides = {**TINY_RUN, "grpo-steps": args.steps, "steps-per-round": args.steps_per_round, "save-steps": args.steps}
+    rounds = {"grpo-steps": args.steps, "steps-per-round": args.steps_per_round, "save-steps": args.steps}
+    overrides = {**TINY_RUN, **rounds}
 
     with tempfile.TemporaryDirectory(prefix="smor-bench-") as scratch:
         root = (args.dir or Path(scratch)).resolve()

@@ -74,10 +74,18 @@ def release_freed_memory() -> None:
 class ClientNode:
     """One client institution: its reward model, keys and protocol state under `state_dir`."""
 
-    def __init__(self, state_dir: Path | str, client_id: int) -> None:
+    def __init__(
+        self, state_dir: Path | str, client_id: int, *, data_dir: Path | str | None = None,
+        key_dir: Path | str | None = None,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.client_id = client_id
         self.directory = client_dir(self.state_dir, client_id)
+        # The institution's own preference pairs; without them (simulation, demo) its share of the
+        # public split stands in for them.
+        self.data_dir = Path(data_dir) if data_dir else None
+        # An operator-issued key (deployment) is never made here: a missing one is an error.
+        self.key_dir = Path(key_dir) if key_dir else None
         self._public: PublicContext | None = None
         self._loaded: RewardClient | None = None
         self._margins: np.ndarray | None = None
@@ -107,8 +115,13 @@ class ClientNode:
 
     def _client(self) -> RewardClient:
         if self._loaded is None:
-            self._loaded = RewardClient.load(self.state_dir, self.client_id)
+            self._loaded = RewardClient.load(self.state_dir, self.client_id, key_dir=self._key_dir())
         return self._loaded
+
+    def _key_dir(self) -> Path | None:
+        if self.key_dir is not None and not (self.key_dir / f"{self.party}.key").exists():
+            raise ProtocolError(f"{self.party}: no signing key {self.party}.key in key-dir {self.key_dir}")
+        return self.key_dir
 
     # ------------------------------------------------------------ actions
 
@@ -126,7 +139,7 @@ class ClientNode:
         return handlers[action](payload)
 
     def identify(self, payload: Mapping[str, Any]) -> Payload:
-        signer = load_or_create_signer(self.party, self.directory / "keys")
+        signer = load_or_create_signer(self.party, self._key_dir() or self.directory / "keys")
         publish_public_key(signer, self.state_dir / "keys")
         return {"party": self.party, "role": ROLE_CLIENT, "public_key": signer.public_key_hex}
 
@@ -147,18 +160,23 @@ class ClientNode:
         from secure_mor.clients.client import train_client
         from secure_mor.clients.evaluation import held_out_pairs
         from secure_mor.clients.training import default_train_config
-        from secure_mor.data import FAMILIES
+        from secure_mor.data import FAMILIES, directory_digest, load_preference_pairs
 
         epsilon, delta = float(payload["epsilon"]), float(payload["delta"])
         spec = self._spec()
         data = federated_data(spec)
         data_config = spec.split.clients[self.client_id]
-        split = {
+        split: dict[str, Any] = {
             "seed": spec.split.seed,
             "skew": spec.split.skew,
             "pairs_per_client": spec.split.pairs_per_client,
             "num_clients": len(spec.split.clients),
         }
+        if self.data_dir is not None:
+            pairs = load_preference_pairs(self.data_dir)
+            split = {"private_data_sha256": directory_digest(self.data_dir), "pairs": len(pairs)}
+        else:
+            pairs = data.clients[self.client_id]
         config = ClientConfig(
             client_id=self.client_id,
             arch=str(payload.get("arch") or DEFAULT_ARCHS[self.client_id % len(DEFAULT_ARCHS)]),
@@ -174,7 +192,7 @@ class ClientNode:
         else:
             overrides = {k: payload[k] for k in TRAIN_OVERRIDES if k in payload}
             train_config = default_train_config(config.arch, epsilon, delta=delta, seed=spec.split.seed, **overrides)
-            client, _ = train_client(self.state_dir, config, data.clients[self.client_id], train_config)
+            client, _ = train_client(self.state_dir, config, pairs, train_config, key_dir=self._key_dir())
             self._loaded, self._margins, reused = client, None, False
             (self.directory / MARGINS_FILE).unlink(missing_ok=True)
             release_freed_memory()  # DP-SGD's per-pair gradients are gone; give their pages back

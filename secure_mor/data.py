@@ -12,6 +12,7 @@ question family.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import string
 from collections import Counter
@@ -481,6 +482,53 @@ def vocabulary_texts(data: FederatedData) -> list[str]:
     for family, answers in data.answers.items():
         texts += [styled_answer(a, family, s) for a in answers for s in ANSWER_STYLES]
     return texts
+
+
+# ----------------------------------------------------------- an institution's own pairs
+
+PAIR_COLUMNS = ("image", "question", "chosen_text", "rejected_text")
+
+
+def save_preference_pairs(pairs: Dataset, directory: Path) -> Path:
+    """Write preference pairs (one row = one pair, the privacy unit) where a client node reads its
+    private data (node config `data-dir`): a `datasets` save_to_disk directory."""
+    missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
+    if missing:
+        raise DatasetError(f"preference pairs need the columns {PAIR_COLUMNS}; missing {missing}")
+    pairs.save_to_disk(str(directory))
+    return directory
+
+
+def directory_digest(directory: Path) -> str:
+    """SHA-256 over every file's relative path and bytes: which data a reward model was trained on."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def load_preference_pairs(directory: Path) -> Dataset:
+    """An institution's preference pairs from `directory` (`save_preference_pairs`), checked: the
+    columns a reward model trains on, at least one row, readable images."""
+    if not Path(directory).is_dir():
+        raise DatasetError(f"no preference data at {directory} (a `datasets` save_to_disk directory)")
+    try:
+        pairs = datasets.load_from_disk(str(directory))
+    except (FileNotFoundError, ValueError) as err:
+        raise DatasetError(f"cannot read preference data at {directory}: {err}") from err
+    if not isinstance(pairs, Dataset):
+        raise DatasetError(f"{directory} holds several splits; save one Dataset of pairs")
+    missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
+    if missing:
+        raise DatasetError(f"{directory}: preference pairs need the columns {PAIR_COLUMNS}; missing {missing}")
+    if len(pairs) == 0:
+        raise DatasetError(f"{directory}: no preference pairs")
+    for index, encoded in enumerate(pairs.cast_column("image", ImageFeature(decode=False))["image"]):
+        try:
+            _open_image(encoded)
+        except Exception as err:  # noqa: BLE001 - any decoding failure is a bad row
+            raise DatasetError(f"{directory}: row {index}: unreadable image ({err})") from err
+    return pairs
 
 
 # ----------------------------------------------------------- the public calibration set
