@@ -351,6 +351,8 @@ class LocalDeployment:
         share of the public easy-VQA split the run asks for (what `secure-mor data export` writes)."""
         if all(self.data_dir(p).exists() for p in self.parties if p != AUTHORITY_PARTY):
             return
+        from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
         from secure_mor.config import DataSpec
         from secure_mor.data import save_preference_pairs
 
@@ -358,9 +360,15 @@ class LocalDeployment:
         spec = DataSpec.of_run(int(config["num-clients"]), int(config["seed"]), int(config["pairs-per-client"]),
                                int(config["calibration-pairs"]))  # fmt: skip
         data = spec.load()
-        for k in range(self.num_clients):
-            if not self.data_dir(f"client-{k}").exists():
-                save_preference_pairs(data.clients[k], self.data_dir(f"client-{k}"))
+        bars = is_progress_bar_enabled()
+        disable_progress_bar()  # one bar per client would interleave with the caller's output
+        try:
+            for k in range(self.num_clients):
+                if not self.data_dir(f"client-{k}").exists():
+                    save_preference_pairs(data.clients[k], self.data_dir(f"client-{k}"))
+        finally:
+            if bars:
+                enable_progress_bar()
 
     def submit(self, overrides: Mapping[str, object]) -> str:
         """`flwr run` the app (each client's data exported first); returns the run id."""
