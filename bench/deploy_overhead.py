@@ -14,7 +14,7 @@ optimizer step (`results.json` timings.grpo_s / steps: generation, scoring round
 not the set-up stages), then the per-step time ratio and the seconds the deployment adds
 per optimizer step. Goal: <= 1 s per step, amortised.
 
-    .venv/bin/python bench/deploy_overhead.py [--steps 32] [--steps-per-round 16] [--dir DIR]
+    .venv/bin/python bench/deploy_overhead.py [--steps 64] [--steps-per-round 32] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _per_step(results: dict) -> tuple[int, int, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=32, help="GRPO optimizer steps of each run")
-    parser.add_argument("--steps-per-round", type=int, default=16, help="optimizer steps per scoring round")
+    parser.add_argument("--steps", type=int, default=64, help="GRPO optimizer steps of each run")
+    parser.add_argument("--steps-per-round", type=int, default=32, help="optimizer steps per scoring round")
     parser.add_argument("--dir", type=Path, default=None, help="keep both runs here (default: a temporary directory)")
     args = parser.parse_args()
     rounds = {"grpo-steps": args.steps, "steps-per-round": args.steps_per_round, "save-steps": args.steps}
