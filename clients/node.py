@@ -4,7 +4,10 @@
 addressed to a client. A node keeps everything on disk under its state directory
 (`<state>/clients/client-k/`, as `secure-mor client train` does), so any worker
 process can serve its next message: Flower's simulation runs nodes in a pool of
-Ray workers and does not promise the same worker twice.
+Ray workers and does not promise the same worker twice, and its deployment runtime
+starts a fresh process per message. It trains on the preference pairs in `data_dir`
+(an institution's own annotations) or, without one, on its share of the public split,
+and signs with the key in `key_dir` (operator-issued) or under its state directory.
 
 What leaves the node: its public key, its training metrics (epsilon spent, and the
 preference accuracy of its model on the public held-out set), and ciphertexts signed
