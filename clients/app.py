@@ -5,8 +5,11 @@ config decides what it is (`secure_mor.protocol.node_role`): a client
 institution (`secure_mor.clients.node.ClientNode`) or the key authority
 (`secure_mor.crypto.authority_node.AuthorityNode`). A node keeps its state under
 node config `state-dir`, or, in the simulation runtime, the run config's
-`run-dir`. The authority's K_min comes from its own node config (`k-min`,
-default 2), never from the server's run config.
+`run-dir`; `key-dir` is where its operator-issued signing key is (default: under
+`state-dir`) and, for a client, `data-dir` its own preference pairs
+(`secure_mor.data.save_preference_pairs`; default: its share of the public split).
+The authority's K_min comes from its own node config (`k-min`, default 2), never
+from the server's run config.
 """
 
 from __future__ import annotations
@@ -27,21 +30,23 @@ _NODES: dict[tuple[str, str, int | None], Any] = {}
 
 def _node(context: Context) -> Any:
     """The node object of this SuperNode (cached per worker process; state lives on disk)."""
-    role = node_role(context.node_config)
-    state_dir = str(context.node_config.get("state-dir") or context.run_config["run-dir"])
+    config = context.node_config
+    role = node_role(config)
+    state_dir = str(config.get("state-dir") or context.run_config["run-dir"])
+    key_dir = str(config["key-dir"]) if config.get("key-dir") else None
     key = (state_dir, role.role, role.client_id)
     if key not in _NODES:
         if role.role == ROLE_AUTHORITY:
             from secure_mor.crypto.authority_node import AuthorityNode
 
-            registry = context.node_config.get("registry")
-            _NODES[key] = AuthorityNode(
-                state_dir, registry=str(registry) if registry else None, k_min=int(context.node_config.get("k-min", 2))
-            )
+            registry = str(config["registry"]) if config.get("registry") else None
+            k_min = int(config.get("k-min", 2))
+            _NODES[key] = AuthorityNode(state_dir, registry=registry, k_min=k_min, key_dir=key_dir)
         else:
             from secure_mor.clients.node import ClientNode
 
-            _NODES[key] = ClientNode(Path(state_dir), int(role.client_id))
+            data_dir = str(config["data-dir"]) if config.get("data-dir") else None
+            _NODES[key] = ClientNode(Path(state_dir), int(role.client_id), data_dir=data_dir, key_dir=key_dir)
     return _NODES[key]
 
 

@@ -28,22 +28,19 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from datasets import Dataset
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
 from secure_mor.audits.ledger import KIND_DP_TRAINING, Budget, Ledger, dp_sgd_event, non_private_event
-from secure_mor.clients.evaluation import evaluate_model
 from secure_mor.clients.models import architecture
 from secure_mor.clients.scoring import ScoreItem, score
 from secure_mor.clients.text import TextEncoder, encoder_from_json
@@ -55,7 +52,10 @@ from secure_mor.clients.training import (
     encode_pairs,
     train_reward_model,
 )
-from secure_mor.crypto.signing import Signer, load_or_create_signer
+from secure_mor.crypto.signing import Signer, load_or_create_signer, publish_public_key
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 UNBOUNDED_EPSILON = sys.float_info.max
 
@@ -118,13 +118,20 @@ class RewardClient:
     """One client's reward model, text encoder and privacy state."""
 
     def __init__(
-        self, run_dir: Path, config: ClientConfig, model: nn.Module, encoder: TextEncoder, privacy: PrivacyState
+        self,
+        run_dir: Path,
+        config: ClientConfig,
+        model: nn.Module,
+        encoder: TextEncoder,
+        privacy: PrivacyState,
+        key_dir: Path | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.config = config
         self.model = model
         self.encoder = encoder
         self.privacy = privacy
+        self.key_dir = Path(key_dir) if key_dir else self.directory / "keys"  # the signing key's directory
 
     @property
     def directory(self) -> Path:
@@ -139,7 +146,7 @@ class RewardClient:
         return (client_dir(run_dir, client_id) / "model.safetensors").exists()
 
     @classmethod
-    def new(cls, run_dir: Path, config: ClientConfig, pairs: Dataset) -> RewardClient:
+    def new(cls, run_dir: Path, config: ClientConfig, pairs: Dataset, key_dir: Path | None = None) -> RewardClient:
         """A fresh client in memory; its text encoder is built from its own pairs' texts.
         Nothing is written until a training run succeeds."""
         if cls.exists(run_dir, config.client_id):
@@ -148,27 +155,25 @@ class RewardClient:
         texts = list(pairs["question"]) + list(pairs["chosen_text"]) + list(pairs["rejected_text"])
         encoder = arch.build_encoder(texts)
         privacy = PrivacyState(Budget(config.budget_epsilon, config.budget_delta))
-        return cls(run_dir, config, arch.build_model(encoder), encoder, privacy)
+        return cls(run_dir, config, arch.build_model(encoder), encoder, privacy, key_dir)
 
     @classmethod
-    def load(cls, run_dir: Path, client_id: int) -> RewardClient:
+    def load(cls, run_dir: Path, client_id: int, key_dir: Path | None = None) -> RewardClient:
         directory = client_dir(run_dir, client_id)
         if not cls.exists(run_dir, client_id):
             raise ClientError(f"no trained client-{client_id} in {run_dir} (train it first)")
         config = ClientConfig.from_json(json.loads((directory / "client.json").read_text()))
-        encoder = encoder_from_json(json.loads((directory / "text_encoder.json").read_text()))
+        encoder = encoder_from_json(json.loads((directory / "text_encoder.json").read_text()), cache_dir=directory)
         model = architecture(config.arch).build_model(encoder)
         model.load_state_dict(load_tensors((directory / "model.safetensors").read_bytes()))
         model.eval()
-        return cls(run_dir, config, model, encoder, PrivacyState.load(directory / "privacy.json"))
+        return cls(run_dir, config, model, encoder, PrivacyState.load(directory / "privacy.json"), key_dir)
 
     def signer(self, passphrase: str | None = None) -> Signer:
         """The client's Ed25519 key (created on first use, 0600), its public half
         published in RUN_DIR/keys."""
-        signer = load_or_create_signer(self.party, self.directory / "keys", passphrase)
-        registry = self.run_dir / "keys"
-        registry.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.directory / "keys" / f"{self.party}.pub", registry / f"{self.party}.pub")
+        signer = load_or_create_signer(self.party, self.key_dir, passphrase)
+        publish_public_key(signer, self.run_dir / "keys")
         return signer
 
     def train(
@@ -233,6 +238,8 @@ class RewardClient:
 
     def evaluate(self, held_out: Mapping[str, Dataset]) -> dict[str, float]:
         """Preference accuracy per family on held-out pairs (`evaluation.held_out_pairs`)."""
+        from secure_mor.clients.evaluation import evaluate_model  # needs datasets; scoring does not
+
         return evaluate_model(self.model, self.encoder, held_out)
 
     def metrics(self) -> dict[str, Any]:
@@ -251,11 +258,12 @@ def train_client(
     train_config: TrainConfig,
     passphrase: str | None = None,
     progress: ProgressFn | None = None,
+    key_dir: Path | None = None,
 ) -> tuple[RewardClient, TrainResult]:
     """Load the client (its stored config must agree with `config`) or create it, then train.
     A new client's initial parameters are drawn with the run's seed (reproducible runs)."""
     if RewardClient.exists(run_dir, config.client_id):
-        client = RewardClient.load(run_dir, config.client_id)
+        client = RewardClient.load(run_dir, config.client_id, key_dir)
         if client.config != config:
             raise ClientError(
                 f"{config.party} in {run_dir} was created with {client.config}; "
@@ -263,5 +271,5 @@ def train_client(
             )
     else:
         torch.manual_seed(train_config.seed)
-        client = RewardClient.new(run_dir, config, pairs)
+        client = RewardClient.new(run_dir, config, pairs, key_dir)
     return client, client.train(pairs, train_config, passphrase, progress)

@@ -4,7 +4,10 @@
 addressed to a client. A node keeps everything on disk under its state directory
 (`<state>/clients/client-k/`, as `secure-mor client train` does), so any worker
 process can serve its next message: Flower's simulation runs nodes in a pool of
-Ray workers and does not promise the same worker twice.
+Ray workers and does not promise the same worker twice, and its deployment runtime
+starts a fresh process per message. It trains on the preference pairs in `data_dir`
+(an institution's own annotations) or, without one, on its share of the public split,
+and signs with the key in `key_dir` (operator-issued) or under its state directory.
 
 What leaves the node: its public key, its training metrics (epsilon spent, and the
 preference accuracy of its model on the public held-out set), and ciphertexts signed
@@ -23,31 +26,26 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from secure_mor.clients.client import ClientConfig, RewardClient, client_dir, train_client
-from secure_mor.clients.evaluation import held_out_pairs
+from secure_mor.clients.client import ClientConfig, RewardClient, client_dir
 from secure_mor.clients.models import DEFAULT_ARCHS
-from secure_mor.clients.training import default_train_config
-from secure_mor.config import DataSpec
 from secure_mor.crypto.context import PublicContext, load_public_context
 from secure_mor.crypto.params import ReleaseConfig
 from secure_mor.crypto.signing import load_or_create_signer, publish_public_key
 from secure_mor.crypto.wire import seal_reply
-from secure_mor.data import FederatedData, column
-from secure_mor.protocol import (
-    ROLE_CLIENT,
-    Payload,
-    ProtocolError,
-    bytes_array,
-    calibration_set,
-    decode_gradient_query,
-    family_metrics,
-)
-from secure_mor.routing import ItemUseLimiter, QueryLimits, answer_gradient_query, pair_margins
+from secure_mor.protocol import ROLE_CLIENT, Payload, ProtocolError, bytes_array
+from secure_mor.routing import ItemUseLimiter, QueryLimits, answer_gradient_query, decode_gradient_query, pair_margins
+
+if TYPE_CHECKING:
+    from secure_mor.config import DataSpec
+    from secure_mor.data import FederatedData
+
+# Flower's deployment runtime starts a fresh process for every message: a scoring process must
+# start fast, so what only training and calibration need (datasets, Opacus) is imported there.
 
 NODE_FILE = "node.json"
 CONTEXT_FILE = "public_context.bin"
@@ -79,10 +77,18 @@ def release_freed_memory() -> None:
 class ClientNode:
     """One client institution: its reward model, keys and protocol state under `state_dir`."""
 
-    def __init__(self, state_dir: Path | str, client_id: int) -> None:
+    def __init__(
+        self, state_dir: Path | str, client_id: int, *, data_dir: Path | str | None = None,
+        key_dir: Path | str | None = None,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.client_id = client_id
         self.directory = client_dir(self.state_dir, client_id)
+        # The institution's own preference pairs; without them (simulation, demo) its share of the
+        # public split stands in for them.
+        self.data_dir = Path(data_dir) if data_dir else None
+        # An operator-issued key (deployment) is never made here: a missing one is an error.
+        self.key_dir = Path(key_dir) if key_dir else None
         self._public: PublicContext | None = None
         self._loaded: RewardClient | None = None
         self._margins: np.ndarray | None = None
@@ -100,6 +106,8 @@ class ClientNode:
         return json.loads(path.read_text())
 
     def _spec(self) -> DataSpec:
+        from secure_mor.config import DataSpec
+
         return DataSpec.from_json(self._node_state()["data_spec"])
 
     def _public_context(self) -> PublicContext:
@@ -110,8 +118,13 @@ class ClientNode:
 
     def _client(self) -> RewardClient:
         if self._loaded is None:
-            self._loaded = RewardClient.load(self.state_dir, self.client_id)
+            self._loaded = RewardClient.load(self.state_dir, self.client_id, key_dir=self._key_dir())
         return self._loaded
+
+    def _key_dir(self) -> Path | None:
+        if self.key_dir is not None and not (self.key_dir / f"{self.party}.key").exists():
+            raise ProtocolError(f"{self.party}: no signing key {self.party}.key in key-dir {self.key_dir}")
+        return self.key_dir
 
     # ------------------------------------------------------------ actions
 
@@ -129,7 +142,7 @@ class ClientNode:
         return handlers[action](payload)
 
     def identify(self, payload: Mapping[str, Any]) -> Payload:
-        signer = load_or_create_signer(self.party, self.directory / "keys")
+        signer = load_or_create_signer(self.party, self._key_dir() or self.directory / "keys")
         publish_public_key(signer, self.state_dir / "keys")
         return {"party": self.party, "role": ROLE_CLIENT, "public_key": signer.public_key_hex}
 
@@ -147,16 +160,26 @@ class ClientNode:
     def train(self, payload: Mapping[str, Any]) -> Payload:
         """Train the reward model with DP-SGD under budget (epsilon, delta), once: a client
         already trained with the same budget answers with its stored metrics and spends nothing."""
+        from secure_mor.clients.client import train_client
+        from secure_mor.clients.evaluation import held_out_pairs
+        from secure_mor.clients.training import default_train_config
+        from secure_mor.data import FAMILIES, directory_digest, load_preference_pairs
+
         epsilon, delta = float(payload["epsilon"]), float(payload["delta"])
         spec = self._spec()
         data = federated_data(spec)
         data_config = spec.split.clients[self.client_id]
-        split = {
+        split: dict[str, Any] = {
             "seed": spec.split.seed,
             "skew": spec.split.skew,
             "pairs_per_client": spec.split.pairs_per_client,
             "num_clients": len(spec.split.clients),
         }
+        if self.data_dir is not None:
+            pairs = load_preference_pairs(self.data_dir)
+            split = {"private_data_sha256": directory_digest(self.data_dir), "pairs": len(pairs)}
+        else:
+            pairs = data.clients[self.client_id]
         config = ClientConfig(
             client_id=self.client_id,
             arch=str(payload.get("arch") or DEFAULT_ARCHS[self.client_id % len(DEFAULT_ARCHS)]),
@@ -172,7 +195,7 @@ class ClientNode:
         else:
             overrides = {k: payload[k] for k in TRAIN_OVERRIDES if k in payload}
             train_config = default_train_config(config.arch, epsilon, delta=delta, seed=spec.split.seed, **overrides)
-            client, _ = train_client(self.state_dir, config, data.clients[self.client_id], train_config)
+            client, _ = train_client(self.state_dir, config, pairs, train_config, key_dir=self._key_dir())
             self._loaded, self._margins, reused = client, None, False
             (self.directory / MARGINS_FILE).unlink(missing_ok=True)
             release_freed_memory()  # DP-SGD's per-pair gradients are gone; give their pages back
@@ -189,7 +212,7 @@ class ClientNode:
             "total_epsilon": math.inf if total is None else float(total),
             "reused": reused,
             "seconds": time.perf_counter() - started,
-            **family_metrics(metrics["held_out"]),
+            **{f"accuracy_{f}": float(metrics["held_out"][f]) for f in FAMILIES if f in metrics["held_out"]},
         }
 
     def _calibration_margins(self) -> np.ndarray:
@@ -199,6 +222,8 @@ class ClientNode:
         if self._margins is None and path.exists():
             self._margins = np.load(path, allow_pickle=False)
         if self._margins is None:
+            from secure_mor.data import calibration_set, column
+
             client = self._client()
             pairs = calibration_set(federated_data(self._spec()))
             images, questions = list(pairs["image"]), column(pairs, "question")

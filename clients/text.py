@@ -26,8 +26,10 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 PAD, UNK = 0, 1
@@ -123,16 +125,23 @@ class MiniLMEncoder:
     because every input dimension of the trained head adds DP noise to its output.
 
     Each text is encoded alone (no padding), so its features do not depend on
-    which other texts it came with, and cached: prompts and answers repeat a lot."""
+    which other texts it came with, and cached: prompts and answers repeat a lot.
+    With `cache_dir` the cache is also kept on disk, so a process that meets only known texts
+    never loads transformers and MiniLM (about 4 s): Flower's deployment runtime starts a fresh
+    process for every message. The features depend on the texts only, not on the trained head."""
 
     kind = "minilm"
     embedding_dim = 384
 
-    def __init__(self, max_len: int = 64, dim: int = 32) -> None:
+    def __init__(self, max_len: int = 64, dim: int = 32, cache_dir: Path | None = None) -> None:
         self.max_len = max_len
         self.dim = dim
         self._projection = torch.randn(self.embedding_dim, dim, generator=torch.Generator().manual_seed(0))
         self._cache: dict[str, torch.Tensor] = {}
+        self._cache_file = Path(cache_dir) / f"minilm-features-{max_len}-{dim}.npz" if cache_dir else None
+        if self._cache_file is not None and self._cache_file.exists():
+            with np.load(self._cache_file, allow_pickle=False) as saved:
+                self._cache = dict(zip(saved["texts"].tolist(), torch.from_numpy(saved["features"]), strict=True))
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         missing = sorted(set(texts) - self._cache.keys())
@@ -143,9 +152,19 @@ class MiniLMEncoder:
                 with torch.no_grad():
                     pooled = model(**batch).last_hidden_state.mean(1)  # one text, no padding
                 self._cache[text] = (torch.nn.functional.normalize(pooled, dim=-1) @ self._projection)[0]
+            self._save_cache()
         if not texts:
             return torch.zeros(0, self.dim)
         return torch.stack([self._cache[t] for t in texts])
+
+    def _save_cache(self) -> None:
+        if self._cache_file is None:
+            return
+        partial = self._cache_file.with_suffix(".partial.npz")
+        texts = list(self._cache)
+        features = torch.stack([self._cache[t] for t in texts]).numpy()
+        np.savez(partial, texts=np.asarray(texts, dtype=str), features=features)
+        os.replace(partial, self._cache_file)  # a reader sees the old cache or the new one, never half
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "max_len": self.max_len, "dim": self.dim}
@@ -161,12 +180,13 @@ def trim_padding(ids: torch.Tensor) -> torch.Tensor:
     return ids[..., : int(used.max()) + 1 if len(used) else 1]
 
 
-def encoder_from_json(state: dict[str, Any]) -> TextEncoder:
+def encoder_from_json(state: dict[str, Any], cache_dir: Path | None = None) -> TextEncoder:
+    """The encoder `state` describes; `cache_dir` keeps MiniLM's features of seen texts on disk."""
     kind = state.get("kind")
     if kind == "word":
         return WordTokenizer(state["vocab"], state["max_len"])
     if kind == "char":
         return CharTokenizer(state["max_len"])
     if kind == "minilm":
-        return MiniLMEncoder(state["max_len"], state["dim"])
+        return MiniLMEncoder(state["max_len"], state["dim"], cache_dir)
     raise ValueError(f"unknown text encoder kind {kind!r}")

@@ -30,19 +30,19 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from secure_mor.audits.ledger import Budget
 from secure_mor.clients.models import images_to_tensor
 from secure_mor.clients.text import TextEncoder, trim_padding
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")  # Opacus' per-sample gradient modes; "ew" = expanded weights
@@ -140,6 +140,8 @@ def compose_epsilon(history: list[Mechanism], delta: float, accountant: str) -> 
     """Epsilon at `delta` of all mechanisms in `history`, composed by Opacus' accountant."""
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant  # Opacus costs ~2 s to import: only where used
+
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" is only a looseness hint
@@ -280,6 +282,8 @@ def train_reward_model(
     trained: nn.Module = model
     engine = None
     if config.private:
+        from opacus import PrivacyEngine  # imported here: a process that only scores never needs it
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # secure-RNG and RDP-order hints
             engine = PrivacyEngine(accountant=config.accountant)

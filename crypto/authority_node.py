@@ -41,10 +41,14 @@ class AuthorityNode:
     """The key authority over `state_dir` (its files in `<state>/authority/`, the shared ledger
     `<state>/ledger.jsonl`, the key registry `registry` or `<state>/keys`)."""
 
-    def __init__(self, state_dir: Path | str, registry: Path | str | None = None, k_min: int = 2) -> None:
+    def __init__(
+        self, state_dir: Path | str, registry: Path | str | None = None, k_min: int = 2,
+        key_dir: Path | str | None = None,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.directory = self.state_dir / AUTHORITY_PARTY
         self.registry = Path(registry) if registry else self.state_dir / "keys"
+        self.key_dir = Path(key_dir) if key_dir else None  # operator-issued: never made here
         self.policy = AuthorityPolicy(k_min=k_min)
         self._authority: KeyAuthority | None = None
 
@@ -56,7 +60,9 @@ class AuthorityNode:
     def _signer(self) -> Signer:
         """The authority's signing key; published to the registry only when the registry is the
         run directory's own (simulation): an operator's registry is never written by a node."""
-        signer = load_or_create_signer(AUTHORITY_PARTY, self.directory / "keys")
+        if self.key_dir is not None and not (self.key_dir / f"{AUTHORITY_PARTY}.key").exists():
+            raise ProtocolError(f"no signing key {AUTHORITY_PARTY}.key in key-dir {self.key_dir}")
+        signer = load_or_create_signer(AUTHORITY_PARTY, self.key_dir or self.directory / "keys")
         if self.registry == self.state_dir / "keys":
             publish_public_key(signer, self.registry)
         return signer

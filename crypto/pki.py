@@ -182,12 +182,13 @@ def signing_key_dir(state_dir: Path | str, party: str) -> Path:
     return state / party / "keys"
 
 
-def install_signing_key(directory: Path | str, party: str, state_dir: Path | str) -> Path:
-    """Copy `party`'s payload-signing key to where its node reads it (mode 0600)."""
+def install_signing_key(directory: Path | str, party: str, key_dir: Path | str) -> Path:
+    """Copy `party`'s payload-signing key into `key_dir` (mode 0600), with its public half: its node's
+    node config `key-dir`, or `signing_key_dir(state_dir, party)` where a node looks by default."""
     source = Pki(Path(directory)).signing_key(party)
     if not source.exists():
         raise PkiError(f"no signing key for {party} at {source}: run `secure-mor pki node {party}` first")
-    target = signing_key_dir(state_dir, party) / source.name
+    target = Path(key_dir) / source.name
     _write_private(target, source.read_bytes())
     (target.parent / f"{party}.pub").write_text(source.with_suffix(".pub").read_text())
     return target

@@ -142,6 +142,30 @@ def data_info(
     console.print(f"answers per family: {answers}")
 
 
+@data_app.command("export")
+def data_export(
+    client: Annotated[int, typer.Argument(help="the client id K")],
+    out: Annotated[Path, typer.Option(help="directory to write (a client node's node config data-dir)")],
+    dataset: DatasetOption = EASY_VQA,
+    seed: SeedOption = 0,
+    clients: ClientsOption = 3,
+    skew: SkewOption = 0.8,
+    pairs_per_client: PairsOption = 800,
+) -> None:
+    """Client K's share of the split as its own preference pairs, where its SuperNode reads them:
+    to try a deployment with data that stands in for an institution's annotations."""
+    from secure_mor.data import save_preference_pairs
+
+    _quiet_libraries()
+    if out.exists():
+        raise _fail(f"{out} exists: choose a new directory (nothing is overwritten)")
+    data = _load_data(_data_spec(dataset, seed, clients, skew, pairs_per_client))
+    if not 0 <= client < len(data.clients):
+        raise _fail(f"client {client} is not in a split of {len(data.clients)} clients")
+    save_preference_pairs(data.clients[client], out)
+    console.print(f"client-{client}: {len(data.clients[client])} preference pairs written to {out}")
+
+
 # ---------------------------------------------------------------- policy
 
 
@@ -476,11 +500,13 @@ def pki_node(
 ) -> None:
     """NAME's SuperNode authentication key pair (EC P-384, OpenSSH) and Ed25519 payload-signing key;
     the public payload key goes into the registry."""
-    from secure_mor.crypto.pki import PkiError, install_signing_key, node_keys
+    from secure_mor.crypto.pki import PkiError, install_signing_key, node_keys, signing_key_dir
 
     try:
         pki = node_keys(directory, name)
-        installed = install_signing_key(directory, name, install_into) if install_into else None
+        installed = (
+            install_signing_key(directory, name, signing_key_dir(install_into, name)) if install_into else None
+        )
     except PkiError as err:
         raise _fail(str(err)) from err
     console.print(f"{name}: SuperNode key {pki.auth_key(name)} (register {pki.auth_public_key(name)}), "

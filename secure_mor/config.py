@@ -21,6 +21,7 @@ from secure_mor.data import (
     FederatedData,
     SplitConfig,
     build_federated_data,
+    default_clients,
     load_hf_vqa,
 )
 
@@ -33,6 +34,12 @@ class DataSpec:
 
     dataset: str = EASY_VQA
     split: SplitConfig = field(default_factory=SplitConfig)
+
+    @classmethod
+    def of_run(cls, num_clients: int, seed: int, pairs_per_client: int, calibration_pairs: int) -> DataSpec:
+        """The easy-VQA split of an alignment run (its run config's keys of the same names)."""
+        return cls(split=SplitConfig(clients=default_clients(num_clients), seed=seed,
+                                     pairs_per_client=pairs_per_client, calibration_pairs=calibration_pairs))
 
     def to_json(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "split": asdict(self.split)}

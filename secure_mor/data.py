@@ -12,6 +12,7 @@ question family.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import string
 from collections import Counter
@@ -24,6 +25,8 @@ import datasets
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
+
+from secure_mor.protocol import OBJECTIVES
 
 FAMILIES = ("color", "shape", "presence")
 OTHER_FAMILY = "other"
@@ -479,3 +482,85 @@ def vocabulary_texts(data: FederatedData) -> list[str]:
     for family, answers in data.answers.items():
         texts += [styled_answer(a, family, s) for a in answers for s in ANSWER_STYLES]
     return texts
+
+
+# ----------------------------------------------------------- an institution's own pairs
+
+PAIR_COLUMNS = ("image", "question", "chosen_text", "rejected_text")
+
+
+def save_preference_pairs(pairs: Dataset, directory: Path) -> Path:
+    """Write preference pairs (one row = one pair, the privacy unit) where a client node reads its
+    private data (node config `data-dir`): a `datasets` save_to_disk directory."""
+    missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
+    if missing:
+        raise DatasetError(f"preference pairs need the columns {PAIR_COLUMNS}; missing {missing}")
+    pairs.save_to_disk(str(directory))
+    return directory
+
+
+def directory_digest(directory: Path) -> str:
+    """SHA-256 over every file's relative path and bytes: which data a reward model was trained on."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def load_preference_pairs(directory: Path) -> Dataset:
+    """An institution's preference pairs from `directory` (`save_preference_pairs`), checked: the
+    columns a reward model trains on, at least one row, readable images."""
+    if not Path(directory).is_dir():
+        raise DatasetError(f"no preference data at {directory} (a `datasets` save_to_disk directory)")
+    try:
+        pairs = datasets.load_from_disk(str(directory))
+    except (FileNotFoundError, ValueError) as err:
+        raise DatasetError(f"cannot read preference data at {directory}: {err}") from err
+    if not isinstance(pairs, Dataset):
+        raise DatasetError(f"{directory} holds several splits; save one Dataset of pairs")
+    missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
+    if missing:
+        raise DatasetError(f"{directory}: preference pairs need the columns {PAIR_COLUMNS}; missing {missing}")
+    if len(pairs) == 0:
+        raise DatasetError(f"{directory}: no preference pairs")
+    for index, encoded in enumerate(pairs.cast_column("image", ImageFeature(decode=False))["image"]):
+        try:
+            _open_image(encoded)
+        except Exception as err:  # noqa: BLE001 - any decoding failure is a bad row
+            raise DatasetError(f"{directory}: row {index}: unreadable image ({err})") from err
+    return pairs
+
+
+# ----------------------------------------------------------- the public calibration set
+
+
+def calibration_set(data: FederatedData) -> Dataset:
+    """The server's public calibration preferences, one objective per item (alternating):
+    for "correctness" the pair as built by the split (true vs wrong answer, one word);
+    for "sentences" the true answer as a sentence vs the same answer as one word.
+    The server and every client build the same set from the public split."""
+    calibration = data.calibration
+    answers = column(calibration, "chosen_text")
+    families = column(calibration, "family")
+    rejected = column(calibration, "rejected_text")
+    objectives, chosen_out, rejected_out = [], [], []
+    for i, (answer, family) in enumerate(zip(answers, families, strict=True)):
+        objective = OBJECTIVES[i % len(OBJECTIVES)]
+        objectives.append(objective)
+        if objective == "sentences":
+            chosen_out.append(styled_answer(answer, family, "sentence"))
+            rejected_out.append(answer)
+        else:
+            chosen_out.append(answer)
+            rejected_out.append(rejected[i])
+    return Dataset.from_dict(
+        {
+            "image": column(calibration, "image"),
+            "question": column(calibration, "question"),
+            "family": families,
+            "objective": objectives,
+            "chosen_text": chosen_out,
+            "rejected_text": rejected_out,
+        },
+        features=None,
+    ).cast_column("image", calibration.features["image"])

@@ -11,8 +11,10 @@ Layout under `root`:
     pki/                  the operator's CA, SuperLink certificate, node keys, registry
     operator/flwr-home/   the `flwr` CLI's configuration (the SuperLink connection "deployment")
     superlink/            its log and Flower home
-    client-K/, authority/ each SuperNode: state/ (node config `state-dir`), registry/ (its own
-                          copy of the public payload keys), flwr-home/, supernode.log
+    client-K/, authority/ each SuperNode: state/ (node config `state-dir`), keys/ (its
+                          payload-signing key, `key-dir`), data/ (a client's own preference
+                          pairs, `data-dir`), registry/ (its own copy of the public payload
+                          keys), flwr-home/, its log
     server/               the ServerApp's run directory run/ and its copy of the registry
 
 The Flower commands run under this interpreter (`federation.flower_shims` in `<root>/bin`).
@@ -27,13 +29,14 @@ import shutil
 import socket
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from secure_mor.crypto.pki import Pki, init_pki, install_signing_key, node_keys
+from secure_mor.crypto.pki import Pki, init_pki, install_signing_key, node_keys, signing_key_dir
 from secure_mor.crypto.signing import read_or_create_secret
 from secure_mor.federation import (
     APP_DIR,
@@ -50,6 +53,7 @@ from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY
 HOST = "127.0.0.1"
 CONNECTION = "deployment"  # the `flwr` CLI's name for this SuperLink
 PASSPHRASE_ENV = "SECURE_MOR_AUTHORITY_PASSPHRASE"  # as secure_mor.crypto.authority_node reads it
+SUPEREXEC_POLL_SECONDS = 0.2
 
 # The tiny job of the deployment test and of `secure-mor deploy local`: minutes, not hours, on a CPU.
 TINY_RUN: dict[str, object] = {
@@ -77,6 +81,12 @@ class DeploymentResult:
     details: str
     logs: str
     seconds: float
+
+
+def app_run_config(app_dir: Path = APP_DIR) -> dict[str, object]:
+    """The app's default run config (`[tool.flwr.app.config]` of its pyproject.toml)."""
+    with (app_dir / "pyproject.toml").open("rb") as file:
+        return dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
 
 
 def node_config_arg(config: Mapping[str, object]) -> str:
@@ -125,6 +135,14 @@ class LocalDeployment:
     def run_dir(self) -> Path:
         return self.root / SERVER_PARTY / "run"
 
+    def key_dir(self, party: str) -> Path:
+        """Where the party's SuperNode finds its payload-signing key (node config `key-dir`)."""
+        return self.root / party / "keys"
+
+    def data_dir(self, party: str) -> Path:
+        """A client institution's own preference pairs (node config `data-dir`)."""
+        return self.root / party / "data"
+
     def registry(self, party: str) -> Path:
         return self.root / party / "registry"
 
@@ -145,6 +163,9 @@ class LocalDeployment:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1",
+            # How often a SuperExec asks its SuperNode for a message to start a ClientApp for
+            # (Flower's default 1 s, paid on every message of every scoring round).
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_SECONDS),
         }
 
     # ------------------------------------------------------------ keys
@@ -159,8 +180,8 @@ class LocalDeployment:
             if not self.pki.node_dir(party).exists():
                 node_keys(self.pki.directory, party)
         for party in self.parties:
-            install_signing_key(self.pki.directory, party, self.state_dir(party))
-        install_signing_key(self.pki.directory, SERVER_PARTY, self.run_dir)
+            install_signing_key(self.pki.directory, party, self.key_dir(party))
+        install_signing_key(self.pki.directory, SERVER_PARTY, signing_key_dir(self.run_dir, SERVER_PARTY))
         for party in [*self.parties, SERVER_PARTY]:
             shutil.copytree(self.pki.registry, self.registry(party), dirs_exist_ok=True)
         home = self.root / "operator" / "flwr-home"
@@ -218,15 +239,11 @@ class LocalDeployment:
 
     def node_config(self, party: str) -> dict[str, object]:
         """What the party's SuperNode is told about itself (secure_mor.protocol.node_role)."""
+        where = {"state-dir": str(self.state_dir(party)), "key-dir": str(self.key_dir(party))}
         if party == AUTHORITY_PARTY:
-            return {
-                "role": "authority",
-                "state-dir": str(self.state_dir(party)),
-                "registry": str(self.registry(party)),
-                "k-min": self.k_min,
-            }
+            return {"role": "authority", **where, "registry": str(self.registry(party)), "k-min": self.k_min}
         client_id = int(party.removeprefix("client-"))
-        return {"role": "client", "client-id": client_id, "state-dir": str(self.state_dir(party))}
+        return {"role": "client", "client-id": client_id, **where, "data-dir": str(self.data_dir(party))}
 
     def start_node(
         self,
@@ -251,7 +268,9 @@ class LocalDeployment:
         args += ["--root-certificates", str(self.pki.ca_cert)] if tls else ["--insecure"]
         if max_retries is not None:
             args += ["--max-retries", str(max_retries)]
-        env = self.env(party)
+        # One thread per party, as Flower's simulation gives each node one CPU: the parties stand
+        # for separate machines, and sharing this one's cores they would oversubscribe it.
+        env = {**self.env(party), "OMP_NUM_THREADS": "1"}
         if party == AUTHORITY_PARTY:
             env[PASSPHRASE_ENV] = self._authority_passphrase()
         return self._spawn(party, args, env)
@@ -327,8 +346,33 @@ class LocalDeployment:
         args = [str(self._bin / "flwr"), "run", str(self.app_dir), CONNECTION, "--run-config"]
         return shlex.join([*args, run_overrides(self.run_config(overrides))])
 
+    def export_client_data(self, overrides: Mapping[str, object]) -> None:
+        """Give each client institution its private preference pairs in its own `data-dir`: here, its
+        share of the public easy-VQA split the run asks for (what `secure-mor data export` writes)."""
+        if all(self.data_dir(p).exists() for p in self.parties if p != AUTHORITY_PARTY):
+            return
+        from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+        from secure_mor.config import DataSpec
+        from secure_mor.data import save_preference_pairs
+
+        config = {**app_run_config(self.app_dir), **self.run_config(overrides)}
+        spec = DataSpec.of_run(int(config["num-clients"]), int(config["seed"]), int(config["pairs-per-client"]),
+                               int(config["calibration-pairs"]))  # fmt: skip
+        data = spec.load()
+        bars = is_progress_bar_enabled()
+        disable_progress_bar()  # one bar per client would interleave with the caller's output
+        try:
+            for k in range(self.num_clients):
+                if not self.data_dir(f"client-{k}").exists():
+                    save_preference_pairs(data.clients[k], self.data_dir(f"client-{k}"))
+        finally:
+            if bars:
+                enable_progress_bar()
+
     def submit(self, overrides: Mapping[str, object]) -> str:
-        """`flwr run` the app; returns the run id."""
+        """`flwr run` the app (each client's data exported first); returns the run id."""
+        self.export_client_data(overrides)
         args = ["run", str(self.app_dir), CONNECTION, "--format", "json", "--run-config"]
         done = self.flwr(*args, run_overrides(self.run_config(overrides)), timeout=300)
         try:
@@ -340,20 +384,28 @@ class LocalDeployment:
         return str(submitted["run-id"])
 
     def wait(
-        self, run_id: str, *, timeout: float = 1800.0, on_poll: Callable[[float], None] | None = None
+        self,
+        run_id: str,
+        *,
+        timeout: float = 1800.0,
+        on_poll: Callable[[float], None] | None = None,
+        poll_seconds: float = 5.0,
     ) -> DeploymentResult:
-        """Block until run `run_id` finishes (polling `flwr list`); its status and logs."""
+        """Block until run `run_id` finishes (polling `flwr list` every `poll_seconds`: each poll
+        is a Python process, about a second of CPU); its status and logs."""
         started = time.perf_counter()
         flwr = str(self._bin / "flwr")
         status, details, logs = wait_for_run(
-            flwr, run_id, self.env("operator"), self.root / "operator", timeout, started, on_poll
+            flwr, run_id, self.env("operator"), self.root / "operator", timeout, started, on_poll, poll_seconds
         )
         return DeploymentResult(run_id, status, details, logs, time.perf_counter() - started)
 
-    def run(self, overrides: Mapping[str, object], *, timeout: float = 1800.0) -> DeploymentResult:
+    def run(
+        self, overrides: Mapping[str, object], *, timeout: float = 1800.0, poll_seconds: float = 5.0
+    ) -> DeploymentResult:
         """`flwr run` the app and wait for it; raises FederationError unless it completed."""
         started = time.perf_counter()
-        result = self.wait(self.submit(overrides), timeout=timeout)
+        result = self.wait(self.submit(overrides), timeout=timeout, poll_seconds=poll_seconds)
         result = DeploymentResult(result.run_id, result.status, result.details, result.logs,
                                   time.perf_counter() - started)  # fmt: skip
         if result.status != "finished:completed":

@@ -34,10 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from datasets import Dataset
 
-from secure_mor.data import FAMILIES, FederatedData, column, styled_answer
-from secure_mor.routing import GradientQuery, RouterState
+# Light on purpose: Flower's deployment runtime starts a fresh ClientApp process for every
+# message, and the key authority's process must not pay for torch or datasets.
 
 Payload = dict[str, Any]
 
@@ -103,70 +102,6 @@ def png_bytes(image: Any) -> bytes:
     return buffer.getvalue()
 
 
-def encode_gradient_query(query: GradientQuery) -> Payload:
-    return {
-        "step": int(query.step),
-        "nonce": query.nonce,
-        "state": query.state.to_bytes(),
-        "items": array_bytes(np.asarray(query.items, dtype=np.int64)),
-        "features": array_bytes(np.asarray(query.features, dtype=np.float64)),
-        "objective_ids": array_bytes(np.asarray(query.objective_ids, dtype=np.int64)),
-        "coefficients": array_bytes(np.asarray(query.coefficients, dtype=np.float64)),
-        "scale": float(query.scale),
-    }
-
-
-def decode_gradient_query(payload: Mapping[str, Any]) -> GradientQuery:
-    try:
-        return GradientQuery(
-            step=int(payload["step"]),
-            nonce=str(payload["nonce"]),
-            state=RouterState.from_bytes(bytes(payload["state"])),
-            items=bytes_array(payload["items"]).astype(np.int64),
-            features=bytes_array(payload["features"]).astype(np.float64),
-            objective_ids=bytes_array(payload["objective_ids"]).astype(np.int64),
-            coefficients=bytes_array(payload["coefficients"]).astype(np.float64),
-            scale=float(payload["scale"]),
-        )
-    except KeyError as err:
-        raise ProtocolError(f"gradient query lacks {err}") from err
-
-
-# ---------------------------------------------------------------- the public calibration set
-
-
-def calibration_set(data: FederatedData) -> Dataset:
-    """The server's public calibration preferences, one objective per item (alternating):
-    for "correctness" the pair as built by the split (true vs wrong answer, one word);
-    for "sentences" the true answer as a sentence vs the same answer as one word.
-    The server and every client build the same set from the public split."""
-    calibration = data.calibration
-    answers = column(calibration, "chosen_text")
-    families = column(calibration, "family")
-    rejected = column(calibration, "rejected_text")
-    objectives, chosen_out, rejected_out = [], [], []
-    for i, (answer, family) in enumerate(zip(answers, families, strict=True)):
-        objective = OBJECTIVES[i % len(OBJECTIVES)]
-        objectives.append(objective)
-        if objective == "sentences":
-            chosen_out.append(styled_answer(answer, family, "sentence"))
-            rejected_out.append(answer)
-        else:
-            chosen_out.append(answer)
-            rejected_out.append(rejected[i])
-    return Dataset.from_dict(
-        {
-            "image": column(calibration, "image"),
-            "question": column(calibration, "question"),
-            "family": families,
-            "objective": objectives,
-            "chosen_text": chosen_out,
-            "rejected_text": rejected_out,
-        },
-        features=None,
-    ).cast_column("image", calibration.features["image"])
-
-
 def score_request(images: Sequence[Any], questions: Sequence[str], answers: Sequence[str]) -> Payload:
     """The items of a scoring round, each distinct image sent once (PNG)."""
     if not len(images) == len(questions) == len(answers):
@@ -177,7 +112,3 @@ def score_request(images: Sequence[Any], questions: Sequence[str], answers: Sequ
         positions.append(index.setdefault(png_bytes(image), len(index)))
     encoded = list(index)
     return {"images": encoded, "image_index": positions, "questions": list(questions), "answers": list(answers)}
-
-
-def family_metrics(accuracy: Mapping[str, float]) -> Payload:
-    return {f"accuracy_{f}": float(accuracy[f]) for f in FAMILIES if f in accuracy}

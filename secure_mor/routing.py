@@ -103,6 +103,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from secure_mor.protocol import Payload, ProtocolError, array_bytes, bytes_array
+
 DTYPE = torch.float64
 
 
@@ -584,3 +586,35 @@ def answer_gradient_query(
         query.state, query.features, query.objective_ids, query.coefficients, margins, k, limits=limits
     )
     return encode_gradient_term(term, query.scale, value_bound)
+
+
+# ---------------------------------------------------------------- the query on the wire
+
+
+def encode_gradient_query(query: GradientQuery) -> Payload:
+    return {
+        "step": int(query.step),
+        "nonce": query.nonce,
+        "state": query.state.to_bytes(),
+        "items": array_bytes(np.asarray(query.items, dtype=np.int64)),
+        "features": array_bytes(np.asarray(query.features, dtype=np.float64)),
+        "objective_ids": array_bytes(np.asarray(query.objective_ids, dtype=np.int64)),
+        "coefficients": array_bytes(np.asarray(query.coefficients, dtype=np.float64)),
+        "scale": float(query.scale),
+    }
+
+
+def decode_gradient_query(payload: Mapping[str, Any]) -> GradientQuery:
+    try:
+        return GradientQuery(
+            step=int(payload["step"]),
+            nonce=str(payload["nonce"]),
+            state=RouterState.from_bytes(bytes(payload["state"])),
+            items=bytes_array(payload["items"]).astype(np.int64),
+            features=bytes_array(payload["features"]).astype(np.float64),
+            objective_ids=bytes_array(payload["objective_ids"]).astype(np.int64),
+            coefficients=bytes_array(payload["coefficients"]).astype(np.float64),
+            scale=float(payload["scale"]),
+        )
+    except KeyError as err:
+        raise ProtocolError(f"gradient query lacks {err}") from err

@@ -43,16 +43,19 @@ def _message_type(action: str) -> str:
 
 class GridTransport:
     """`server.transport.Transport` over Flower's grid: parties are mapped to node ids by
-    asking every node to identify itself."""
+    asking every node to identify itself. Those answers are kept and given to the pipeline's
+    own "identify" (`pipeline.connect`): a second round would cost seconds on the deployment runtime."""
 
     def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
         self.grid = grid
         self.nodes: dict[str, int] = {}
+        self.identities: dict[str, Payload] = {}
         replies = self._exchange({node: ("identify", {}) for node in node_ids}, timeout=300.0)
         for node, reply in replies.items():
             if isinstance(reply, NodeFailure):
                 raise AlignError(f"node {node} failed to identify itself: {reply.reason}")
             self.nodes[str(reply["party"])] = node
+            self.identities[str(reply["party"])] = reply
 
     def _push(self, requests: Mapping[int, tuple[str, Payload]]) -> dict[str, int]:
         messages = [
@@ -89,9 +92,16 @@ class GridTransport:
         unknown = [p for p in parties if p not in self.nodes]
         if unknown:
             raise AlignError(f"no node identified itself as {unknown}; connected: {sorted(self.nodes)}")
+        transport = self
+        if action == "identify":
+
+            class _Known:
+                def wait(self, timeout: float | None = None) -> Replies:
+                    return {p: dict(transport.identities[p]) for p in parties}
+
+            return _Known()
         pending = self._push({self.nodes[p]: (action, payload_for(payloads, p, parties)) for p in parties})
         party_of = {node: party for party, node in self.nodes.items()}
-        transport = self
 
         class _Pending:
             def wait(self, timeout: float | None = None) -> Replies:

@@ -40,10 +40,10 @@ from secure_mor.audits.ledger import Ledger, line_hash
 from secure_mor.config import DataSpec, RunDir
 from secure_mor.crypto.context import load_public_context
 from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
-from secure_mor.data import FAMILIES, FederatedData, SplitConfig, default_clients
+from secure_mor.data import FAMILIES, FederatedData, calibration_set
 from secure_mor.policy import SFTSettings
-from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, SERVER_PARTY, calibration_set, encode_gradient_query
-from secure_mor.routing import Router, RouterConfig, RouterState
+from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, SERVER_PARTY
+from secure_mor.routing import Router, RouterConfig, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
 from secure_mor.server.router import oracle_map, parse_fusion, prompt_features, weights_for
 from secure_mor.server.router_training import RouterTrainingConfig, train_router_securely
@@ -121,9 +121,7 @@ def prepare_data(run: RunDir, config: AlignConfig) -> FederatedData:
             raise AlignError(f"{run.path} holds a split with seed {spec.split.seed} and {len(spec.split.clients)} "
                              f"clients; this run asks for seed {config.seed} and {config.num_clients}")
     else:
-        spec = DataSpec(split=SplitConfig(clients=default_clients(config.num_clients), seed=config.seed,
-                                          pairs_per_client=config.pairs_per_client,
-                                          calibration_pairs=config.calibration_pairs))
+        spec = DataSpec.of_run(config.num_clients, config.seed, config.pairs_per_client, config.calibration_pairs)
     data = spec.load()
     if not run.base_policy.exists():
         policy, processor = build_tiny_vlm(vocabulary_texts(data), TinyVLMConfig(seed=config.seed))

@@ -1,5 +1,5 @@
 """Scoring: batched, deterministic, clipped, float32; non-finite rewards never leave
-the client; scoring writes nothing and spends nothing."""
+the client; scoring spends nothing and writes nothing but a cache of text features."""
 
 from __future__ import annotations
 
@@ -120,3 +120,28 @@ def test_a_candidates_reward_does_not_depend_on_the_other_candidates(tmp_path, d
         alone = torch.cat([client.model(image, question, answers[:, i : i + 1]) for i in range(2)], dim=1)
     assert joint.std() > 0
     torch.testing.assert_close(joint, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_minilm_features_kept_on_disk_score_the_same_without_loading_minilm(tmp_path, data, monkeypatch):
+    """A deployment scores in a fresh process per message: MiniLM's features of texts seen before
+    come from the client's disk, and scoring then writes nothing but that cache."""
+    config = ClientConfig(client_id=2, arch="minilm-head", family="presence", style="word")
+    trained, _ = train_client(
+        tmp_path, config, data.clients[2], TrainConfig(epsilon=2.0, epochs=1, batch_size=16, accountant="rdp")
+    )
+    items = _items(data)
+    first = RewardClient.load(tmp_path, 2).score(items)
+    np.testing.assert_array_equal(first, trained.score(items))
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert [p.name for p in files if p.name.startswith("minilm-features")] == ["minilm-features-64-32.npz"]
+
+    from secure_mor.clients import text
+
+    def no_minilm():
+        raise AssertionError("MiniLM loaded although every text was on disk")
+
+    monkeypatch.setattr(text, "_minilm", no_minilm)
+    np.testing.assert_array_equal(RewardClient.load(tmp_path, 2).score(items), first)
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files
+    with pytest.raises(AssertionError, match="MiniLM loaded"):
+        RewardClient.load(tmp_path, 2).score([(items[0][0], items[0][1], "a text no one scored before")])

@@ -22,6 +22,7 @@ import pytest
 from secure_mor.audits.ledger import KIND_REWARD_RELEASE, KIND_STEP_SKIPPED, Ledger, verify_ledger
 from secure_mor.crypto.pki import PkiError, init_pki, node_keys
 from secure_mor.crypto.signing import Signer, read_registry, save_signer
+from secure_mor.data import directory_digest
 from secure_mor.deployment import TINY_RUN, LocalDeployment
 from secure_mor.federation import FederationError
 from secure_mor.server.pipeline import AlignError, trusted_keys
@@ -137,7 +138,12 @@ def test_secure_alignment_on_the_deployment_runtime_survives_lost_client_nodes_a
     assert (deployment.state_dir("authority") / "authority" / "secret.key").exists()
     assert not (deployment.run_dir / "authority").exists() and not (deployment.run_dir / "clients").exists()
     for k in range(3):
-        assert (deployment.state_dir(f"client-{k}") / "clients" / f"client-{k}" / "node.json").exists()
+        own = deployment.state_dir(f"client-{k}") / "clients" / f"client-{k}"
+        assert (own / "node.json").exists()
+        # trained on the pairs in its node config's data-dir, signing with the key in its key-dir
+        split = json.loads((own / "client.json").read_text())["split"]
+        assert split["private_data_sha256"] == directory_digest(deployment.data_dir(f"client-{k}"))
+        assert not (own / "keys").exists()
     # every party's ledger verifies against the operator's registry
     registry = read_registry(deployment.pki.registry)
     for party in ("client-0", "client-1", "client-2", "authority"):

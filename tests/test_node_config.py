@@ -1,0 +1,65 @@
+"""What a SuperNode's node config points a node at: a client's own preference data (`data-dir`)
+and an operator-issued signing key (`key-dir`), never one the node makes itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from secure_mor.clients.node import ClientNode
+from secure_mor.config import DataSpec
+from secure_mor.crypto.authority_node import AuthorityNode
+from secure_mor.crypto.context import context_fingerprint, create_secret_context, export_public_context
+from secure_mor.crypto.signing import Signer, save_signer
+from secure_mor.data import DatasetError, directory_digest, load_preference_pairs, save_preference_pairs
+from secure_mor.protocol import ProtocolError
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DataSpec.of_run(num_clients=3, seed=0, pairs_per_client=40, calibration_pairs=60).load()
+
+
+def _set_up(node: ClientNode, spec: DataSpec) -> None:
+    context = export_public_context(create_secret_context())
+    spec_json = json.dumps(spec.to_json())
+    node.setup({"context": context, "fingerprint": context_fingerprint(context), "data_spec": spec_json})
+
+
+def test_a_client_node_trains_on_its_data_dir_and_signs_with_its_key_dir(tmp_path, data):
+    spec = DataSpec.of_run(num_clients=3, seed=0, pairs_per_client=40, calibration_pairs=60)
+    own = data.clients[1].select(range(24))  # not the split's share: the node must read its own
+    save_preference_pairs(own, tmp_path / "data")
+    signer = Signer.generate("client-1")
+    save_signer(signer, tmp_path / "keys")
+    node = ClientNode(tmp_path / "state", 1, data_dir=tmp_path / "data", key_dir=tmp_path / "keys")
+
+    assert node.identify({})["public_key"] == signer.public_key_hex
+    _set_up(node, spec)
+    reply = node.train({"epsilon": 4.0, "delta": 1e-5, "epochs": 1})
+    stored = json.loads((tmp_path / "state" / "clients" / "client-1" / "client.json").read_text())
+    assert stored["split"] == {"private_data_sha256": directory_digest(tmp_path / "data"), "pairs": 24}
+    ledger = [json.loads(line) for line in (tmp_path / "state" / "ledger.jsonl").read_text().splitlines()]
+    assert ledger[-1]["details"]["pairs"] == 24 and ledger[-1]["party"] == "client-1"
+    assert ledger[-1]["public_key"] == signer.public_key_hex
+    assert not (tmp_path / "state" / "clients" / "client-1" / "keys").exists()  # no key of its own making
+    assert reply["total_epsilon"] <= 4.0
+
+
+def test_a_missing_operator_key_or_bad_data_is_refused_before_any_work(tmp_path, data):
+    node = ClientNode(tmp_path / "state", 0, key_dir=tmp_path / "no-keys")
+    with pytest.raises(ProtocolError, match="no signing key client-0.key in key-dir"):
+        node.identify({})
+    assert not (tmp_path / "no-keys").exists()
+    authority = AuthorityNode(tmp_path / "authority", key_dir=tmp_path / "no-keys")
+    with pytest.raises(ProtocolError, match="no signing key authority.key in key-dir"):
+        authority.handle("identify", {})
+
+    with pytest.raises(DatasetError, match="no preference data"):
+        load_preference_pairs(tmp_path / "nothing")
+    with pytest.raises(DatasetError, match="missing"):
+        save_preference_pairs(data.clients[0].remove_columns("chosen_text"), tmp_path / "bad")
+    data.clients[0].remove_columns("rejected_text").save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DatasetError, match=r"missing \['rejected_text'\]"):
+        load_preference_pairs(tmp_path / "bad")
