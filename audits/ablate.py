@@ -233,8 +233,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     ticks = sorted({_epsilon_axis(r["epsilon"], finite) for r in rows})
     labels = ["inf" if t not in finite else f"{t:g}" for t in ticks]
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for fusion in sorted({r["fusion"] for r in rows}):
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    fusions = sorted({r["fusion"] for r in rows})
+    for index, fusion in enumerate(fusions):
         by_eps: dict[float, list[float]] = {}
         for r in rows:
             if r["fusion"] == fusion:
@@ -242,8 +243,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
         xs = sorted(by_eps)
         mean = [np.mean(by_eps[x]) for x in xs]
         low, high = [min(by_eps[x]) for x in xs], [max(by_eps[x]) for x in xs]
+        dodge = 1.04 ** (index - (len(fusions) - 1) / 2)  # side by side, so no bar hides another
         ax.errorbar(
-            xs,
+            [x * dodge for x in xs],
             mean,
             yerr=[np.subtract(mean, low), np.subtract(high, mean)],
             marker="o",
@@ -259,7 +261,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     )
     ax.set_xticks(ticks, labels)
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="fusion")  # beside the data, never over it
     fig.tight_layout()
     fig.savefig(out / "policy_accuracy.png", dpi=120)
     plt.close(fig)

@@ -36,6 +36,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+import psutil
+
 from secure_mor.crypto.pki import Pki, init_pki, install_signing_key, node_keys, signing_key_dir
 from secure_mor.crypto.signing import read_or_create_secret
 from secure_mor.federation import (
@@ -319,9 +321,23 @@ class LocalDeployment:
         for process in self.processes.values():
             process.wait(timeout=10)
         self.processes.clear()
+        stop_process_trees(self.strays())
         for log in self._logs:
             log.close()
         self._logs.clear()
+
+    def strays(self) -> list[int]:
+        """Flower processes of this deployment outside the trees of the processes it holds, found by
+        their Flower home under `root`: a SuperNode starts its SuperExec before it connects, and when
+        the SuperLink refuses it (or it is killed) that orphan runs on until it notices."""
+        found = []
+        for process in psutil.process_iter(["pid"]):
+            try:
+                if process.pid != os.getpid() and process.environ().get("FLWR_HOME", "").startswith(f"{self.root}/"):
+                    found.append(process.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
 
     def __enter__(self) -> LocalDeployment:
         return self.start()

@@ -10,6 +10,7 @@ are marked slow.
 import json
 import os
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -108,6 +109,16 @@ def test_the_superlink_refuses_unregistered_nodes_and_plaintext(tmp_path):
             urllib.request.urlopen(f"http://{deployment.address}/", timeout=10)
     finally:
         deployment.stop()
+    assert not _processes_of(tmp_path)
+
+
+def test_stop_also_ends_the_deployments_orphans(tmp_path):
+    """What a dead SuperNode left behind (its SuperExec, once the SuperLink refused it) is stopped too."""
+    deployment = LocalDeployment(tmp_path, num_clients=1)
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "client-0" / "flwr-home")}
+    subprocess.run(["sh", "-c", "sleep 600 >/dev/null 2>&1 &"], env=env, check=True)  # the shell exits: an orphan
+    assert _processes_of(tmp_path, "sleep 600")
+    deployment.stop()
     assert not _processes_of(tmp_path)
 
 
