@@ -11,8 +11,8 @@ Layout (K = client id):
     RUN_DIR/clients/client-K/metrics.json        one record per training run, last evaluation
     RUN_DIR/clients/client-K/keys/client-K.key   Ed25519 signing key, 0600, optionally encrypted
 
-API: `RewardClient.load(run_dir, k)` / `RewardClient.new(run_dir, config, pairs)`,
-then `.train(pairs, TrainConfig)` (budget-checked, ledgered), `.score(items)`,
+API: `RewardClient.load(run_dir, k)` / `RewardClient.new(run_dir, config, annotations)`,
+then `.train(annotations, TrainConfig)` (budget-checked, ledgered), `.score(items)`,
 `.evaluate(held_out)`; `train_client(...)` loads or creates and trains.
 
 Ledger representation of a non-private run (JSON has no inf): mechanism
@@ -49,13 +49,15 @@ from secure_mor.clients.training import (
     ProgressFn,
     TrainConfig,
     TrainResult,
-    encode_pairs,
+    encode_annotations,
     train_reward_model,
 )
 from secure_mor.crypto.signing import Signer, load_or_create_signer, publish_public_key
 
 if TYPE_CHECKING:
     from datasets import Dataset
+
+    from secure_mor.data import FederatedData
 
 UNBOUNDED_EPSILON = sys.float_info.max
 
@@ -146,13 +148,14 @@ class RewardClient:
         return (client_dir(run_dir, client_id) / "model.safetensors").exists()
 
     @classmethod
-    def new(cls, run_dir: Path, config: ClientConfig, pairs: Dataset, key_dir: Path | None = None) -> RewardClient:
-        """A fresh client in memory; its text encoder is built from its own pairs' texts.
+    def new(cls, run_dir: Path, config: ClientConfig, annotations: Dataset, key_dir: Path | None = None
+            ) -> RewardClient:
+        """A fresh client in memory; its text encoder is built from its own annotations' texts.
         Nothing is written until a training run succeeds."""
         if cls.exists(run_dir, config.client_id):
             raise ClientError(f"{config.party} already exists in {run_dir}: load it instead")
         arch = architecture(config.arch)
-        texts = list(pairs["question"]) + list(pairs["chosen_text"]) + list(pairs["rejected_text"])
+        texts = [*annotations["question"], *annotations["chosen_text"], *(t for ts in annotations["rejected_texts"] for t in ts)]
         encoder = arch.build_encoder(texts)
         privacy = PrivacyState(Budget(config.budget_epsilon, config.budget_delta))
         return cls(run_dir, config, arch.build_model(encoder), encoder, privacy, key_dir)
@@ -178,26 +181,27 @@ class RewardClient:
 
     def train(
         self,
-        pairs: Dataset,
+        annotations: Dataset,
         config: TrainConfig,
         passphrase: str | None = None,
         progress: ProgressFn | None = None,
     ) -> TrainResult:
-        """One training run on `pairs`, continuing from the current parameters.
+        """One training run on `annotations`, continuing from the current parameters.
 
         Raises BudgetExceeded (nothing written) if the composed total would pass
         the budget. On success: records the mechanism in privacy.json, appends a
         signed ledger entry, and saves model, encoder and metrics."""
-        result = train_reward_model(self.model, encode_pairs(pairs, self.encoder), config, self.privacy, progress)
+        result = train_reward_model(self.model, encode_annotations(annotations, self.encoder), config, self.privacy,
+                                    progress)
         signer = self.signer(passphrase)
         self.directory.mkdir(parents=True, exist_ok=True)
         model_bytes = save_tensors({k: v.contiguous() for k, v in self.model.state_dict().items()})
         details = {
             "client_id": self.config.client_id,
             "arch": self.config.arch,
-            "privacy_unit": "preference pair",
+            "privacy_unit": "annotation (one question about one image: the answer ranked first and those below it)",
             "sampling": "poisson",
-            "pairs": result.pairs,
+            "annotations": result.annotations,
             "epochs": config.epochs,
             "expected_batch_size": config.batch_size,
             "max_grad_norm": config.max_grad_norm,
@@ -236,11 +240,12 @@ class RewardClient:
         """Clipped rewards, float32 [N]; spends no budget (post-processing)."""
         return score(self.model, self.encoder, items, self.config.reward_clip)
 
-    def evaluate(self, held_out: Mapping[str, Dataset]) -> dict[str, float]:
-        """Preference accuracy per family on held-out pairs (`evaluation.held_out_pairs`)."""
+    def evaluate(self, data: FederatedData, seed: int = 0) -> dict[str, dict[str, float]]:
+        """Top-1 among all answers, image dependence and pairwise accuracy per family on the
+        held-out set (`clients.evaluation`); spends no budget."""
         from secure_mor.clients.evaluation import evaluate_model  # needs datasets; scoring does not
 
-        return evaluate_model(self.model, self.encoder, held_out)
+        return evaluate_model(self.model, self.encoder, data, self.config.style, seed)
 
     def metrics(self) -> dict[str, Any]:
         path = self.directory / "metrics.json"
@@ -254,7 +259,7 @@ class RewardClient:
 def train_client(
     run_dir: Path,
     config: ClientConfig,
-    pairs: Dataset,
+    annotations: Dataset,
     train_config: TrainConfig,
     passphrase: str | None = None,
     progress: ProgressFn | None = None,
@@ -271,5 +276,5 @@ def train_client(
             )
     else:
         torch.manual_seed(train_config.seed)
-        client = RewardClient.new(run_dir, config, pairs, key_dir)
-    return client, client.train(pairs, train_config, passphrase, progress)
+        client = RewardClient.new(run_dir, config, annotations, key_dir)
+    return client, client.train(annotations, train_config, passphrase, progress)

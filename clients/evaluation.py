@@ -1,15 +1,29 @@
-"""Preference accuracy of reward models on held-out pairs.
+"""How good a reward model is for what GRPO needs, on held-out data.
 
-Held-out pairs are made from the test split (`FederatedData.evaluation`,
-stratified per family) in the evaluated client's own answer style, without
-label noise. A pair counts as correct when r(chosen) > r(rejected) (a tie
-counts one half). Evaluation is post-processing of the trained model: it spends
-no budget (and uses no training data).
+Two measures, both on the test split (`FederatedData.evaluation`, stratified per
+family) and both post-processing of the trained model (no budget, no training data):
+
+* `top1` (the one GRPO needs): for every held-out question, the model scores every
+  answer of the question's family in both styles (8 colours x 2, ...); it is right when
+  the best-scored candidate states the true answer. A policy trained on this reward
+  is pulled toward the argmax, so an answer prior (the same argmax whatever the image)
+  scores at chance here: 1/8 for colour, 1/3 for shape, and for presence whatever a
+  question-only guess gets (0.82 on easy-VQA: most presence questions ask about an
+  absent attribute).
+* `image_dependence`: the share of held-out questions whose best-scored answer changes
+  when the image is replaced by another held-out image of the same family. A prior, of
+  answers or of questions, scores 0; a model that looks at the image scores about as
+  often as the true answer changes.
+* `pairwise` (what earlier versions reported, kept for comparison): r(true) > r(one
+  random wrong answer), in the client's own style. It hides a prior: a model that always
+  prefers "brown" beats a random other colour 7 times in 8 on "brown" questions and
+  half the time elsewhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,9 +31,11 @@ from datasets import Dataset
 from rich.table import Table
 from torch import nn
 
-from secure_mor.clients.text import TextEncoder
-from secure_mor.clients.training import encode_pairs, pair_margins
-from secure_mor.data import FAMILIES, FederatedData, make_preference_pairs
+from secure_mor.clients.models import images_to_tensor
+from secure_mor.clients.text import TextEncoder, trim_padding
+from secure_mor.clients.training import candidate_rewards, encode_annotations
+from secure_mor.data import ANSWER_STYLES, FAMILIES, FederatedData, column, make_preference_pairs, styled_answer
+from secure_mor.protocol import REWARD_MODEL_MEASURES
 
 
 def held_out_pairs(data: FederatedData, style: str, seed: int = 0) -> dict[str, Dataset]:
@@ -30,35 +46,78 @@ def held_out_pairs(data: FederatedData, style: str, seed: int = 0) -> dict[str, 
 
 
 def preference_accuracy(model: nn.Module, encoder: TextEncoder, pairs: Dataset, batch_size: int = 256) -> float:
-    rows = encode_pairs(pairs, encoder)
+    """Share of pairs with r(chosen) > r(rejected) (a tie counts one half)."""
+    rows = encode_annotations(pairs, encoder)
     model.eval()
     margins = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            margins.append(pair_margins(model, *rows[start : start + batch_size]))
+            rewards = candidate_rewards(model, *rows[start : start + batch_size])
+            margins.append(rewards[:, 0] - rewards[:, 1])
     m = torch.cat(margins)
     return float(((m > 0).float() + 0.5 * (m == 0).float()).mean())
 
 
-def evaluate_model(model: nn.Module, encoder: TextEncoder, held_out: Mapping[str, Dataset]) -> dict[str, float]:
-    """Accuracy per family on `held_out` (from `held_out_pairs`)."""
-    return {family: preference_accuracy(model, encoder, pairs) for family, pairs in held_out.items()}
+@torch.no_grad()
+def best_answers(
+    model: nn.Module, encoder: TextEncoder, images: torch.Tensor, questions: Sequence[str], answers: Sequence[str],
+    family: str, batch_size: int = 128,
+) -> list[str]:
+    """For each (image, question), the family answer whose best-scored candidate (in either style)
+    scores highest."""
+    candidates = [(a, s) for a in answers for s in ANSWER_STYLES]
+    texts = encoder.encode([styled_answer(a, family, s) for a, s in candidates])
+    model.eval()
+    out: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        image = images[start : start + batch_size]
+        question = trim_padding(encoder.encode(list(questions[start : start + batch_size])))
+        batch = trim_padding(texts.unsqueeze(0).expand(len(image), *texts.shape).contiguous())
+        rewards = model(image, question, batch)
+        out += [candidates[i][0] for i in rewards.argmax(-1).tolist()]
+    return out
 
 
-def accuracy_table(rows: Sequence[tuple[str, str, Mapping[str, float]]], title: str = "Preference accuracy") -> Table:
-    """A rich table; each row is (label, the client's own family, accuracy per family).
-    Own-family cells are bold; "other" is the mean over the other families."""
-    table = Table(title=title)
+def ranking_metrics(
+    model: nn.Module, encoder: TextEncoder, rows: Dataset, answers: Mapping[str, Sequence[str]], seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """`top1` and `image_dependence` (module docstring) per family of the VQA `rows`."""
+    rng = np.random.default_rng(seed)
+    families = np.asarray(column(rows, "family"))
+    out: dict[str, dict[str, float]] = {"top1": {}, "image_dependence": {}}
+    for family in [f for f in FAMILIES if (families == f).any()]:
+        part = rows.select(np.flatnonzero(families == family))
+        images = images_to_tensor(part["image"])
+        questions, truth = column(part, "question"), column(part, "answer")
+        best = best_answers(model, encoder, images, questions, answers[family], family)
+        swapped = best_answers(model, encoder, images[np.roll(rng.permutation(len(part)), 1)], questions,
+                               answers[family], family) if len(part) > 1 else best
+        out["top1"][family] = float(np.mean([b == t for b, t in zip(best, truth, strict=True)]))
+        out["image_dependence"][family] = float(np.mean([b != s for b, s in zip(best, swapped, strict=True)]))
+    return out
+
+
+def evaluate_model(model: nn.Module, encoder: TextEncoder, data: FederatedData, style: str, seed: int = 0
+                   ) -> dict[str, dict[str, float]]:
+    """Every measure (module docstring) per family: {"top1": {family: value}, "image_dependence": ...,
+    "pairwise": ...}."""
+    held_out = held_out_pairs(data, style, seed)
+    pairwise = {family: preference_accuracy(model, encoder, pairs) for family, pairs in held_out.items()}
+    return {**ranking_metrics(model, encoder, data.evaluation, data.answers, seed), "pairwise": pairwise}
+
+
+def accuracy_table(rows: Sequence[tuple[str, str, Mapping[str, Any]]], title: str = "Reward models (held out)") -> Table:
+    """A rich table; each row is (label, the client's own family, `evaluate_model`'s result).
+    Per family: top-1 / image dependence / pairwise; own-family cells are bold."""
+    table = Table(title=title, caption="per family: top-1 among all answers / image dependence / pairwise accuracy")
     table.add_column("client")
-    families = [f for f in FAMILIES if any(f in r[2] for r in rows)]
+    families = [f for f in FAMILIES if any(f in r[2]["top1"] for r in rows)]
     for family in families:
         table.add_column(family, justify="right")
-    table.add_column("own", justify="right")
-    table.add_column("other", justify="right")
-    for label, own, accuracy in rows:
-        cells = [f"[bold]{accuracy[f]:.3f}[/bold]" if f == own else f"{accuracy[f]:.3f}" for f in families]
-        others = [v for f, v in accuracy.items() if f != own]
-        own_cell = f"{accuracy[own]:.3f}" if own in accuracy else "-"
-        other_cell = f"{np.mean(others):.3f}" if others else "-"
-        table.add_row(label, *cells, own_cell, other_cell)
+    for label, own, metrics in rows:
+        cells = []
+        for f in families:
+            cell = " / ".join(f"{metrics[m][f]:.2f}" for m in REWARD_MODEL_MEASURES)
+            cells.append(f"[bold]{cell}[/bold]" if f == own else cell)
+        table.add_row(label, *cells)
     return table

@@ -161,9 +161,8 @@ class ClientNode:
         """Train the reward model with DP-SGD under budget (epsilon, delta), once: a client
         already trained with the same budget answers with its stored metrics and spends nothing."""
         from secure_mor.clients.client import train_client
-        from secure_mor.clients.evaluation import held_out_pairs
         from secure_mor.clients.training import default_train_config
-        from secure_mor.data import FAMILIES, directory_digest, load_preference_pairs
+        from secure_mor.data import directory_digest, load_annotations
 
         epsilon, delta = float(payload["epsilon"]), float(payload["delta"])
         spec = self._spec()
@@ -176,10 +175,10 @@ class ClientNode:
             "num_clients": len(spec.split.clients),
         }
         if self.data_dir is not None:
-            pairs = load_preference_pairs(self.data_dir)
-            split = {"private_data_sha256": directory_digest(self.data_dir), "pairs": len(pairs)}
+            annotations = load_annotations(self.data_dir)
+            split = {"private_data_sha256": directory_digest(self.data_dir), "annotations": len(annotations)}
         else:
-            pairs = data.clients[self.client_id]
+            annotations = data.clients[self.client_id]
         config = ClientConfig(
             client_id=self.client_id,
             arch=str(payload.get("arch") or DEFAULT_ARCHS[self.client_id % len(DEFAULT_ARCHS)]),
@@ -195,13 +194,13 @@ class ClientNode:
         else:
             overrides = {k: payload[k] for k in TRAIN_OVERRIDES if k in payload}
             train_config = default_train_config(config.arch, epsilon, delta=delta, seed=spec.split.seed, **overrides)
-            client, _ = train_client(self.state_dir, config, pairs, train_config, key_dir=self._key_dir())
+            client, _ = train_client(self.state_dir, config, annotations, train_config, key_dir=self._key_dir())
             self._loaded, self._margins, reused = client, None, False
             (self.directory / MARGINS_FILE).unlink(missing_ok=True)
             release_freed_memory()  # DP-SGD's per-pair gradients are gone; give their pages back
         metrics = client.metrics()
         if "held_out" not in metrics:
-            metrics["held_out"] = client.evaluate(held_out_pairs(data, config.style, seed=spec.split.seed))
+            metrics["held_out"] = client.evaluate(data, seed=spec.split.seed)
             client.save_metrics(metrics)
         total = metrics["runs"][-1]["total_epsilon"]  # None: non-private, unbounded
         return {
@@ -212,7 +211,8 @@ class ClientNode:
             "total_epsilon": math.inf if total is None else float(total),
             "reused": reused,
             "seconds": time.perf_counter() - started,
-            **{f"accuracy_{f}": float(metrics["held_out"][f]) for f in FAMILIES if f in metrics["held_out"]},
+            **{f"{measure}_{family}": float(value) for measure, by_family in metrics["held_out"].items()
+               for family, value in by_family.items()},
         }
 
     def _calibration_margins(self) -> np.ndarray:

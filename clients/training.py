@@ -1,10 +1,13 @@
 """DP-SGD training of a reward model with Opacus, and the client's privacy budget.
 
-Privacy unit: one preference pair. A dataset row holds the whole pair (image,
-question, chosen, rejected) and the model scores both answers in one forward
-pass (`answers` of shape [B, 2, ...]), so Opacus' per-sample gradient of a row
-is the gradient of the pair's Bradley-Terry loss -logsigmoid(r(chosen) -
-r(rejected)), and clipping bounds each pair's total contribution.
+Privacy unit: one annotation (an annotator's ranking of answers to one question
+about one image: the answer it ranks first and those it ranks below it;
+`data.make_annotations`). A dataset row holds the whole annotation and the model
+scores all its candidates in one forward pass (`answers` of shape [B, C, ...]),
+so Opacus' per-sample gradient of a row is the gradient of the annotation's
+listwise loss -log softmax(r)[chosen] (`listwise_loss`), and clipping bounds each
+annotation's total contribution. A preference pair is an annotation with one
+rejected answer (its loss is then Bradley-Terry's).
 
 Budget semantics. A client holds a total budget (epsilon_B, delta_B). A run asks
 to spend `epsilon` at `delta` (<= delta_B): Opacus calibrates the noise of this
@@ -62,9 +65,9 @@ class TrainConfig:
     epsilon: what this run may spend (math.inf: non-private, no Opacus engine).
     delta: the run's delta, at most the client's budget delta.
     batch_size: expected batch size; Poisson sampling rate = 1 / ceil(N / batch_size).
-    max_grad_norm: per-pair clipping norm C.
+    max_grad_norm: per-annotation clipping norm C.
     accountant: "prv" (default) or "rdp", for calibration and composition.
-    grad_sample_mode: how Opacus computes per-pair gradients (same gradients, different
+    grad_sample_mode: how Opacus computes per-annotation gradients (same gradients, different
         speed): "hooks", "functorch" or "ew" (expanded weights, the fastest here).
 
     The field defaults are generic; `default_train_config` gives an
@@ -202,23 +205,35 @@ class PrivacyState:
         return cls.from_json(json.loads(path.read_text()))
 
 
-def encode_pairs(pairs: Dataset, encoder: TextEncoder) -> TensorDataset:
-    """One row per preference pair: (image, question, answers [2, ...] = chosen, rejected)."""
-    images = images_to_tensor(pairs["image"])
-    question = encoder.encode(pairs["question"])
-    answers = torch.stack([encoder.encode(pairs["chosen_text"]), encoder.encode(pairs["rejected_text"])], dim=1)
-    return TensorDataset(images, question, answers)
+def encode_annotations(annotations: Dataset, encoder: TextEncoder) -> TensorDataset:
+    """One row per annotation: (image, question, answers [C, ...], mask [C]), answers[0] the chosen
+    one and answers[1:] the rejected ones, padded to the longest row (mask False on padding)."""
+    rejected = annotations["rejected_texts"]
+    width = 1 + max((len(texts) for texts in rejected), default=1)
+    texts, mask = [], torch.zeros((len(annotations), width), dtype=torch.bool)
+    for row, (chosen, others) in enumerate(zip(annotations["chosen_text"], rejected, strict=True)):
+        texts += [chosen, *others] + [""] * (width - 1 - len(others))
+        mask[row, : 1 + len(others)] = True
+    images = images_to_tensor(annotations["image"])
+    question = encoder.encode(annotations["question"])
+    answers = encoder.encode(texts).reshape(len(annotations), width, -1)
+    return TensorDataset(images, question, answers, mask)
 
 
-def pair_margins(model: nn.Module, image: torch.Tensor, question: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+def candidate_rewards(
+    model: nn.Module, image: torch.Tensor, question: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Rewards [B, C] of every candidate, -inf where `mask` is False (padding)."""
     rewards = model(image, trim_padding(question), trim_padding(answers))
-    return rewards[:, 0] - rewards[:, 1]
+    return rewards.masked_fill(~mask, -math.inf)
 
 
-def bradley_terry_loss(margins: torch.Tensor) -> torch.Tensor:
-    """Mean over pairs of -log sigmoid(r(chosen) - r(rejected)); 0 for an empty batch
-    (Poisson sampling can draw one, and its step must still run: it adds noise)."""
-    return -F.logsigmoid(margins).sum() / max(len(margins), 1)
+def listwise_loss(rewards: torch.Tensor) -> torch.Tensor:
+    """Mean over annotations of -log softmax(rewards)[chosen] (chosen = column 0): the Plackett-Luce
+    probability that the annotator ranks its answer first; with one rejected answer it is the
+    Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected)). 0 for an empty batch (Poisson
+    sampling can draw one, and its step must still run: it adds noise)."""
+    return -torch.log_softmax(rewards, dim=-1)[:, 0].sum() / max(len(rewards), 1)
 
 
 @dataclass(frozen=True)
@@ -227,7 +242,7 @@ class TrainResult:
     both epsilons are inf."""
 
     config: TrainConfig
-    pairs: int
+    annotations: int
     steps: int
     noise_multiplier: float | None
     sample_rate: float | None
@@ -262,7 +277,7 @@ def train_reward_model(
     privacy: PrivacyState,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Train `model` in place on pair rows `data` (from `encode_pairs`).
+    """Train `model` in place on annotation rows `data` (from `encode_annotations`).
 
     Raises BudgetExceeded, before any step, when the composed total would exceed
     the budget. Does not change `privacy` and writes nothing: the caller records
@@ -313,27 +328,27 @@ def train_reward_model(
             # Opacus' hook on the first layer fires although images need no gradient: harmless.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(config.epochs):
-                epoch_loss, epoch_pairs = 0.0, 0
-                for image, question, answers in loader:
+                epoch_loss, epoch_rows = 0.0, 0
+                for image, question, answers, mask in loader:
                     optimizer.zero_grad(set_to_none=True)
                     if engine is not None and len(image) == 0:
-                        # An empty Poisson batch: no pair's gradient, but the step still adds
-                        # noise. Set the (empty) per-pair gradients directly: expanded weights
+                        # An empty Poisson batch: no annotation's gradient, but the step still adds
+                        # noise. Set the (empty) per-row gradients directly: expanded weights
                         # cannot run a forward pass on zero rows.
                         for param in model.parameters():
                             if param.requires_grad:
                                 param.grad_sample = param.new_zeros((0, *param.shape))
                         loss = torch.zeros(())
                     else:
-                        loss = bradley_terry_loss(pair_margins(trained, image, question, answers))
+                        loss = listwise_loss(candidate_rewards(trained, image, question, answers, mask))
                         loss.backward()
                     optimizer.step()
                     epoch_loss += loss.item() * len(image)
-                    epoch_pairs += len(image)
+                    epoch_rows += len(image)
                     step += 1
                     if progress:
-                        progress(step, total_steps, epoch_loss / max(epoch_pairs, 1))
-                losses.append(epoch_loss / max(epoch_pairs, 1))
+                        progress(step, total_steps, epoch_loss / max(epoch_rows, 1))
+                losses.append(epoch_loss / max(epoch_rows, 1))
     finally:
         if engine is not None:
             trained.to_standard_module()

@@ -33,6 +33,7 @@ OTHER_FAMILY = "other"
 REQUIRED_COLUMNS = ("image", "question", "answer")
 ANSWER_STYLES = ("word", "sentence")
 _YES_NO_OPENERS = {"is", "are", "does", "do", "can", "was", "were", "has", "have"}
+YES_NO = ("yes", "no")
 
 
 class DatasetError(ValueError):
@@ -208,6 +209,9 @@ _SENTENCES = {
 }
 
 
+_OTHER_STYLE = {"word": "sentence", "sentence": "word"}
+
+
 def styled_answer(answer: str, family: str, style: str) -> str:
     """An answer in a client's annotation style: one word, or a short sentence."""
     if style == "word":
@@ -226,6 +230,84 @@ def assistant_turn(text: str) -> list[dict[str, Any]]:
     return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
 
+_TEXT_LIST = datasets.Sequence(Value("string"))
+
+
+def _annotation_features() -> Features:
+    return Features(
+        {
+            "image": ImageFeature(),
+            "question": Value("string"),
+            "chosen_text": Value("string"),
+            "rejected_texts": _TEXT_LIST,
+            "family": Value("string"),
+            "image_id": Value("string"),
+            "label_flipped": Value("bool"),
+        }
+    )
+
+
+def make_annotations(
+    rows: Dataset,
+    groups: dict[str, list[str]],
+    *,
+    style: str = "word",
+    noise_rate: float = 0.0,
+    other_style_rate: float = 0.0,
+    wrong_type: int = 2,
+    seed: int = 0,
+) -> Dataset:
+    """One annotation per question: the answer the annotator ranks first (`chosen_text`) and
+    the answers it ranks below it (`rejected_texts`). One row is one annotation, the privacy
+    unit of DP training.
+
+    The rejected answers are every other answer of the question's family (a reward model that
+    saw one random wrong answer per question learns answer priors: measured, its argmax was
+    the same answer for 74-100 % of images), `wrong_type` answers of other families (a
+    policy's samples make such mistakes, and a reward model that never saw one is exploited
+    by them), and, in a row written in the annotator's own `style`, the true answer in the
+    other style (an annotator prefers answers in its own style). With probability
+    `other_style_rate` a row is written in the other style (no style preference in it), and
+    with probability `noise_rate` the annotator ranks a wrong answer of the family first.
+    """
+    if not 0.0 <= noise_rate < 0.5:
+        raise ValueError(f"noise_rate must be in [0, 0.5), got {noise_rate}")
+    if not 0.0 <= other_style_rate <= 1.0 or wrong_type < 0:
+        raise ValueError("other_style_rate must lie in [0, 1] and wrong_type be >= 0")
+    rng = random.Random(seed)
+    other_style = _OTHER_STYLE[style]
+    chosen, rejected, flipped = [], [], []
+    for answer, family in zip(column(rows, "answer"), column(rows, "family"), strict=True):
+        alternatives = [a for a in groups.get(family, []) if a != answer]
+        if not alternatives:
+            raise DatasetError(f"family {family!r} has a single answer {answer!r}: no rejected answer to draw")
+        row_style = other_style if rng.random() < other_style_rate else style
+        wrong = [(a, f) for f in sorted(groups) if f != family for a in groups[f]]
+        first = answer
+        if rng.random() < noise_rate:
+            first = rng.choice(alternatives)
+            alternatives = [a for a in groups[family] if a != first]
+        ranked_below = [styled_answer(a, family, row_style) for a in alternatives]
+        ranked_below += [styled_answer(a, f, row_style) for a, f in rng.sample(wrong, min(wrong_type, len(wrong)))]
+        if row_style == style:
+            ranked_below.append(styled_answer(first, family, other_style))
+        chosen.append(styled_answer(first, family, row_style))
+        rejected.append(ranked_below)
+        flipped.append(first != answer)
+    return Dataset.from_dict(
+        {
+            "image": encoded_images(rows),
+            "question": column(rows, "question"),
+            "chosen_text": chosen,
+            "rejected_texts": rejected,
+            "family": column(rows, "family"),
+            "image_id": column(rows, "image_id"),
+            "label_flipped": flipped,
+        },
+        features=_annotation_features(),
+    )
+
+
 def make_preference_pairs(
     rows: Dataset,
     groups: dict[str, list[str]],
@@ -233,73 +315,45 @@ def make_preference_pairs(
     style: str = "word",
     noise_rate: float = 0.0,
     cross_family_rate: float = 0.0,
-    other_style_rate: float = 0.0,
     seed: int = 0,
 ) -> Dataset:
-    """One pair per question, in TRL's conversational preference format.
-
-    chosen = the true answer, rejected = another answer of the same family, both
-    in `style`; with probability `cross_family_rate` the rejected answer is one of
-    another family instead (an answer of the wrong type: a policy's samples make
-    such mistakes, and a reward model that never saw one can be exploited by
-    them), with probability `other_style_rate` the pair is written in the other
-    style, and with probability `noise_rate` the annotator swaps the two.
-    The plain-text columns (`question`, `chosen_text`, `rejected_text`) and
-    `family` are kept for reward models and evaluation.
-    """
+    """One pair per question, in the annotation schema with a single rejected answer:
+    chosen = the true answer, rejected = another answer of the same family (with probability
+    `cross_family_rate` one of another family instead), both in `style`; with probability
+    `noise_rate` the two are swapped. Used for the public calibration set (the router's
+    Bradley-Terry loss is pairwise), held-out pairwise accuracy and the audit's canaries."""
     if not 0.0 <= noise_rate < 0.5:
         raise ValueError(f"noise_rate must be in [0, 0.5), got {noise_rate}")
-    if not (0.0 <= cross_family_rate <= 1.0 and 0.0 <= other_style_rate <= 1.0):
-        raise ValueError("cross_family_rate and other_style_rate must lie in [0, 1]")
+    if not 0.0 <= cross_family_rate <= 1.0:
+        raise ValueError("cross_family_rate must lie in [0, 1]")
     rng = random.Random(seed)
-    questions, answers, families = column(rows, "question"), column(rows, "answer"), column(rows, "family")
-    chosen_texts, rejected_texts, flipped = [], [], []
-    other_style = {"word": "sentence", "sentence": "word"}[style]
-    for answer, family in zip(answers, families, strict=True):
+    chosen, rejected, flipped = [], [], []
+    for answer, family in zip(column(rows, "answer"), column(rows, "family"), strict=True):
         alternatives = [a for a in groups.get(family, []) if a != answer]
         if not alternatives:
             raise DatasetError(f"family {family!r} has a single answer {answer!r}: no rejected answer to draw")
-        pair_style = other_style if rng.random() < other_style_rate else style
         others = [f for f in groups if f != family and groups[f]]
-        good = styled_answer(answer, family, pair_style)
+        good = styled_answer(answer, family, style)
         if others and rng.random() < cross_family_rate:
             wrong_family = rng.choice(sorted(others))
-            bad = styled_answer(rng.choice(groups[wrong_family]), wrong_family, pair_style)
+            bad = styled_answer(rng.choice(groups[wrong_family]), wrong_family, style)
         else:
-            bad = styled_answer(rng.choice(alternatives), family, pair_style)
+            bad = styled_answer(rng.choice(alternatives), family, style)
         swap = rng.random() < noise_rate
-        chosen_texts.append(bad if swap else good)
-        rejected_texts.append(good if swap else bad)
+        chosen.append(bad if swap else good)
+        rejected.append([good if swap else bad])
         flipped.append(swap)
     return Dataset.from_dict(
         {
             "image": encoded_images(rows),
-            "prompt": [user_prompt(q) for q in questions],
-            "chosen": [assistant_turn(t) for t in chosen_texts],
-            "rejected": [assistant_turn(t) for t in rejected_texts],
-            "question": list(questions),
-            "chosen_text": chosen_texts,
-            "rejected_text": rejected_texts,
-            "family": list(families),
+            "question": column(rows, "question"),
+            "chosen_text": chosen,
+            "rejected_texts": rejected,
+            "family": column(rows, "family"),
             "image_id": column(rows, "image_id"),
             "label_flipped": flipped,
         },
-        features=Features(
-            {
-                "image": ImageFeature(),
-                "prompt": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
-                "chosen": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
-                "rejected": [
-                    {"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}
-                ],
-                "question": Value("string"),
-                "chosen_text": Value("string"),
-                "rejected_text": Value("string"),
-                "family": Value("string"),
-                "image_id": Value("string"),
-                "label_flipped": Value("bool"),
-            }
-        ),
+        features=_annotation_features(),
     )
 
 
@@ -308,13 +362,14 @@ def make_preference_pairs(
 
 @dataclass(frozen=True)
 class ClientDataConfig:
-    """One institution's private annotations: the family it specialises in, its answer style (and how often
-    it writes in the other), its label-noise rate, how often its rejected answer is of the wrong type."""
+    """One institution's private annotations (`make_annotations`): the family it specialises in, its answer
+    style (and how often it writes in the other), its label-noise rate, how many wrong-type answers each
+    annotation ranks."""
 
     family: str
     style: str = "word"
     noise_rate: float = 0.05
-    cross_family_rate: float = 0.25
+    wrong_type: int = 2
     other_style_rate: float = 0.25
 
 
@@ -370,6 +425,9 @@ class FederatedData:
     clients: list[Dataset]  # client k: private preference pairs
     evaluation: Dataset  # held out (test split), stratified per family
     answers: dict[str, list[str]]  # answer set per family
+    # The prompt pool's true answers, aligned with its rows: for the oracle diagnostic only (it calibrates
+    # the alignment stage with a reward that reads the answers); no party of the protocol holds them.
+    pool_answers: list[str] = field(default_factory=list)
 
 
 def _shuffled_image_partition(image_ids: Sequence[str], fractions: Sequence[float], seed: int) -> list[set[str]]:
@@ -437,7 +495,9 @@ def build_federated_data(
     )
     groups = answer_groups(column(train, "answer"), families)
     sft = train.select(_indices_by_image(image_ids, parts[0]))
-    pool = train.select(_indices_by_image(image_ids, parts[1])).remove_columns("answer")
+    pool = train.select(_indices_by_image(image_ids, parts[1]))
+    pool_answers = column(pool, "answer")
+    pool = pool.remove_columns("answer")
     calibration_rows = train.select(_indices_by_image(image_ids, parts[2]))
     calibration_rows = calibration_rows.select(
         stratified_indices(calibration_rows, -(-config.calibration_pairs // len(FAMILIES)), config.seed)
@@ -452,12 +512,12 @@ def build_federated_data(
         if not indices:
             raise DatasetError(f"client {k} received no questions: too few training images")
         clients.append(
-            make_preference_pairs(
+            make_annotations(
                 train.select(indices),
                 groups,
                 style=client.style,
                 noise_rate=client.noise_rate,
-                cross_family_rate=client.cross_family_rate,
+                wrong_type=client.wrong_type,
                 other_style_rate=client.other_style_rate,
                 seed=rng.randrange(2**31),
             )
@@ -466,7 +526,7 @@ def build_federated_data(
     for name, part in [("sft", sft), ("prompt pool", pool), ("calibration", calibration), ("evaluation", evaluation)]:
         if len(part) == 0:
             raise DatasetError(f"the {name} split is empty: enlarge its fraction or the dataset")
-    return FederatedData(config, sft, pool, calibration, clients, evaluation, groups)
+    return FederatedData(config, sft, pool, calibration, clients, evaluation, groups, pool_answers)
 
 
 def family_counts(rows: Dataset) -> dict[str, int]:
@@ -478,24 +538,24 @@ def vocabulary_texts(data: FederatedData) -> list[str]:
     texts = column(data.sft, "question") + column(data.sft, "answer") + column(data.evaluation, "question")
     texts += column(data.prompt_pool, "question")
     for pairs in [data.calibration, *data.clients]:
-        texts += column(pairs, "chosen_text") + column(pairs, "rejected_text")
+        texts += column(pairs, "chosen_text") + [t for texts_ in column(pairs, "rejected_texts") for t in texts_]
     for family, answers in data.answers.items():
         texts += [styled_answer(a, family, s) for a in answers for s in ANSWER_STYLES]
     return texts
 
 
-# ----------------------------------------------------------- an institution's own pairs
+# ----------------------------------------------------------- an institution's own annotations
 
-PAIR_COLUMNS = ("image", "question", "chosen_text", "rejected_text")
+ANNOTATION_COLUMNS = ("image", "question", "chosen_text", "rejected_texts")
 
 
-def save_preference_pairs(pairs: Dataset, directory: Path) -> Path:
-    """Write preference pairs (one row = one pair, the privacy unit) where a client node reads its
-    private data (node config `data-dir`): a `datasets` save_to_disk directory."""
-    missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
+def save_annotations(annotations: Dataset, directory: Path) -> Path:
+    """Write annotations (one row = one annotation, the privacy unit; `make_annotations`) where a
+    client node reads its private data (node config `data-dir`): a `datasets` save_to_disk directory."""
+    missing = [c for c in ANNOTATION_COLUMNS if c not in annotations.column_names]
     if missing:
-        raise DatasetError(f"preference pairs need the columns {PAIR_COLUMNS}; missing {missing}")
-    pairs.save_to_disk(str(directory))
+        raise DatasetError(f"annotations need the columns {ANNOTATION_COLUMNS}; missing {missing}")
+    annotations.save_to_disk(str(directory))
     return directory
 
 
@@ -507,28 +567,31 @@ def directory_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def load_preference_pairs(directory: Path) -> Dataset:
-    """An institution's preference pairs from `directory` (`save_preference_pairs`), checked: the
-    columns a reward model trains on, at least one row, readable images."""
+def load_annotations(directory: Path) -> Dataset:
+    """An institution's annotations from `directory` (`save_annotations`), checked: the columns a
+    reward model trains on, at least one row, at least one rejected answer per row, readable images."""
     if not Path(directory).is_dir():
-        raise DatasetError(f"no preference data at {directory} (a `datasets` save_to_disk directory)")
+        raise DatasetError(f"no annotation data at {directory} (a `datasets` save_to_disk directory)")
     try:
-        pairs = datasets.load_from_disk(str(directory))
+        annotations = datasets.load_from_disk(str(directory))
     except (FileNotFoundError, ValueError) as err:
-        raise DatasetError(f"cannot read preference data at {directory}: {err}") from err
-    if not isinstance(pairs, Dataset):
-        raise DatasetError(f"{directory} holds several splits; save one Dataset of pairs")
-    missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
+        raise DatasetError(f"cannot read annotation data at {directory}: {err}") from err
+    if not isinstance(annotations, Dataset):
+        raise DatasetError(f"{directory} holds several splits; save one Dataset of annotations")
+    missing = [c for c in ANNOTATION_COLUMNS if c not in annotations.column_names]
     if missing:
-        raise DatasetError(f"{directory}: preference pairs need the columns {PAIR_COLUMNS}; missing {missing}")
-    if len(pairs) == 0:
-        raise DatasetError(f"{directory}: no preference pairs")
-    for index, encoded in enumerate(pairs.cast_column("image", ImageFeature(decode=False))["image"]):
+        raise DatasetError(f"{directory}: annotations need the columns {ANNOTATION_COLUMNS}; missing {missing}")
+    if len(annotations) == 0:
+        raise DatasetError(f"{directory}: no annotations")
+    empty = [i for i, texts in enumerate(column(annotations, "rejected_texts")) if not texts]
+    if empty:
+        raise DatasetError(f"{directory}: row {empty[0]} ranks no answer below its chosen one")
+    for index, encoded in enumerate(annotations.cast_column("image", ImageFeature(decode=False))["image"]):
         try:
             _open_image(encoded)
         except Exception as err:  # noqa: BLE001 - any decoding failure is a bad row
             raise DatasetError(f"{directory}: row {index}: unreadable image ({err})") from err
-    return pairs
+    return annotations
 
 
 # ----------------------------------------------------------- the public calibration set
@@ -537,19 +600,22 @@ def load_preference_pairs(directory: Path) -> Dataset:
 def calibration_set(data: FederatedData) -> Dataset:
     """The server's public calibration preferences, one objective per item (alternating):
     for "correctness" the pair as built by the split (true vs wrong answer, one word);
-    for "sentences" the true answer as a sentence vs the same answer as one word.
-    The server and every client build the same set from the public split."""
+    for "sentences" (the true answer in a full sentence) the true answer as a sentence vs
+    either the same answer as one word (style) or the pair's wrong answer as a sentence
+    (correctness), alternately: the router must weigh both. The server and every client
+    build the same set from the public split."""
     calibration = data.calibration
-    answers = column(calibration, "chosen_text")
-    families = column(calibration, "family")
-    rejected = column(calibration, "rejected_text")
+    answers, families = column(calibration, "chosen_text"), column(calibration, "family")
+    rejected = [texts[0] for texts in column(calibration, "rejected_texts")]
     objectives, chosen_out, rejected_out = [], [], []
     for i, (answer, family) in enumerate(zip(answers, families, strict=True)):
         objective = OBJECTIVES[i % len(OBJECTIVES)]
         objectives.append(objective)
         if objective == "sentences":
             chosen_out.append(styled_answer(answer, family, "sentence"))
-            rejected_out.append(answer)
+            wrong = rejected[i]
+            style_pair = (i // len(OBJECTIVES)) % 2 == 0
+            rejected_out.append(answer if style_pair else styled_answer(wrong, answer_family(wrong, data.answers), "sentence"))
         else:
             chosen_out.append(answer)
             rejected_out.append(rejected[i])
@@ -564,3 +630,8 @@ def calibration_set(data: FederatedData) -> Dataset:
         },
         features=None,
     ).cast_column("image", calibration.features["image"])
+
+
+def answer_family(answer: str, answers: dict[str, list[str]]) -> str:
+    """The family whose answer set holds `answer` (a wrong-type answer is styled as its own family's)."""
+    return next((f for f, values in answers.items() if answer in values), OTHER_FAMILY)

@@ -1,7 +1,21 @@
-"""Policy warm start (TRL's SFTTrainer) and evaluation (batched greedy decoding).
+"""Policy warm start and evaluation (batched greedy decoding).
 
-The warm start is deliberately short: the SFT policy answers part of the
-held-out questions wrongly, so alignment has room to improve it.
+The warm start has two phases, both on the server's own labelled slice:
+
+1. vision warm-up (the locally built tiny policy only; a pretrained VLM skips it): the
+   vision tower learns to see what the answers name. Each image's labels are the
+   answers of its open (not yes/no) questions ("red", "circle"), predicted from the
+   max over its patch tokens. Measured: trained only through SFT's language-model
+   loss, the tower never learned shapes (3,000 examples x 8 epochs: shape at chance,
+   0.33-0.43, with patch 16 or a 4x larger tower); with this warm-up (patch 8) a probe
+   reads the shape of held-out images right 92 % of the time (colours 99 %), and a
+   mean over the tokens instead of the max stays at 0.74: a small shape is one token.
+2. SFT with TRL's SFTTrainer, the vision tower frozen (it keeps what phase 1 learned).
+   A share of the completions are sentences ("The color is red."), so the policy can
+   write both styles and the `sentences` objective has something to reinforce.
+
+The SFT is deliberately short: the policy answers part of the held-out questions
+wrongly, so alignment has room to improve it.
 """
 
 from __future__ import annotations
@@ -20,46 +34,114 @@ from transformers import PreTrainedModel, PrinterCallback, ProcessorMixin, Train
 
 from secure_mor.data import (
     FAMILIES,
+    YES_NO,
     assistant_turn,
     column,
     encoded_images,
     normalize_text,
     question_family,
     stratified_indices,
+    styled_answer,
     user_prompt,
 )
 
 
 @dataclass(frozen=True)
 class SFTSettings:
-    """The warm start: how much of the server's SFT slice to use and how long to train."""
+    """The warm start (module docstring): vision warm-up, then SFT on a slice of the server's data.
+
+    vision_epochs: passes of the vision warm-up over the slice's images (0: none; a VLM not
+    built here never gets one); sentence_rate: share of SFT completions written as a sentence.
+    """
 
     examples: int = 3000
-    epochs: float = 8.0
+    epochs: float = 2.0
     batch_size: int = 32
-    # Measured on the default tiny VLM: at 2e-3 the vision tower never starts to
-    # learn (only language priors); at 3e-4 to 5e-4 colors are learnt after ~600
-    # steps, shapes mostly not: a deliberately imperfect start.
     learning_rate: float = 5e-4
+    sentence_rate: float = 0.25
+    vision_epochs: int = 40
+    vision_learning_rate: float = 2e-3
     seed: int = 0
 
 
-def sft_dataset(rows: Dataset, examples: int | None = None, seed: int = 0) -> Dataset:
+def sft_dataset(rows: Dataset, examples: int | None = None, seed: int = 0, sentence_rate: float = 0.0) -> Dataset:
     """Prompt-completion pairs (TRL's conversational format) from VQA rows.
 
     `examples` are drawn evenly across question families: easy-VQA is 73%
     yes/no questions, and a policy warm-started on that mix learns little else.
+    A share `sentence_rate` of the completions (drawn with `seed`) is written as a sentence.
     """
     if examples is not None and examples < len(rows):
         families = len(set(column(rows, "family")))
         rows = rows.select(stratified_indices(rows, -(-examples // families), seed))
+    rng = random.Random(seed)
+    completions = [
+        styled_answer(answer, family, "sentence" if rng.random() < sentence_rate else "word")
+        for answer, family in zip(column(rows, "answer"), column(rows, "family"), strict=True)
+    ]
     return Dataset.from_dict(
         {
             "image": encoded_images(rows),
             "prompt": [user_prompt(q) for q in column(rows, "question")],
-            "completion": [assistant_turn(a) for a in column(rows, "answer")],
+            "completion": [assistant_turn(c) for c in completions],
         }
     ).cast_column("image", ImageFeature())
+
+
+def image_attributes(rows: Dataset) -> tuple[list[Any], torch.Tensor, list[str]]:
+    """The vision warm-up's targets: every image of `rows` that has an open (not yes/no)
+    question, its multi-hot labels over the open answers, and the answers' names."""
+    names = sorted({a for a in column(rows, "answer") if normalize_text(a) not in YES_NO})
+    index = {name: i for i, name in enumerate(names)}
+    first: dict[str, int] = {}
+    labels: dict[str, set[int]] = {}
+    for row, (image_id, answer) in enumerate(zip(column(rows, "image_id"), column(rows, "answer"), strict=True)):
+        first.setdefault(image_id, row)
+        if answer in index:
+            labels.setdefault(image_id, set()).add(index[answer])
+    ids = sorted(labels, key=first.__getitem__)
+    targets = torch.zeros((len(ids), len(names)))
+    for row, image_id in enumerate(ids):
+        targets[row, sorted(labels[image_id])] = 1.0
+    return list(rows.select([first[i] for i in ids])["image"]), targets, names
+
+
+def warm_up_vision(
+    model: PreTrainedModel, processor: ProcessorMixin, rows: Dataset, settings: SFTSettings,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[float]:
+    """Phase 1 of the warm start (module docstring): trains the tiny policy's vision tower in
+    place to name each image's attributes from the max over its patch tokens (random 90-degree
+    rotations and flips as augmentation: colour and shape names survive them); returns the loss per epoch. The linear head is thrown away afterwards."""
+    images, targets, names = image_attributes(rows)
+    if not names or settings.vision_epochs < 1:
+        return []
+    tower = model.model.vision_tower
+    pixels = processor.image_processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+    generator = torch.Generator().manual_seed(settings.seed)
+    head = torch.nn.Linear(tower.config.hidden_size, len(names))
+    parameters = [*tower.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.vision_learning_rate, weight_decay=0.01)
+    steps = settings.vision_epochs * -(-len(pixels) // settings.batch_size)
+    losses, step = [], 0
+    tower.train()
+    for _ in range(settings.vision_epochs):
+        total = 0.0
+        for batch in torch.randperm(len(pixels), generator=generator).split(settings.batch_size):
+            x = torch.rot90(pixels[batch], int(torch.randint(4, (), generator=generator)), (2, 3))
+            x = x.flip(-1) if torch.rand((), generator=generator) < 0.5 else x
+            tokens = tower(pixel_values=x, output_hidden_states=True).hidden_states[-1][:, 1:]  # CLS dropped
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(tokens.amax(1)), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            step += 1
+            if on_step:
+                on_step(step, steps)
+        losses.append(total / len(pixels))
+    tower.eval()
+    return losses
 
 
 class _ProgressCallback(TrainerCallback):
@@ -80,10 +162,16 @@ def run_sft(
     output_dir: Path | str,
     on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Supervised warm start on `rows`; trains `model` in place, returns TRL's log history."""
+    """The warm start on `rows` (module docstring); trains `model` in place and returns the vision
+    warm-up's losses per epoch (`vision`, empty for a VLM not built here) and TRL's log history.
+    `on_step(done, total)` reports the vision warm-up's steps, then SFT's."""
     from trl import SFTConfig, SFTTrainer
 
     output_dir = Path(output_dir)
+    vision: list[float] = []
+    if is_tiny_policy(model):
+        vision = warm_up_vision(model, processor, rows, settings, on_step)
+        model.model.vision_tower.requires_grad_(False)
     config = SFTConfig(
         output_dir=str(output_dir / "sft-trainer"),
         use_cpu=True,
@@ -106,15 +194,24 @@ def run_sft(
     trainer = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=sft_dataset(rows, settings.examples, settings.seed),
+        train_dataset=sft_dataset(rows, settings.examples, settings.seed, settings.sentence_rate),
         processing_class=processor,
         callbacks=[_ProgressCallback(on_step)] if on_step else None,
     )
     trainer.remove_callback(PrinterCallback)  # the log history goes to sft_log.json instead
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        model.requires_grad_(True)
     history = trainer.state.log_history
-    (output_dir / "sft_log.json").write_text(json.dumps({"settings": asdict(settings), "history": history}, indent=2))
-    return {"history": history}
+    log = {"settings": asdict(settings), "vision_losses": vision, "history": history}
+    (output_dir / "sft_log.json").write_text(json.dumps(log, indent=2))
+    return {"vision": vision, "history": history}
+
+
+def is_tiny_policy(model: PreTrainedModel) -> bool:
+    """The policy was built here from scratch (`vlm.build_tiny_vlm`): its vision tower needs the warm-up."""
+    return "tiny_vlm" in model.config.to_dict()
 
 
 def extract_answer(completion: str, question: str, answers_by_family: dict[str, list[str]]) -> str:
@@ -140,9 +237,12 @@ def generate_answers(
     max_new_tokens: int = 8,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Greedy completions for every (image, question) row."""
+    """Greedy completions for every (image, question) row. The image token is never generated: TRL's
+    GRPO sampler suppresses it too, so its probability is never trained down, and a greedy decoder
+    that allowed it would answer with it (measured: after GRPO, colour questions got "<image>")."""
     model.eval()
     tokenizer = getattr(processor, "tokenizer", processor)
+    image_token = getattr(model.config, "image_token_id", None)
     outputs: list[str] = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -158,6 +258,7 @@ def generate_answers(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            suppress_tokens=None if image_token is None else [image_token],
         )
         new_tokens = generated[:, inputs["input_ids"].shape[1] :]
         outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -166,28 +267,36 @@ def generate_answers(
     return outputs
 
 
+def is_sentence(completion: str) -> bool:
+    """The `sentences` objective's style: a full sentence ("The color is red.", "Yes, it is."), not one word."""
+    return len(normalize_text(completion).split()) >= 3
+
+
 def accuracy_report(completions: list[str], rows: Dataset, answers_by_family: dict[str, list[str]]) -> dict[str, Any]:
     """Per-family and overall accuracy of completions against `rows`' answers.
 
     `accuracy`: the extracted answer word is right (style-independent);
-    `exact_match`: the normalised completion equals the answer.
+    `exact_match`: the normalised completion equals the answer;
+    `sentences`: the share of completions that are full sentences (`is_sentence`).
     """
     per_family: dict[str, dict[str, float]] = {}
-    totals = {"n": 0, "correct": 0, "exact": 0}
+    totals = {"n": 0, "correct": 0, "exact": 0, "sentences": 0}
     for completion, question, answer, family in zip(
         completions, column(rows, "question"), column(rows, "answer"), column(rows, "family"), strict=True
     ):
-        stats = per_family.setdefault(family, {"n": 0, "correct": 0, "exact": 0})
+        stats = per_family.setdefault(family, {"n": 0, "correct": 0, "exact": 0, "sentences": 0})
         correct = extract_answer(completion, question, answers_by_family) == normalize_text(answer)
         exact = normalize_text(completion) == normalize_text(answer)
         for bucket in (stats, totals):
             bucket["n"] += 1
             bucket["correct"] += int(correct)
             bucket["exact"] += int(exact)
+            bucket["sentences"] += int(is_sentence(completion))
 
     def summarise(bucket: dict[str, float]) -> dict[str, float]:
         n = max(bucket["n"], 1)
-        return {"n": bucket["n"], "accuracy": bucket["correct"] / n, "exact_match": bucket["exact"] / n}
+        return {"n": bucket["n"], "accuracy": bucket["correct"] / n, "exact_match": bucket["exact"] / n,
+                "sentences": bucket["sentences"] / n}
 
     ordered = [f for f in FAMILIES if f in per_family] + sorted(set(per_family) - set(FAMILIES))
     return {

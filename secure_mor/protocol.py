@@ -15,7 +15,8 @@ bytes. The actions and their payloads:
     authority   decrypt         request (SMRQ bytes) -> response (SMRA bytes)
     client      setup           context, fingerprint
     client      train           epsilon, delta, [epochs, batch_size, lr, max_grad_norm]
-                                -> epsilon_spent, total_epsilon, accuracy_<family>, seconds, reused
+                                -> party, arch, family, budget_epsilon, total_epsilon, seconds, reused,
+                                   <measure>_<family> (REWARD_MODEL_MEASURES)
     client      margins         run_id, step, nonce, items (.npy) -> reply (SMRC bytes)
     client      router_gradient run_id, step, nonce, query (GradientQuery, see encode_gradient_query)
                                 -> reply (SMRC bytes)
@@ -49,6 +50,10 @@ SERVER_PARTY = "server"
 # prefers the true answer over a wrong one; "sentences" prefers the true answer
 # written as a sentence over the same answer as a single word.
 OBJECTIVES = ("correctness", "sentences")
+
+# What a client reports of its reward model on the public held-out set (clients.evaluation),
+# one value per measure and question family, as `<measure>_<family>` in its train reply.
+REWARD_MODEL_MEASURES = ("top1", "image_dependence", "pairwise")
 
 
 class ProtocolError(ValueError):

@@ -163,6 +163,10 @@ class GRPOSettings:
     save_steps: int = 10
     save_total_limit: int | None = 2
     seed: int = 0
+    # The vision tower and projector stay as SFT left them. Measured (oracle reward, lr 3e-4): training
+    # them too lost 0.2 of held-out accuracy in 80 steps, frozen the same run gained 0.045; GRPO's
+    # noisy gradients wear down features the policy can only relearn from its own samples.
+    train_vision: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # further GRPOConfig fields, passed through verbatim
 
     def __post_init__(self) -> None:
@@ -355,7 +359,7 @@ def build_grpo_trainer(
     from trl import GRPOTrainer
 
     dataset = prompts if "prompt" in prompts.column_names else grpo_prompt_dataset(prompts)
-    return GRPOTrainer(
+    trainer = GRPOTrainer(
         model=str(policy_path),
         reward_funcs=[reward_fn],
         args=grpo_config(settings, output_dir),
@@ -363,6 +367,23 @@ def build_grpo_trainer(
         processing_class=load_processor(policy_path),
         callbacks=callbacks,
     )
+    if not settings.train_vision:
+        vision_modules(trainer.model).requires_grad_(False)  # the optimizer is made in train(): it skips them
+    return trainer
+
+
+_VISION_MODULES = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "mm_projector")
+
+
+def vision_modules(model: Any) -> Any:
+    """The policy's image encoder and projector (the modules of `_VISION_MODULES` names), as one ModuleList."""
+    import torch
+
+    found = [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in _VISION_MODULES]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has none of the vision modules {_VISION_MODULES}: "
+                         "set train_vision=True to train every parameter")
+    return torch.nn.ModuleList(found)
 
 
 def run_grpo(

@@ -42,7 +42,7 @@ from secure_mor.crypto.context import load_public_context
 from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
 from secure_mor.data import FAMILIES, FederatedData, calibration_set
 from secure_mor.policy import SFTSettings
-from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, SERVER_PARTY
+from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, REWARD_MODEL_MEASURES, SERVER_PARTY
 from secure_mor.routing import Router, RouterConfig, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
 from secure_mor.server.router import oracle_map, parse_fusion, prompt_features, weights_for
@@ -51,7 +51,7 @@ from secure_mor.server.session import SecureSession
 from secure_mor.server.transport import Pending, Transport
 
 Log = Callable[[str], None]
-SCHEMA = "secure-mor/results/v1"
+SCHEMA = "secure-mor/results/v2"
 
 
 class AlignError(RuntimeError):
@@ -241,7 +241,8 @@ def client_results(pending: Pending, federation: Federation) -> dict[str, Any]:
             "total_epsilon": _finite(reply["total_epsilon"]),
             "reused": bool(reply["reused"]),
             "seconds": float(reply["seconds"]),
-            "preference_accuracy": {f: reply[f"accuracy_{f}"] for f in FAMILIES if f"accuracy_{f}" in reply},
+            "reward_model": {measure: {f: reply[f"{measure}_{f}"] for f in FAMILIES if f"{measure}_{f}" in reply}
+                             for measure in REWARD_MODEL_MEASURES},
         }
     return out
 
