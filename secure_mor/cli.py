@@ -443,12 +443,14 @@ def report(
 ) -> None:
     """Privacy report of a run for auditors: OUT/report.html (one offline file) and OUT/report.md with its PNGs.
 
-    It verifies the ledger against RUN_DIR/keys, recomputes every epsilon, compares each party's spending
-    with its budget, shows the empirical audits (RUN_DIR/audits/empirical-*.json) and the run's results.
+    It verifies the ledger against RUN_DIR/keys and the ledger heads recorded in the results.json files,
+    recomputes every epsilon, compares each party's spending with its budget, shows the empirical audits
+    (RUN_DIR/audits/empirical-*.json) and the run's results.
 
     Exit codes: 0 every check passed; 1 a check FAILED (tampered ledger, wrong epsilon, budget overrun,
-    empirical bound above a claim; the report says which line and why); 2 RUN_DIR is not a run directory
-    (nothing written); 3 the ledger could not be checked (no ledger or no keys).
+    empirical bound above a claim, a lost ledger of a run that released; the report says which line and
+    why); 2 RUN_DIR is not a run directory (nothing written); 3 the ledger could not be checked (no
+    ledger or no keys) or lines of it are UNANCHORED (no recorded head covers them).
     """
     from secure_mor.audits.report import ReportError, build_report  # matplotlib, dp-accounting: slow to import
 

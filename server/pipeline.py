@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from secure_mor.audits.ledger import Ledger, line_hash
+from secure_mor.audits.ledger import Ledger
 from secure_mor.config import DataSpec, RunDir
 from secure_mor.crypto.context import load_public_context
 from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
@@ -455,7 +455,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     timings["total_s"] = time.perf_counter() - started
 
     rewards = [h["reward"] for h in grpo["history"] if "reward" in h]
-    ledger = Ledger(run.path / "ledger.jsonl").entries()
+    ledger = Ledger(run.path / "ledger.jsonl").head()  # the auditor's anchor (audit verify, report)
     sft = json.loads(run.eval_path("sft").read_text())
     results = {
         "schema": SCHEMA,
@@ -477,8 +477,8 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
             "log": str(grpo["log_path"]),
         },
         "timings": {**timings, "scoring": {**session.timings.as_dict(), **reward.seconds}},
-        "ledger": {"path": str(run.path / "ledger.jsonl"), "entries": len(ledger),
-                   "head": line_hash(ledger[-1]) if ledger else None},
+        "ledger": {"path": str(run.path / "ledger.jsonl"), "entries": ledger.entries,
+                   "head": ledger.head if ledger.entries else None},
     }
     run.write_json(out / "results.json", results)
     write_progress(out, "done")
