@@ -11,9 +11,11 @@ and signs with the key in `key_dir` (operator-issued) or under its state directo
 
 What leaves the node: its public key, its training metrics (epsilon spent, and the
 preference accuracy of its model on the public held-out set), and ciphertexts signed
-with its key. Scores, margins and router-gradient terms are encrypted under the key
-authority's public context before they leave; the server can fuse them but not read
-them. Scoring and margins spend no budget (post-processing of the DP-trained model).
+with its key. Scores, margins and router-gradient terms are masked with a mask only it
+and the server can derive (the request's `mask_key`, crypto.blinding) and encrypted under
+the key authority's public context before they leave: the server cannot read them, and
+the key authority, which fuses and decrypts them, sees masked values only. Scoring and
+margins spend no budget (post-processing of the DP-trained model).
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ from secure_mor.crypto.context import PublicContext, load_public_context
 from secure_mor.crypto.params import ReleaseConfig
 from secure_mor.crypto.signing import load_or_create_signer, publish_public_key
 from secure_mor.crypto.wire import seal_reply
-from secure_mor.protocol import ROLE_CLIENT, Payload, ProtocolError, bytes_array
+from secure_mor.protocol import (
+    ROLE_CLIENT,
+    Payload,
+    ProtocolError,
+    bytes_array,
+    calibration_digests,
+    prompt_digests,
+)
 from secure_mor.routing import ItemUseLimiter, QueryLimits, answer_gradient_query, decode_gradient_query, pair_margins
 
 if TYPE_CHECKING:
@@ -233,7 +242,11 @@ class ClientNode:
             np.save(path, self._margins, allow_pickle=False)
         return self._margins
 
-    def _seal(self, payload: Mapping[str, Any], purpose: str, values: np.ndarray, started: float) -> Payload:
+    def _seal(
+        self, payload: Mapping[str, Any], purpose: str, values: np.ndarray, started: float,
+        items: list[bytes] | None = None,
+    ) -> Payload:
+        """Mask (with the server's round key), encrypt and sign `values`, committing to the items' digests."""
         reply = seal_reply(
             self._client().signer(),
             self._public_context(),
@@ -242,7 +255,8 @@ class ClientNode:
             nonce=str(payload["nonce"]),
             purpose=purpose,
             scores=values,
-            value_bound=ReleaseConfig().value_bound,
+            mask_key=str(payload["mask_key"]),
+            items=items,
         )
         return {"reply": reply, "seconds": time.perf_counter() - started}
 
@@ -267,7 +281,8 @@ class ClientNode:
         limiter, save = self._limiter(str(payload["run_id"]))
         limiter.admit(int(payload["step"]), items.tolist())
         save()
-        return self._seal(payload, "reward", self._calibration_margins()[items], started)
+        margins = self._calibration_margins()[items]
+        return self._seal(payload, "reward", margins, started, calibration_digests(items.tolist()))
 
     def router_gradient(self, payload: Mapping[str, Any]) -> Payload:
         started = time.perf_counter()
@@ -286,4 +301,5 @@ class ClientNode:
         if not len(index) == len(questions) == len(answers) or any(not 0 <= i < len(images) for i in index):
             raise ProtocolError("a score request's images, questions and answers do not line up")
         scores = self._client().score([(images[i], q, a) for i, q, a in zip(index, questions, answers, strict=True)])
-        return self._seal(payload, "reward", scores, started)
+        digests = prompt_digests(payload["images"], index, questions)  # what it scored, in its own words
+        return self._seal(payload, "reward", scores, started, digests)

@@ -24,6 +24,7 @@ from typing import Any
 
 from secure_mor.audits.ledger import Ledger
 from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority
+from secure_mor.crypto.params import DEFAULT_W_MIN
 from secure_mor.crypto.signing import (
     Signer,
     load_or_create_signer,
@@ -43,13 +44,13 @@ class AuthorityNode:
 
     def __init__(
         self, state_dir: Path | str, registry: Path | str | None = None, k_min: int = 2,
-        key_dir: Path | str | None = None,
+        key_dir: Path | str | None = None, w_min: float = DEFAULT_W_MIN,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.directory = self.state_dir / AUTHORITY_PARTY
         self.registry = Path(registry) if registry else self.state_dir / "keys"
         self.key_dir = Path(key_dir) if key_dir else None  # operator-issued: never made here
-        self.policy = AuthorityPolicy(k_min=k_min)
+        self.policy = AuthorityPolicy(k_min=k_min, w_min=w_min)
         self._authority: KeyAuthority | None = None
 
     def _passphrase(self) -> str:
@@ -105,6 +106,7 @@ class AuthorityNode:
                 "fingerprint": authority.fingerprint,
                 "clients": sorted(authority.clients),
                 "k_min": self.policy.k_min,
+                "w_min": self.policy.w_min,  # the one floor: the server's router and fusions keep to it
             }
         if action == "decrypt":
             started = time.perf_counter()
