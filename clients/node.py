@@ -7,7 +7,8 @@ process can serve its next message: Flower's simulation runs nodes in a pool of
 Ray workers and does not promise the same worker twice, and its deployment runtime
 starts a fresh process per message. It trains on the preference pairs in `data_dir`
 (an institution's own annotations) or, without one, on its share of the public split,
-and signs with the key in `key_dir` (operator-issued) or under its state directory.
+and signs with the key in `key_dir` (the institution's own, made there with `secure-mor
+keys new` and encrypted under $SECURE_MOR_KEY_PASSPHRASE) or under its state directory.
 
 What leaves the node: its public key, its training metrics (epsilon spent, and the
 preference accuracy of its model on the public held-out set), and ciphertexts signed
@@ -37,7 +38,7 @@ from secure_mor.clients.client import ClientConfig, RewardClient, client_dir
 from secure_mor.clients.models import DEFAULT_ARCHS
 from secure_mor.crypto.context import PublicContext, load_public_context
 from secure_mor.crypto.params import ReleaseConfig
-from secure_mor.crypto.signing import load_or_create_signer, publish_public_key
+from secure_mor.crypto.signing import KEY_PASSPHRASE_ENV, key_passphrase, load_or_create_signer, publish_public_key
 from secure_mor.crypto.wire import seal_reply
 from secure_mor.protocol import (
     ROLE_CLIENT,
@@ -96,7 +97,7 @@ class ClientNode:
         # The institution's own preference pairs; without them (simulation, demo) its share of the
         # public split stands in for them.
         self.data_dir = Path(data_dir) if data_dir else None
-        # An operator-issued key (deployment) is never made here: a missing one is an error.
+        # A deployment's key (made by the institution beforehand) is never made here: a missing one is an error.
         self.key_dir = Path(key_dir) if key_dir else None
         self._public: PublicContext | None = None
         self._loaded: RewardClient | None = None
@@ -131,8 +132,11 @@ class ClientNode:
         return self._loaded
 
     def _key_dir(self) -> Path | None:
+        """The key-dir of a deployment: the institution's own key, made there and encrypted at rest."""
         if self.key_dir is not None and not (self.key_dir / f"{self.party}.key").exists():
             raise ProtocolError(f"{self.party}: no signing key {self.party}.key in key-dir {self.key_dir}")
+        if self.key_dir is not None and key_passphrase() is None:
+            raise ProtocolError(f"{self.party}: the signing key in key-dir is encrypted: set {KEY_PASSPHRASE_ENV}")
         return self.key_dir
 
     # ------------------------------------------------------------ actions
@@ -151,7 +155,7 @@ class ClientNode:
         return handlers[action](payload)
 
     def identify(self, payload: Mapping[str, Any]) -> Payload:
-        signer = load_or_create_signer(self.party, self._key_dir() or self.directory / "keys")
+        signer = load_or_create_signer(self.party, self._key_dir() or self.directory / "keys", key_passphrase())
         publish_public_key(signer, self.state_dir / "keys")
         return {"party": self.party, "role": ROLE_CLIENT, "public_key": signer.public_key_hex}
 

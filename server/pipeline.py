@@ -40,7 +40,8 @@ from secure_mor.audits.ledger import Ledger
 from secure_mor.config import DataSpec, RunDir
 from secure_mor.crypto.context import load_public_context
 from secure_mor.crypto.params import ReleaseConfig, score_half_width
-from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
+from secure_mor.crypto.pki import PkiError, read_registry_signed
+from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_signer, publish_public_key
 from secure_mor.data import FAMILIES, FederatedData, calibration_set
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, SERVER_PARTY
@@ -96,6 +97,7 @@ class AlignConfig:
     calibration_pairs: int = 1500
     resume: bool = False
     registry: str = ""  # the operator's registry of public payload keys ("": what the nodes publish, simulation)
+    ca_cert: str = ""  # the operator's CA certificate: every registry entry must carry its signature
 
     @property
     def label(self) -> str:
@@ -192,10 +194,15 @@ def _ok(replies: Mapping[str, Any], parties: Sequence[str], what: str) -> dict[s
     return {p: dict(replies[p]) for p in parties}
 
 
-def trusted_keys(registry: Path, parties: Sequence[str], presented: Mapping[str, str]) -> dict[str, str]:
-    """The operator's registry's key of every party; refuses a party that is missing from it or
-    presents another key (its payloads would not verify: better to stop before any work)."""
-    keys = read_registry(registry)
+def trusted_keys(registry: Path, parties: Sequence[str], presented: Mapping[str, str],
+                 ca_cert: Path | None = None) -> dict[str, str]:
+    """The operator's registry's key of every party (each entry signed by the operator's CA when
+    `ca_cert` is given); refuses a party that is missing from it or presents another key (its
+    payloads would not verify: better to stop before any work)."""
+    try:
+        keys = read_registry_signed(registry, ca_cert)
+    except PkiError as err:
+        raise AlignError(f"refused by the key registry: {err}") from err
     wrong = {p: "not in the registry" for p in parties if p not in keys}
     wrong.update({p: "presents a key that is not the registry's" for p in parties
                   if p in keys and presented[p] != keys[p]})
@@ -204,17 +211,25 @@ def trusted_keys(registry: Path, parties: Sequence[str], presented: Mapping[str,
     return {p: keys[p] for p in parties}
 
 
-def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str], registry: str = "") -> Federation:
+def server_signer(run: RunDir) -> Signer:
+    """The server's signing key (encrypted under $SECURE_MOR_KEY_PASSPHRASE when set; a deployment's
+    operator makes it beforehand with `secure-mor keys new server`, a simulation on first use)."""
+    return load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys", key_passphrase())
+
+
+def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str], registry: str = "",
+            ca_cert: str = "") -> Federation:
     parties = [*clients, AUTHORITY_PARTY]
     who = _ok(transport.ask(parties, "identify", {}), parties, "identify")
     for party, reply in who.items():
         if reply["party"] != party:
             raise AlignError(f"node addressed as {party} says it is {reply['party']}")
-    server = load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys")
+    server = server_signer(run)
     publish_public_key(server, run.path / "keys")
     keys = {p: str(r["public_key"]) for p, r in who.items()}
     if registry:
-        keys = trusted_keys(Path(registry), [*parties, SERVER_PARTY], {**keys, SERVER_PARTY: server.public_key_hex})
+        keys = trusted_keys(Path(registry), [*parties, SERVER_PARTY], {**keys, SERVER_PARTY: server.public_key_hex},
+                            Path(ca_cert) if ca_cert else None)  # fmt: skip
     setup = _ok(transport.ask([AUTHORITY_PARTY], "setup", {}), [AUTHORITY_PARTY], "key authority setup")
     authority = setup[AUTHORITY_PARTY]
     if sorted(authority["clients"]) != sorted(clients):
@@ -287,7 +302,7 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
     router = Router(router_config).fit_input_projection(x)
     objective_ids = router_config.objective_ids(list(pairs["objective"]))
     run_id = f"{run.path.name}-{secrets.token_hex(4)}:router"
-    server = load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys")
+    server = server_signer(run)
     clients = federation.clients
 
     def reply_bytes(replies: Mapping[str, Any], what: str) -> dict[str, bytes]:
@@ -422,7 +437,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     # The clients train their reward models while the server warm-starts its policy.
     t = time.perf_counter()
     data = prepare_data(run, config)
-    federation = connect(transport, run, run.data_spec(), config.clients, config.registry)
+    federation = connect(transport, run, run.data_spec(), config.clients, config.registry, config.ca_cert)
     training = start_client_training(transport, federation, config, log)
     prepare_policy(run, data, config, log, on_step=lambda step, total: write_progress(out, "SFT", step, total))
     timings["policy_s"] = time.perf_counter() - t
@@ -441,7 +456,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     timings["router_s"] = time.perf_counter() - t
 
     state = _run_state(out, config)
-    server = load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys")
+    server = server_signer(run)
     session = SecureSession(
         transport=transport, pub=federation.pub, signer=server,
         registry={c: federation.registry[c] for c in federation.clients}, clients=federation.clients,
