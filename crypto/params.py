@@ -69,12 +69,13 @@ class CkksParams:
 PARAMETER_SETS: dict[str, CkksParams] = {
     p.name: p
     for p in (
-        # The project default: 4096 slots, one multiplicative level (the fusion), ~60 bits of
-        # headroom above the scale after the fusion's rescale (room for the blinding mask).
+        # The project default: 4096 slots; a fresh ciphertext's 140 data bits hold the fusion's
+        # product unrescaled: scale 2^40 x W's scale 2^60 x masked values up to 2^33 (crypto.fusion).
         CkksParams("default", 8192, (60, 40, 40, 60), 40),
         # 8192 slots per ciphertext, same precision: fewer ciphertexts for large batches.
         CkksParams("large", 16384, (60, 40, 40, 60), 40),
-        # Small and imprecise (scale 2^20, ~1e-3 error): only for fast structural tests and fuzzing.
+        # Small and imprecise (scale 2^20, ~1e-3 error): only for fast structural tests and fuzzing;
+        # too small to fuse masked values (crypto.fusion refuses: no headroom).
         CkksParams("small", 4096, (40, 20, 40), 20),
     )
 }
