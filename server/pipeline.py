@@ -47,7 +47,7 @@ from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, SERVER_PARTY
 from secure_mor.routing import Router, RouterConfig, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
-from secure_mor.server.router import oracle_map, parse_fusion, prompt_features, weights_for
+from secure_mor.server.router import ONE_CLIENT_FUSIONS, oracle_map, parse_fusion, prompt_features, weights_for
 from secure_mor.server.router_training import RouterTrainingConfig, train_router_securely
 from secure_mor.server.secure_round import SecureRound
 from secure_mor.server.session import SecureSession
@@ -424,7 +424,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     kind, _ = parse_fusion(config.fusion, config.num_clients)
     if config.objective not in OBJECTIVES:
         raise AlignError(f"unknown objective {config.objective!r}; known: {list(OBJECTIVES)}")
-    if kind in ("single", "oracle") and config.registry and not config.allow_single_client:
+    if kind in ONE_CLIENT_FUSIONS and config.registry and not config.allow_single_client:
         raise AlignError(f"fusion {config.fusion!r} reveals one client's scores by construction; a deployment "
                          "refuses it unless the run config sets allow-single-client=true")
     timings: dict[str, float] = {}
@@ -444,7 +444,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     clients = client_results(training, federation)
     timings["clients_s"] = time.perf_counter() - t  # from the start: overlaps policy_s
 
-    if kind in ("single", "oracle"):
+    if kind in ONE_CLIENT_FUSIONS:
         most = 1 - (config.num_clients - 1) * federation.w_min
         log(f"WARNING: fusion {config.fusion} gives one client the weight {most:g} on every item: each release "
             f"tells the server that client's score within +-{score_half_width(most, ReleaseConfig().value_bound):.3f}")
