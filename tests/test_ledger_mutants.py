@@ -13,7 +13,7 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -198,50 +198,34 @@ def mutants(honest: bytes, signers: dict[str, Signer], seed: int = 0) -> Iterato
         yield "own party_seq changed, re-signed", _join(lines[:i] + [canonical_json(renumbered)] + lines[i + 1 :])
 
 
-def _check_all(
-    honest: bytes, signers: dict[str, Signer], tmp: Path, verify: Callable[[Path, bytes], bool]
-) -> tuple[Counter, list[str]]:
-    path = tmp / "mutant.jsonl"
-    counts, undetected = Counter(), []
-    for kind, data in mutants(honest, signers):
-        if data == honest:
+def test_every_mutant_is_detected_against_an_anchor(honest, tmp_path: Path) -> None:
+    """Against the head (`audit verify --head`) every mutant fails. Against a results.json anchor
+    (the first 9 lines), lines may follow it, so a mutant that only appends validly signed lines
+    verifies, and those lines are reported UNANCHORED; every other mutant fails. One
+    verification per mutant answers both."""
+    data, signers = honest
+    registry = {p: s.public_key_hex for p, s in signers.items()}
+    path = tmp_path / "ledger.jsonl"
+    path.write_bytes(data)
+    reference = verify_ledger(path, registry)
+    assert reference.ok and reference.entries == 9 and reference.unanchored == 9  # unanchored on its own
+    anchor = [Anchor(9, reference.head_hash)]
+    counts, against_head, against_anchor, extensions = Counter(), [], [], []
+    for kind, mutant in mutants(data, signers):
+        if mutant == data:
             continue  # an edit that wrote back the same bytes
         counts[kind] += 1
-        path.write_bytes(data)
-        if verify(path, data):
-            undetected.append(f"{kind}: {data[:200]!r}")
-    return counts, undetected
-
-
-def test_every_mutant_is_detected_against_the_head(honest, tmp_path: Path) -> None:
-    data, signers = honest
-    registry = {p: s.public_key_hex for p, s in signers.items()}
-    (tmp_path / "honest.jsonl").write_bytes(data)
-    reference = verify_ledger(tmp_path / "honest.jsonl", registry)
-    assert reference.ok and reference.entries == 9 and reference.anchored == 0  # unanchored on its own
-    counts, undetected = _check_all(
-        data, signers, tmp_path, lambda p, _: verify_ledger(p, registry, expected_head=reference.head_hash).ok
-    )
-    assert sum(counts.values()) >= 2000, counts
-    assert undetected == [], f"{len(undetected)} of {sum(counts.values())} mutants undetected: {undetected[:5]}"
-
-
-def test_against_a_recorded_anchor_a_mutant_fails_or_is_reported_unanchored(honest, tmp_path: Path) -> None:
-    """results.json records (entries, head): lines may follow it, so a mutant that only appends a
-    validly signed line verifies, and its new line is reported UNANCHORED; every other mutant fails."""
-    data, signers = honest
-    registry = {p: s.public_key_hex for p, s in signers.items()}
-    (tmp_path / "honest.jsonl").write_bytes(data)
-    anchor = [Anchor(9, verify_ledger(tmp_path / "honest.jsonl", registry).head_hash)]
-    extensions = []
-
-    def verify(path: Path, mutant: bytes) -> bool:
+        path.write_bytes(mutant)
         result = verify_ledger(path, registry, anchors=anchor)
-        if result.ok and result.unanchored:
+        if result.ok and result.head_hash == reference.head_hash:  # what --head would accept
+            against_head.append(f"{kind}: {mutant[:200]!r}")
+        if result.ok and not result.unanchored:
+            against_anchor.append(f"{kind}: {mutant[:200]!r}")
+        elif result.ok:
             extensions.append(mutant)
-        return result.ok and not result.unanchored
-
-    counts, undetected = _check_all(data, signers, tmp_path, verify)
-    assert undetected == [], undetected[:5]
+    total = sum(counts.values())
+    assert total >= 2000, counts
+    assert against_head == [], f"{len(against_head)} of {total} mutants undetected: {against_head[:5]}"
+    assert against_anchor == [], against_anchor[:5]
     assert len(extensions) >= counts["entry appended"]
     assert all(m.startswith(data) and m.count(b"\n") == 10 for m in extensions)  # the anchored 9 lines, intact
