@@ -1,6 +1,6 @@
 """Auditor commands on a privacy ledger.
 
-    verify LEDGER [--keys DIR] [--head HASH]   hash chain, per-party sequence, signatures
+    verify LEDGER [--keys DIR] [--head HASH]   format, hash chain, per-party sequence, signatures, anchors
     recompute LEDGER [--tolerance 0.05]        every epsilon and per-party total, recomputed
                                                with dp-accounting (RDP and PLD)
     empirical --out RUN [--epsilon 4 ...]      one-run empirical privacy audit of a client's
@@ -8,11 +8,13 @@
 
 verify and recompute exit 0 when everything checks out and 1 otherwise (with the
 first bad line and the reason, or the list of disagreements), never with a
-traceback on a bad ledger. empirical exits 2 on bad input.
+traceback on a bad ledger; verify exits 3 when the ledger verifies but lines are
+UNANCHORED (no --head and no results.json head covers them). empirical exits 2 on bad input.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Annotated
@@ -22,9 +24,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from secure_mor.audits.ledger import Ledger, LedgerError, verify_ledger
+from secure_mor.audits.ledger import Ledger, LedgerError, anchors_of, results_files, verify_ledger
 from secure_mor.crypto.signing import read_registry
 
+UNANCHORED_EXIT = 3  # verified, but some lines are covered by no anchor
 LedgerArg = Annotated[Path, typer.Argument(help="The ledger (JSON Lines).")]
 audit_app = typer.Typer(help="Audit the privacy ledger: signatures, chain, epsilons.", no_args_is_help=True)
 
@@ -48,9 +51,13 @@ def _eps(value: float | None) -> str:
 def verify(
     ledger: LedgerArg,
     keys: Annotated[Path | None, typer.Option("--keys", help="Dir of <party>.pub keys [LEDGER's dir/keys].")] = None,
-    head: Annotated[str | None, typer.Option("--head", help="Expected head hash (detects truncation).")] = None,
+    head: Annotated[
+        str | None, typer.Option("--head", help="The head hash the ledger must end with (an anchor you hold).")
+    ] = None,
 ) -> None:
-    """Check the hash chain, each party's sequence and every signature."""
+    """Check every line's format, the hash chain, each party's sequence, every signature and the anchors:
+    --head, and the ledger heads recorded in the run's results.json files (LEDGER's dir). Exit 0 when
+    all of it holds and an anchor covers every line, 1 on any failure, 3 when lines are UNANCHORED."""
     console = _console()
     keys = keys if keys is not None else ledger.parent / "keys"
     if not ledger.is_file():
@@ -60,7 +67,10 @@ def verify(
     registry = read_registry(keys)
     if not registry:
         raise _fail(console, f"no *.pub keys in {keys}")
-    result = verify_ledger(ledger, registry, expected_head=head)
+    anchors, problems = anchors_of(_results_near(ledger))
+    if problems:
+        raise _fail(console, f"{ledger}: {'; '.join(problems)}")
+    result = verify_ledger(ledger, registry, expected_head=head, anchors=anchors)
     if not result.ok:
         raise _fail(console, f"{ledger}: line {result.error_line}: {result.reason}")
     console.print(
@@ -68,6 +78,26 @@ def verify(
         f"head {result.head_hash}",
         highlight=False,
     )
+    if result.unanchored:
+        first = result.anchored + 1
+        console.print(
+            f"[bold red]UNANCHORED[/] lines {first}-{result.entries} are covered by no anchor (no --head, no "
+            "results.json head): a cut-off tail, or a party re-signing its own last entries, would look the "
+            "same. Verify again with --head HASH from a record you trust.",
+            highlight=False,
+        )
+        raise typer.Exit(UNANCHORED_EXIT)
+
+
+def _results_near(ledger: Path) -> list[tuple[str, object]]:
+    """The results.json files of the run directory the ledger lives in, parsed (unreadable ones left out)."""
+    out = []
+    for path in results_files(ledger.parent):
+        try:
+            out.append((str(path), json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 @audit_app.command("recompute")

@@ -1,13 +1,28 @@
 """The privacy ledger: append-only, hash-chained, signed JSON Lines.
 
-Each line is one release of privacy-relevant information. Its signed body says
-who released (party, with a per-party sequence number so that a party's own
-entries cannot be dropped or reordered unnoticed), what mechanism (as a DpEvent
-in dp-accounting's named-tuple JSON form, enough for any accountant to recompute
-epsilon), the epsilon the party claims and the accountant it used, the party's
-running total and its budget. The ledger keeper adds the chain fields: `seq` and
-the SHA-256 of the previous line. The signature covers the body only, so that a
-party can sign an entry that someone else appends.
+Each line is one release of privacy-relevant information: who released (party, with
+a per-party sequence number), what mechanism (as a DpEvent in dp-accounting's
+named-tuple JSON form, enough for any accountant to recompute epsilon), the epsilon
+the party claims and the accountant it used, the party's running total and its
+budget, and the chain fields: `seq` (the line's index) and `prev_hash` (the SHA-256
+of the previous line's exact bytes). The party signs the whole line except the
+signature itself, chain fields included: deleting, reordering or re-chaining lines
+would need a new signature from every party whose line follows the change.
+
+Strict format (`parse_line`): a line is exactly the canonical JSON of its object
+(`crypto.signing.canonical_json`: sorted keys, no whitespace, ASCII escapes, finite
+numbers as Python writes them), with no duplicate key, integer `seq` and
+`party_seq`, and a newline after every line. Any other spelling of the same content
+(whitespace, a \\u escape, 1.0 for 1, CRLF, a repeated key that a lenient parser
+would silently resolve) is refused, so the hash and the signature cover the bytes
+an auditor reads, not a re-serialisation of them.
+
+Anchors. The chain proves that no line was changed in place; it cannot prove that
+the ledger was not cut short, or that the last lines were not replaced by their own
+signer. An anchor (`Anchor`: a line count and the hash of that line, e.g. the head
+recorded in a run's results.json, or a head the auditor noted earlier) closes that:
+`verify_ledger` checks every anchor and reports how many leading lines some anchor
+covers. Lines after the last anchor are UNANCHORED: the auditor's tools say so.
 """
 
 from __future__ import annotations
@@ -15,8 +30,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +49,8 @@ KIND_ROUTER_GRADIENT_RELEASE = "router_gradient_release"
 KIND_STEP_SKIPPED = "step_skipped"
 KINDS = (KIND_DP_TRAINING, KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, KIND_STEP_SKIPPED)
 
-CHAIN_FIELDS = ("seq", "prev_hash", "signature")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX128 = re.compile(r"[0-9a-f]{128}")
 
 
 class LedgerError(ValueError):
@@ -62,11 +79,67 @@ def non_private_event() -> dict[str, Any]:
 
 
 def line_hash(line: Mapping[str, Any]) -> str:
+    """SHA-256 of a line's bytes (for a line that `parse_line` accepts, its canonical JSON)."""
     return hashlib.sha256(canonical_json(dict(line))).hexdigest()
 
 
-def signed_body(line: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in line.items() if k not in CHAIN_FIELDS}
+def signed_part(line: Mapping[str, Any]) -> bytes:
+    """What the party signs: the whole line but its signature (body and chain fields)."""
+    return canonical_json({k: v for k, v in line.items() if k != "signature"})
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise LedgerError("a key appears twice")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise LedgerError(f"{name} is not a number")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_line(raw: bytes) -> dict[str, Any]:
+    """One ledger line (without its newline), strictly: LedgerError unless it is the canonical
+    JSON of an object with no duplicate key, integer seq and party_seq, hex hashes and signature."""
+    try:
+        line = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise LedgerError(f"not valid JSON ({type(err).__name__})") from err
+    if not isinstance(line, dict):
+        raise LedgerError("not a JSON object")
+    try:
+        canonical = canonical_json(line)
+    except ValueError as err:  # a number that overflowed to inf
+        raise LedgerError(f"not canonical JSON ({err})") from err
+    if canonical != raw:
+        raise LedgerError("not canonical JSON (sorted keys, no whitespace, no escapes or spellings of its own)")
+    for key in ("seq", "party_seq"):
+        if not _is_int(line.get(key)):
+            raise LedgerError(f"{key} {line.get(key)!r} is not a non-negative integer")
+    if not (isinstance(line.get("prev_hash"), str) and _HEX64.fullmatch(line["prev_hash"])):
+        raise LedgerError("prev_hash is not a SHA-256 hex digest")
+    if not (isinstance(line.get("signature"), str) and _HEX128.fullmatch(line["signature"])):
+        raise LedgerError("signature is not an Ed25519 signature in hex")
+    if not isinstance(line.get("party"), str) or not isinstance(line.get("public_key"), str):
+        raise LedgerError("party and public_key must be strings")
+    if line.get("kind") not in KINDS:
+        raise LedgerError(f"unknown kind {line.get('kind')!r}")
+    return line
+
+
+def _split_lines(data: bytes) -> list[bytes]:
+    """The file's lines without their newlines; LedgerError if the last one has none (cut short)."""
+    if not data:
+        return []
+    lines = data.split(b"\n")
+    if lines[-1] != b"":
+        raise LedgerError(f"line {len(lines)}: the last line is truncated (no newline)")
+    return lines[:-1]
 
 
 @dataclass(frozen=True)
@@ -76,6 +149,14 @@ class Budget:
 
     def as_dict(self) -> dict[str, float]:
         return {"epsilon": self.epsilon, "delta": self.delta}
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The ledger held `entries` lines and its last one hashed to `head` (GENESIS_HASH for none)."""
+
+    entries: int
+    head: str
 
 
 class Ledger:
@@ -95,21 +176,26 @@ class Ledger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _raw_lines(self) -> list[bytes]:
+        return _split_lines(self.path.read_bytes()) if self.path.exists() else []
+
     def entries(self) -> list[dict[str, Any]]:
-        """All lines, parsed; raises LedgerError on a line that is not JSON."""
-        if not self.path.exists():
-            return []
+        """All lines, parsed strictly (`parse_line`); LedgerError names the first bad line."""
         out = []
-        with open(self.path, encoding="utf-8") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    out.append(json.loads(raw))
-                except json.JSONDecodeError as err:
-                    raise LedgerError(f"line {number}: not valid JSON ({err.msg})") from err
+        for number, raw in enumerate(self._raw_lines(), start=1):
+            try:
+                out.append(parse_line(raw))
+            except LedgerError as err:
+                raise LedgerError(f"line {number}: {err}") from err
         return out
 
     def entries_of(self, party: str) -> list[dict[str, Any]]:
         return [e for e in self.entries() if e.get("party") == party]
+
+    def head(self) -> Anchor:
+        """The anchor of the ledger as it is now (record it, e.g. in results.json)."""
+        lines = self._raw_lines()
+        return Anchor(len(lines), hashlib.sha256(lines[-1]).hexdigest() if lines else GENESIS_HASH)
 
     def append(
         self,
@@ -128,11 +214,11 @@ class Ledger:
         if kind not in KINDS:
             raise LedgerError(f"unknown ledger entry kind {kind!r}; expected one of {KINDS}")
         with self._locked():
-            existing = self.entries()
-            party_seq = sum(1 for e in existing if e.get("party") == signer.party)
-            body = {
+            existing = self.entries()  # never extend a damaged ledger
+            raw = self._raw_lines()
+            line = {
                 "party": signer.party,
-                "party_seq": party_seq,
+                "party_seq": sum(1 for e in existing if e["party"] == signer.party),
                 "public_key": signer.public_key_hex,
                 "time": time.time(),
                 "kind": kind,
@@ -143,15 +229,12 @@ class Ledger:
                 "total_epsilon": float(total_epsilon),
                 "budget": budget.as_dict() if budget else None,
                 "details": dict(details or {}),
-            }
-            line = {
-                **body,
-                "signature": signer.sign(canonical_json(body)).hex(),
                 "seq": len(existing),
-                "prev_hash": line_hash(existing[-1]) if existing else GENESIS_HASH,
+                "prev_hash": hashlib.sha256(raw[-1]).hexdigest() if raw else GENESIS_HASH,
             }
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(canonical_json(line).decode() + "\n")
+            line["signature"] = signer.sign(signed_part(line)).hex()
+            with open(self.path, "ab") as f:
+                f.write(canonical_json(line) + b"\n")
         return line
 
 
@@ -162,51 +245,101 @@ class VerifyResult:
     head_hash: str
     error_line: int | None = None  # 1-based line number of the first bad line
     reason: str = ""
+    anchored: int = 0  # leading lines covered by an anchor (or by the expected head)
+
+    @property
+    def unanchored(self) -> int:
+        return self.entries - self.anchored
 
 
-def verify_ledger(path: Path | str, registry: Mapping[str, str], expected_head: str | None = None) -> VerifyResult:
-    """Check the hash chain, each party's sequence and every signature against
-    `registry` ({party: Ed25519 public key hex}). `expected_head`, when the auditor
-    holds it from an earlier verification or a receipt, also detects truncation."""
+def verify_ledger(
+    path: Path | str,
+    registry: Mapping[str, str],
+    expected_head: str | None = None,
+    anchors: Sequence[Anchor] = (),
+) -> VerifyResult:
+    """Check every line's format, the hash chain, each party's sequence and every signature
+    against `registry` ({party: Ed25519 public key hex}), then the anchors: each must name a
+    line of this ledger by its hash, and `expected_head` must be the last line's hash (an
+    auditor's head from earlier: detects truncation, extension and rewritten last lines).
+    `ok` says whether all of that holds; `anchored` how many leading lines an anchor covers."""
     path = Path(path)
-    prev = GENESIS_HASH
+    prev, hashes = GENESIS_HASH, []
     next_party_seq: dict[str, int] = {}
-    count = 0
-    raw_lines = path.read_bytes().split(b"\n") if path.exists() else []
-    if raw_lines and raw_lines[-1] == b"":
-        raw_lines.pop()
-    elif raw_lines:
-        return VerifyResult(False, len(raw_lines) - 1, prev, len(raw_lines), "last line is truncated")
 
     def fail(number: int, reason: str) -> VerifyResult:
-        return VerifyResult(False, number - 1, prev, number, reason)
+        return VerifyResult(False, len(hashes), prev, number, reason)
 
-    for number, raw in enumerate(raw_lines, start=1):
+    data = path.read_bytes() if path.exists() else b""
+    pieces = data.split(b"\n") if data else [b""]
+    for number, raw in enumerate(pieces[:-1], start=1):
         try:
-            line = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            return fail(number, "not valid JSON (damaged, truncated or nested too deep)")
-        if not isinstance(line, dict):
-            return fail(number, "not a JSON object")
-        if line.get("seq") != number - 1:
-            return fail(number, f"sequence number {line.get('seq')!r}, expected {number - 1} (deleted or reordered)")
-        if line.get("prev_hash") != prev:
+            line = parse_line(raw)
+        except LedgerError as err:
+            return fail(number, str(err))
+        if line["seq"] != number - 1:
+            return fail(number, f"sequence number {line['seq']}, expected {number - 1} (deleted or reordered)")
+        if line["prev_hash"] != prev:
             return fail(number, "previous-hash link broken (an earlier line was changed, deleted or reordered)")
-        party = line.get("party")
+        party = line["party"]
         if party not in registry:
             return fail(number, f"unknown signer {party!r} (not in the registry)")
-        if line.get("public_key") != registry[party]:
+        if line["public_key"] != registry[party]:
             return fail(number, f"public key of {party!r} does not match the registry")
         expected_seq = next_party_seq.get(party, 0)
-        if line.get("party_seq") != expected_seq:
-            return fail(number, f"{party!r} entry number {line.get('party_seq')!r}, expected {expected_seq}")
+        if line["party_seq"] != expected_seq:
+            return fail(number, f"{party!r} entry number {line['party_seq']}, expected {expected_seq}")
         try:
-            verify(registry[party], bytes.fromhex(line.get("signature", "")), canonical_json(signed_body(line)))
-        except (SignatureError, ValueError, TypeError):
-            return fail(number, f"signature by {party!r} does not verify (entry altered)")
+            verify(registry[party], bytes.fromhex(line["signature"]), signed_part(line))
+        except SignatureError:
+            return fail(number, f"signature by {party!r} does not verify (line altered or re-chained)")
         next_party_seq[party] = expected_seq + 1
-        prev = line_hash(line)
-        count += 1
-    if expected_head is not None and prev != expected_head:
-        return VerifyResult(False, count, prev, count + 1, "head hash differs from the expected head (truncated)")
-    return VerifyResult(True, count, prev)
+        prev = hashlib.sha256(raw).hexdigest()
+        hashes.append(prev)
+    if pieces[-1]:
+        return fail(len(pieces), "the last line is truncated (no newline)")
+    count, anchored = len(hashes), 0
+    for anchor in sorted(anchors, key=lambda a: a.entries):
+        held = hashes[anchor.entries - 1] if 0 < anchor.entries <= count else GENESIS_HASH
+        if anchor.entries > count or held != anchor.head:
+            return VerifyResult(False, count, prev, min(anchor.entries, count + 1),
+                                f"line {anchor.entries} is not the anchored head {anchor.head[:16]}... "
+                                "(the ledger was cut short or rewritten)")  # fmt: skip
+        anchored = anchor.entries
+    if expected_head is not None:
+        if prev != expected_head:
+            return VerifyResult(
+                False,
+                count,
+                prev,
+                count + 1,
+                "head hash differs from the expected head (truncated, extended or rewritten)",
+            )
+        anchored = count
+    return VerifyResult(True, count, prev, anchored=anchored)
+
+
+def released_anything(results: Mapping[str, Any]) -> bool:
+    """Whether a results.json reports a release (a decrypted GRPO round or a router step)."""
+    grpo, router = results.get("grpo") or {}, results.get("router") or {}
+    rounds, skipped = grpo.get("rounds", 0), grpo.get("skipped_rounds", 0)
+    return (isinstance(rounds, int) and isinstance(skipped, int) and rounds > skipped) or bool(router.get("steps"))
+
+
+def anchors_of(results: Iterable[tuple[str, Any]]) -> tuple[list[Anchor], list[str]]:
+    """The ledger anchors recorded in results.json files ((name, parsed content) pairs), and the
+    problems: a results.json that reports releases must record a non-empty ledger head."""
+    anchors, problems = [], []
+    for name, result in results:
+        record = result.get("ledger") if isinstance(result, dict) else None
+        entries, head = (record or {}).get("entries"), (record or {}).get("head")
+        if _is_int(entries) and entries > 0 and isinstance(head, str):
+            anchors.append(Anchor(entries, head))
+        elif isinstance(result, dict) and released_anything(result):
+            problems.append(f"{name} reports releases but records no ledger head (an empty ledger cannot hold them)")
+    return anchors, problems
+
+
+def results_files(run_dir: Path) -> list[Path]:
+    """Where a run directory's results.json files are (the demo's summary and one per fusion)."""
+    return [p for p in [run_dir / "results.json", *sorted(run_dir.glob("align/*/results.json"))] if p.is_file()]

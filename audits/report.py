@@ -3,9 +3,10 @@
 Writes OUT/report.html (one file: CSS inline, plots as PNG data: URIs, no script, no
 external URL) and OUT/report.md with its PNGs next to it. In this order:
 
-    verdict     ledger integrity (verify_ledger against RUN/keys), epsilon recomputation and
-                budgets (audits.recompute, as `audit recompute`), the ledger heads recorded in
-                results.json, empirical audits: PASS / FAIL / NOT VERIFIED
+    verdict     ledger integrity (verify_ledger against RUN/keys, anchored by the heads recorded in
+                results.json: lines after the last one are UNANCHORED, NOT VERIFIED), epsilon
+                recomputation and budgets (audits.recompute, as `audit recompute`), empirical
+                audits: PASS / FAIL / NOT VERIFIED
     budgets     per party: budget, claimed and recomputed spending, remaining; cumulative epsilon plot
     empirical   RUN/audits/empirical-*.json (schema secure-mor/empirical-audit/v1): table, and the
                 empirical lower bound vs the claimed epsilon
@@ -31,7 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secure_mor.audits.ledger import VerifyResult, line_hash, verify_ledger
+from secure_mor.audits.ledger import (
+    Anchor,
+    LedgerError,
+    VerifyResult,
+    anchors_of,
+    line_hash,
+    parse_line,
+    results_files,
+    verify_ledger,
+)
 from secure_mor.audits.recompute import UNBOUNDED_EPSILON, RecomputeError, Report, recompute_quietly
 from secure_mor.crypto.signing import read_registry
 
@@ -238,8 +248,8 @@ def read_run(run_dir: Path) -> RunFiles:
     if not any((run_dir / name).exists() for name in RUN_MARKERS):
         raise ReportError(f"{run_dir} holds nothing Secure MoR wrote (none of {', '.join(RUN_MARKERS)})")
     run = RunFiles(run_dir)
-    for path in [run_dir / "results.json", *sorted(run_dir.glob("align/*/results.json"))]:
-        if path.is_file() and isinstance(results := run.read_json(path), dict):
+    for path in results_files(run_dir):
+        if isinstance(results := run.read_json(path), dict):
             run.results.append((str(path.relative_to(run_dir)), results))
     if not run.results:
         run.notes.append("no results.json yet (no finished alignment in this run directory)")
@@ -256,10 +266,10 @@ def read_run(run_dir: Path) -> RunFiles:
     if run.ledger_path.is_file():
         for raw in run.ledger_path.read_bytes().splitlines():
             try:
-                line = json.loads(raw)
-            except (ValueError, RecursionError):
-                line = None
-            run.ledger.append(line if isinstance(line, dict) else None)
+                line = parse_line(raw)
+            except LedgerError:
+                line = None  # shown as unparsed; recomputation and verification fail on it
+            run.ledger.append(line)
     else:
         run.notes.append("no ledger (ledger.jsonl): no release has been recorded, nothing to verify")
     if (run_dir / "keys").is_dir():
@@ -386,12 +396,16 @@ def run_checks(run: RunFiles, tolerance: float) -> Audit:
         f"Epsilon recomputation (dp-accounting RDP and PLD, tolerance {tolerance:g})", NOT_VERIFIED, "no ledger"
     )
     budgets = Check("Budgets (every party's total within its budget)", NOT_VERIFIED, "no ledger")
+    anchors, anchor_problems = anchors_of(run.results)
     if not run.ledger_path.is_file():
-        integrity = Check(integrity.name, NOT_VERIFIED, "no ledger.jsonl in the run directory")
+        released = anchors or anchor_problems
+        integrity = Check(integrity.name, FAIL if released else NOT_VERIFIED,
+                          "no ledger.jsonl, but results.json records releases" if released
+                          else "no ledger.jsonl in the run directory")  # fmt: skip
     elif not run.registry:
         integrity = Check(integrity.name, NOT_VERIFIED, "no public keys in keys/: signatures cannot be checked")
     else:
-        verification = verify_ledger(run.ledger_path, run.registry)
+        verification = verify_ledger(run.ledger_path, run.registry, anchors=anchors)
         integrity = Check(
             integrity.name,
             PASS if verification.ok else FAIL,
@@ -431,27 +445,25 @@ def run_checks(run: RunFiles, tolerance: float) -> Audit:
                 if over
                 else f"{len(recomputation.parties)} parties within budget",
             )
-    return Audit(
-        verification, recomputation, [integrity, arithmetic, budgets, _heads_check(run), _empirical_check(run)]
-    )
+    anchor = _anchor_check(verification, anchors, anchor_problems)
+    return Audit(verification, recomputation, [integrity, arithmetic, budgets, anchor, _empirical_check(run)])
 
 
-def _heads_check(run: RunFiles) -> Check:
-    """Each results.json records the ledger's entry count and head hash when it was written: the
-    ledger must still hold that line (an auditor's defence against a truncated ledger)."""
-    name = "Ledger heads recorded in results.json"
-    recorded = [(where, _get(r, "ledger", "entries"), _get(r, "ledger", "head")) for where, r in run.results]
-    recorded = [(where, n, head) for where, n, head in recorded if isinstance(n, int) and isinstance(head, str)]
-    if not recorded:
-        return Check(name, NONE, "no results.json records a ledger head")
-    if not run.ledger_path.is_file():
-        return Check(name, NOT_VERIFIED, "no ledger")
-    bad = []
-    for where, n, head in recorded:
-        line = run.ledger[n - 1] if 0 < n <= len(run.ledger) else None
-        if line is None or _hash(line) != head:
-            bad.append(f"{where}: line {n} of the ledger is not the recorded head {head[:12]}")
-    return Check(name, FAIL if bad else PASS, "; ".join(bad) or f"{len(recorded)} recorded head(s) found in the ledger")
+def _anchor_check(verification: VerifyResult | None, anchors: list[Anchor], problems: list[str]) -> Check:
+    """Each results.json records the ledger's entry count and head hash when it was written; verify_ledger
+    checked that the ledger still holds those lines. Lines after the last recorded head are UNANCHORED:
+    a cut-off tail or a party re-signing its own last entries would not show."""
+    name = "Ledger anchored by the heads recorded in results.json"
+    if problems:
+        return Check(name, FAIL, "; ".join(problems))
+    if verification is None or not verification.ok:
+        return Check(name, NOT_VERIFIED, "the ledger did not verify")
+    if verification.entries == 0 and not anchors:
+        return Check(name, NONE, "empty ledger, and no results.json reports a release")
+    if verification.unanchored:
+        return Check(name, NOT_VERIFIED, f"UNANCHORED: lines {verification.anchored + 1}-{verification.entries} "
+                                         f"are covered by no recorded head ({len(anchors)} recorded head(s))")
+    return Check(name, PASS, f"{len(anchors)} recorded head(s) found in the ledger; every line is anchored")
 
 
 def _empirical_verdict(audit: dict) -> str:

@@ -3,9 +3,9 @@
 Both arms run the same GRPO (same policy, prompts, seed, steps) on the same trained
 client reward models, in this process (LocalTransport: no network):
 
-- secure: `server.pipeline.FederatedReward`: clients score, encrypt (CKKS) and sign;
-  the server verifies, fuses homomorphically, blinds; the key authority decrypts,
-  floods, rounds and signs; the server unblinds;
+- secure: `server.pipeline.FederatedReward`: clients score, mask, encrypt (CKKS) and
+  sign; the server verifies and forwards the replies; the key authority verifies them,
+  fuses homomorphically, decrypts, floods, rounds and signs; the server removes the masks;
 - INSECURE plaintext: the server reads every client's plaintext scores and fuses them
   in the clear (`crypto.fusion.insecure_plaintext_fusion`). A benchmark baseline only:
   it is exactly what the system exists to prevent.
@@ -13,10 +13,12 @@ client reward models, in this process (LocalTransport: no network):
 The arms alternate (plaintext, secure, plaintext, secure, ...) so that drift in a
 shared machine's load hits both. Per arm and round it prints the breakdown:
 generation (TRL's sampling), scoring (clients' reward models, incl. encryption and
-signing in the secure arm), crypto (server verification, fusion, blinding and the
-authority's decryption), update (log-probs, loss, backward, optimizer). Messaging over
-Flower's runtime is not in this in-process benchmark; `results.json` of a Flower run
-reports it (`timings.scoring`).
+signing in the secure arm), crypto (server verification and unmasking, the authority's
+round trip: its verification, fusion and decryption), update (log-probs, loss, backward,
+optimizer). It also prints the release error: the largest difference between a reward the
+secure arm released and the plaintext fusion of the same items' scores (computed after the
+arm, outside its clock). Messaging over Flower's runtime is not in this in-process
+benchmark; `results.json` of a Flower run reports it (`timings.scoring`).
 
     .venv/bin/python bench/he_overhead.py [--steps 10] [--repeats 2] [--run RUN]
 
@@ -66,8 +68,8 @@ class InsecurePlaintextReward:
 
     __name__ = "fused_reward"
 
-    def __init__(self, nodes: dict, config: AlignConfig) -> None:
-        self.nodes, self.config = nodes, config
+    def __init__(self, nodes: dict, config: AlignConfig, w_min: float) -> None:
+        self.nodes, self.config, self.w_min = nodes, config, w_min
         self.seconds = {"scoring": 0.0, "fusion": 0.0}
 
     def __call__(self, prompts, completions, image, question, family, **kwargs):
@@ -75,11 +77,36 @@ class InsecurePlaintextReward:
         items = [(i, q, c[-1]["content"]) for i, q, c in zip(image, question, completions, strict=True)]
         scores = [self.nodes[c]._client().score(items) for c in CLIENTS]
         scored = time.perf_counter()
-        w = weights_for(self.config.fusion, n=len(items), k=len(CLIENTS), w_min=self.config.w_min)
+        w = weights_for(self.config.fusion, n=len(items), k=len(CLIENTS), w_min=self.w_min)
         fused = insecure_plaintext_fusion(scores, w)
         self.seconds["scoring"] += scored - started
         self.seconds["fusion"] += time.perf_counter() - scored
         return fused.tolist()
+
+
+class RecordedReward(FederatedReward):
+    """The secure reward, keeping each round's items and released rewards (a list append: no
+    measurable time) so that the release error can be measured after the arm."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds: list[tuple[list, list[float | None]]] = []
+
+    def __call__(self, prompts, completions, image, question, family, **kwargs):
+        values = super().__call__(prompts, completions, image, question, family, **kwargs)
+        items = [(i, q, c[-1]["content"]) for i, q, c in zip(image, question, completions, strict=True)]
+        self.rounds.append((items, values))
+        return values
+
+
+def release_error(reward: RecordedReward, plain: InsecurePlaintextReward) -> float:
+    """Largest |released - plaintext fusion| over every round of the secure arm (scored again, in the clear)."""
+    worst = 0.0
+    for items, values in reward.rounds:
+        scores = [plain.nodes[c]._client().score(items) for c in CLIENTS]
+        w = weights_for(plain.config.fusion, n=len(items), k=len(CLIENTS), w_min=plain.w_min)
+        worst = max(worst, float(np.max(np.abs(np.asarray(values) - insecure_plaintext_fusion(scores, w)))))
+    return worst
 
 
 def timed(obj, name: str, bucket: dict, key: str) -> None:
@@ -145,9 +172,10 @@ def main() -> None:
             nodes[party]._client().score(warm)
 
     rows: dict[str, list[dict[str, float]]] = {"plaintext (INSECURE)": [], "secure": []}
+    errors: list[float] = []
     for repeat in range(args.repeats):
         fresh_clients()
-        plain = InsecurePlaintextReward(nodes, config)
+        plain = InsecurePlaintextReward(nodes, config, federation.w_min)
         spent = run_arm(run, prompts, plain, settings, Path(scratch.name) / f"plain-{repeat}")
         rows["plaintext (INSECURE)"].append(
             {**spent, "scoring": plain.seconds["scoring"], "crypto": plain.seconds["fusion"]}
@@ -162,14 +190,16 @@ def main() -> None:
             run_id=f"bench-{time.time_ns()}",
             state_dir=Path(scratch.name) / f"session-{repeat}",
             ledger=Ledger(Path(scratch.name) / "ledger.jsonl"),
+            w_min=federation.w_min,
         )
         fresh_clients()
-        secure = FederatedReward(session, config, None, None, {})
+        secure = RecordedReward(session, config, None, None, {})
         spent = run_arm(run, prompts, secure, settings, Path(scratch.name) / f"secure-{repeat}")
         t = session.timings
         rows["secure"].append(
             {**spent, "scoring": t.client_compute, "crypto": t.server_crypto + t.authority_round_trip}
         )
+        errors.append(release_error(secure, plain))
 
     rounds = args.steps // settings.steps_per_round
     print(
@@ -188,6 +218,8 @@ def main() -> None:
         )
     ratio = totals["secure"] / totals["plaintext (INSECURE)"]
     print(f"\nratio secure / plaintext GRPO wall time: {ratio:.3f} (goal <= 1.10)")
+    print(f"release error: max |released - plaintext fusion| over {len(errors) * rounds} secure rounds: "
+          f"{max(errors):.2e} (goal <= 1e-4)")
     scratch.cleanup()
 
 

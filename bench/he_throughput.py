@@ -19,6 +19,7 @@ import numpy as np
 import tenseal as ts
 
 from secure_mor.crypto.authority import measure_decryption_error
+from secure_mor.crypto.blinding import MaskKey
 from secure_mor.crypto.context import create_secret_context, public_context_of
 from secure_mor.crypto.fusion import fuse, insecure_plaintext_fusion
 from secure_mor.crypto.packing import encrypt_packed, pack
@@ -44,6 +45,7 @@ def main() -> None:
     pub = public_context_of(create_secret_context())
     ctx = pub.context
     client = Signer.generate("client-0")
+    round_key = MaskKey().public_hex
 
     print("== client reply: encrypt + serialize + sign vs raw TenSEAL encryption (N = 65,536 scores)")
     scores = rng.uniform(-R, R, 65_536)
@@ -57,7 +59,7 @@ def main() -> None:
 
     def secure_reply() -> None:
         seal_reply(
-            client, pub, run_id="bench", step=0, nonce=new_nonce(), purpose="reward", scores=scores, value_bound=R
+            client, pub, run_id="bench", step=0, nonce=new_nonce(), purpose="reward", scores=scores, mask_key=round_key
         )
 
     # Interleaved rounds after a warm-up, so that background load hits all three paths alike.
@@ -72,7 +74,7 @@ def main() -> None:
     for name, t in [
         ("raw TenSEAL encryption", t_raw),
         ("raw TenSEAL encryption + serialize", t_ser),
-        ("seal_reply (clip+pack+encrypt+serialize+sign)", t_secure),
+        ("seal_reply (clip+mask+pack+encrypt+ser.+sign)", t_secure),
     ]:
         print(f"{name:<44}{t:>12.3f}{65_536 / t:>12,.0f}{t_raw / t:>8.2f}")
     print(
@@ -80,14 +82,15 @@ def main() -> None:
         f"secure / (raw encryption + serialize) = {t_ser / t_secure:.2f}"
     )
 
-    print("\n== fusion sum_k W[:,k] * ct_k (ciphertext x plaintext), vs the INSECURE plaintext fusion")
+    print("\n== fusion sum_k W[:,k] * ct_k (ciphertext x plaintext, the authority's), vs the INSECURE plaintext fusion")
+    bound = ReleaseConfig().value_bound + ReleaseConfig().mask_bound
     print(f"{'K':>3}{'N':>8}{'cts/client':>12}{'HE fusion s':>13}{'plain s (INSECURE)':>20}{'HE/plain':>10}")
     for n in (1024, 4096, 16384):
         for k in (2, 3, 5):
             values = [rng.uniform(-R, R, n) for _ in range(k)]
             vectors = [encrypt_packed(ctx, v) for v in values]
             weights = rng.dirichlet(np.ones(k), size=n)
-            t_he = timed(lambda: fuse(ctx, vectors, weights), 3)  # noqa: B023 (called at once)
+            t_he = timed(lambda: fuse(ctx, vectors, weights, value_bound=bound), 3)  # noqa: B023 (called at once)
             t_plain = timed(lambda: insecure_plaintext_fusion(values, weights), 20)  # noqa: B023
             print(f"{k:>3}{n:>8}{len(vectors[0]):>12}{t_he:>13.4f}{t_plain:>20.6f}{t_he / t_plain:>10.0f}")
 
@@ -96,9 +99,8 @@ def main() -> None:
     sample = 16  # naive: one ciphertext per score, measured on a small sample and extrapolated
     naive = sum(len(ts.ckks_vector(ctx, [float(x)]).serialize()) for x in scores[:sample]) / sample
     for n in (4096, 65_536):
-        reply = seal_reply(
-            client, pub, run_id="bench", step=0, nonce=new_nonce(), purpose="reward", scores=scores[:n], value_bound=R
-        )
+        reply = seal_reply(client, pub, run_id="bench", step=0, nonce=new_nonce(), purpose="reward",
+                           scores=scores[:n], mask_key=round_key)  # fmt: skip
         per_score = len(reply) / n
         print(f"{n:>8}{len(reply):>14,}{per_score:>10.1f}{naive:>16,.0f}{naive / per_score:>14,.0f}")
     print("goal <= 100 B/score")
@@ -106,14 +108,14 @@ def main() -> None:
     print("\n== CKKS decryption error at the default parameters (N=4096 values, K=3, R=10)")
     config = ReleaseConfig()
     for report in measure_decryption_error(n=4096, config=config):
-        print(f"{report.stage:<26} max |err| {report.max_abs:.2e}   std {report.std:.2e}")
+        print(f"{report.stage:<58} max |err| {report.max_abs:.2e}   std {report.std:.2e}")
     print(
         f"release: Gaussian flooding sigma={config.flood_sigma:g} clipped at {config.flood_clip:g} sigma, "
         f"rounded to 2^-{config.round_bits} = {config.precision:.2e}"
     )
     print(
-        f"blinding: mask uniform on +-2^{config.mask_bits}, statistical distance <= "
-        f"{config.statistical_distance(4096):.1e} for 4,096 values"
+        f"masks: uniform on +-2^{config.mask_bits} per client value, statistical distance of the authority's "
+        f"view <= {config.statistical_distance(4096, 3):.1e} for 4,096 values of K = 3 clients"
     )
 
 

@@ -5,11 +5,14 @@ config decides what it is (`secure_mor.protocol.node_role`): a client
 institution (`secure_mor.clients.node.ClientNode`) or the key authority
 (`secure_mor.crypto.authority_node.AuthorityNode`). A node keeps its state under
 node config `state-dir`, or, in the simulation runtime, the run config's
-`run-dir`; `key-dir` is where its operator-issued signing key is (default: under
-`state-dir`) and, for a client, `data-dir` its own preference pairs
-(`secure_mor.data.save_preference_pairs`; default: its share of the public split).
-The authority's K_min comes from its own node config (`k-min`, default 2), never
-from the server's run config.
+`run-dir`; `key-dir` is where its own signing key is (made beforehand with `secure-mor
+keys new`, encrypted; default: under `state-dir`); for the authority, `ca-cert` is the
+operator's CA, whose signature it requires on every registry entry; for a client,
+`data-dir` is its own preference pairs (`secure_mor.data.save_preference_pairs`;
+default: its share of the public split).
+The authority's K_min and w_min come from its own node config (`k-min`, default 2;
+`w-min`, default crypto.params.DEFAULT_W_MIN), never from the server's run config; it
+announces w_min to the server at setup.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ def _node(context: Context) -> Any:
             from secure_mor.crypto.authority_node import AuthorityNode
 
             registry = str(config["registry"]) if config.get("registry") else None
-            k_min = int(config.get("k-min", 2))
-            _NODES[key] = AuthorityNode(state_dir, registry=registry, k_min=k_min, key_dir=key_dir)
+            ca_cert = str(config["ca-cert"]) if config.get("ca-cert") else None
+            policy = {"k_min": int(config.get("k-min", 2))}
+            if "w-min" in config:
+                policy["w_min"] = float(config["w-min"])
+            _NODES[key] = AuthorityNode(state_dir, registry=registry, key_dir=key_dir, ca_cert=ca_cert, **policy)
         else:
             from secure_mor.clients.node import ClientNode
 

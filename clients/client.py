@@ -52,7 +52,7 @@ from secure_mor.clients.training import (
     encode_annotations,
     train_reward_model,
 )
-from secure_mor.crypto.signing import Signer, load_or_create_signer, publish_public_key
+from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_signer, publish_public_key
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -173,9 +173,9 @@ class RewardClient:
         return cls(run_dir, config, model, encoder, PrivacyState.load(directory / "privacy.json"), key_dir)
 
     def signer(self, passphrase: str | None = None) -> Signer:
-        """The client's Ed25519 key (created on first use, 0600), its public half
-        published in RUN_DIR/keys."""
-        signer = load_or_create_signer(self.party, self.key_dir, passphrase)
+        """The client's Ed25519 key (created on first use, 0600; encrypted under `passphrase`, by
+        default $SECURE_MOR_KEY_PASSPHRASE when set), its public half published in RUN_DIR/keys."""
+        signer = load_or_create_signer(self.party, self.key_dir, passphrase or key_passphrase())
         publish_public_key(signer, self.run_dir / "keys")
         return signer
 

@@ -7,13 +7,16 @@ process can serve its next message: Flower's simulation runs nodes in a pool of
 Ray workers and does not promise the same worker twice, and its deployment runtime
 starts a fresh process per message. It trains on the preference pairs in `data_dir`
 (an institution's own annotations) or, without one, on its share of the public split,
-and signs with the key in `key_dir` (operator-issued) or under its state directory.
+and signs with the key in `key_dir` (the institution's own, made there with `secure-mor
+keys new` and encrypted under $SECURE_MOR_KEY_PASSPHRASE) or under its state directory.
 
 What leaves the node: its public key, its training metrics (epsilon spent, and the
 preference accuracy of its model on the public held-out set), and ciphertexts signed
-with its key. Scores, margins and router-gradient terms are encrypted under the key
-authority's public context before they leave; the server can fuse them but not read
-them. Scoring and margins spend no budget (post-processing of the DP-trained model).
+with its key. Scores, margins and router-gradient terms are masked with a mask only it
+and the server can derive (the request's `mask_key`, crypto.blinding) and encrypted under
+the key authority's public context before they leave: the server cannot read them, and
+the key authority, which fuses and decrypts them, sees masked values only. Scoring and
+margins spend no budget (post-processing of the DP-trained model).
 """
 
 from __future__ import annotations
@@ -35,9 +38,16 @@ from secure_mor.clients.client import ClientConfig, RewardClient, client_dir
 from secure_mor.clients.models import DEFAULT_ARCHS
 from secure_mor.crypto.context import PublicContext, load_public_context
 from secure_mor.crypto.params import ReleaseConfig
-from secure_mor.crypto.signing import load_or_create_signer, publish_public_key
+from secure_mor.crypto.signing import KEY_PASSPHRASE_ENV, key_passphrase, load_or_create_signer, publish_public_key
 from secure_mor.crypto.wire import seal_reply
-from secure_mor.protocol import ROLE_CLIENT, Payload, ProtocolError, bytes_array
+from secure_mor.protocol import (
+    ROLE_CLIENT,
+    Payload,
+    ProtocolError,
+    bytes_array,
+    calibration_digests,
+    prompt_digests,
+)
 from secure_mor.routing import ItemUseLimiter, QueryLimits, answer_gradient_query, decode_gradient_query, pair_margins
 
 if TYPE_CHECKING:
@@ -87,7 +97,7 @@ class ClientNode:
         # The institution's own preference pairs; without them (simulation, demo) its share of the
         # public split stands in for them.
         self.data_dir = Path(data_dir) if data_dir else None
-        # An operator-issued key (deployment) is never made here: a missing one is an error.
+        # A deployment's key (made by the institution beforehand) is never made here: a missing one is an error.
         self.key_dir = Path(key_dir) if key_dir else None
         self._public: PublicContext | None = None
         self._loaded: RewardClient | None = None
@@ -122,8 +132,11 @@ class ClientNode:
         return self._loaded
 
     def _key_dir(self) -> Path | None:
+        """The key-dir of a deployment: the institution's own key, made there and encrypted at rest."""
         if self.key_dir is not None and not (self.key_dir / f"{self.party}.key").exists():
             raise ProtocolError(f"{self.party}: no signing key {self.party}.key in key-dir {self.key_dir}")
+        if self.key_dir is not None and key_passphrase() is None:
+            raise ProtocolError(f"{self.party}: the signing key in key-dir is encrypted: set {KEY_PASSPHRASE_ENV}")
         return self.key_dir
 
     # ------------------------------------------------------------ actions
@@ -142,7 +155,7 @@ class ClientNode:
         return handlers[action](payload)
 
     def identify(self, payload: Mapping[str, Any]) -> Payload:
-        signer = load_or_create_signer(self.party, self._key_dir() or self.directory / "keys")
+        signer = load_or_create_signer(self.party, self._key_dir() or self.directory / "keys", key_passphrase())
         publish_public_key(signer, self.state_dir / "keys")
         return {"party": self.party, "role": ROLE_CLIENT, "public_key": signer.public_key_hex}
 
@@ -233,7 +246,11 @@ class ClientNode:
             np.save(path, self._margins, allow_pickle=False)
         return self._margins
 
-    def _seal(self, payload: Mapping[str, Any], purpose: str, values: np.ndarray, started: float) -> Payload:
+    def _seal(
+        self, payload: Mapping[str, Any], purpose: str, values: np.ndarray, started: float,
+        items: list[bytes] | None = None,
+    ) -> Payload:
+        """Mask (with the server's round key), encrypt and sign `values`, committing to the items' digests."""
         reply = seal_reply(
             self._client().signer(),
             self._public_context(),
@@ -242,7 +259,8 @@ class ClientNode:
             nonce=str(payload["nonce"]),
             purpose=purpose,
             scores=values,
-            value_bound=ReleaseConfig().value_bound,
+            mask_key=str(payload["mask_key"]),
+            items=items,
         )
         return {"reply": reply, "seconds": time.perf_counter() - started}
 
@@ -267,7 +285,8 @@ class ClientNode:
         limiter, save = self._limiter(str(payload["run_id"]))
         limiter.admit(int(payload["step"]), items.tolist())
         save()
-        return self._seal(payload, "reward", self._calibration_margins()[items], started)
+        margins = self._calibration_margins()[items]
+        return self._seal(payload, "reward", margins, started, calibration_digests(items.tolist()))
 
     def router_gradient(self, payload: Mapping[str, Any]) -> Payload:
         started = time.perf_counter()
@@ -286,4 +305,5 @@ class ClientNode:
         if not len(index) == len(questions) == len(answers) or any(not 0 <= i < len(images) for i in index):
             raise ProtocolError("a score request's images, questions and answers do not line up")
         scores = self._client().score([(images[i], q, a) for i, q, a in zip(index, questions, answers, strict=True)])
-        return self._seal(payload, "reward", scores, started)
+        digests = prompt_digests(payload["images"], index, questions)  # what it scored, in its own words
+        return self._seal(payload, "reward", scores, started, digests)

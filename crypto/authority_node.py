@@ -5,17 +5,20 @@ The authority runs the project's ClientApp on a node of its own (node config
 server's Ed25519 public keys are read from the registry directory the parties
 publish to (`<state>/keys`, in the simulation runtime), or, in a deployment, from
 the operator's registry given as node config `registry`, which the authority only
-reads: a server cannot invent "clients" to reach K_min with.
+reads, and whose entries must carry the operator's CA signature when node config
+`ca-cert` names the CA: a server cannot invent "clients" to reach K_min with.
 
-Its secret key lives in `<state>/authority/secret.key`, encrypted under the
-passphrase in the environment variable SECURE_MOR_AUTHORITY_PASSPHRASE. Without
-it (simulation on one machine) a random passphrase is generated into
-`<state>/authority/passphrase` with mode 0600: convenient, but then the key is
-only as safe as that file. Set the variable in any deployment.
+Its secret key lives in `<state>/authority/secret.key`, encrypted under the passphrase
+in the environment variable SECURE_MOR_AUTHORITY_PASSPHRASE. Without it (simulation on
+one machine) a random passphrase is kept in this user's secrets directory
+(crypto.signing.secrets_dir: outside the state directory, 0700), never beside the key.
+Its signing key is read with SECURE_MOR_KEY_PASSPHRASE; in a deployment (`key-dir`) it
+must be the party's own encrypted key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Mapping
@@ -24,12 +27,17 @@ from typing import Any
 
 from secure_mor.audits.ledger import Ledger
 from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority
+from secure_mor.crypto.params import DEFAULT_W_MIN
+from secure_mor.crypto.pki import read_registry_signed
 from secure_mor.crypto.signing import (
+    KEY_PASSPHRASE_ENV,
+    SECRETS_DIR_ENV,
     Signer,
+    key_passphrase,
     load_or_create_signer,
     publish_public_key,
     read_or_create_secret,
-    read_registry,
+    secrets_dir,
 )
 from secure_mor.protocol import AUTHORITY_PARTY, ROLE_AUTHORITY, SERVER_PARTY, Payload, ProtocolError
 
@@ -43,32 +51,40 @@ class AuthorityNode:
 
     def __init__(
         self, state_dir: Path | str, registry: Path | str | None = None, k_min: int = 2,
-        key_dir: Path | str | None = None,
+        key_dir: Path | str | None = None, w_min: float = DEFAULT_W_MIN, ca_cert: Path | str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.directory = self.state_dir / AUTHORITY_PARTY
         self.registry = Path(registry) if registry else self.state_dir / "keys"
-        self.key_dir = Path(key_dir) if key_dir else None  # operator-issued: never made here
-        self.policy = AuthorityPolicy(k_min=k_min)
+        self.ca_cert = Path(ca_cert) if ca_cert else None  # the operator's CA: registry entries must be signed
+        self.key_dir = Path(key_dir) if key_dir else None  # made by the party beforehand: never made here
+        self.policy = AuthorityPolicy(k_min=k_min, w_min=w_min)
         self._authority: KeyAuthority | None = None
 
     def _passphrase(self) -> str:
+        """The CKKS secret key's passphrase: the environment's, else one in this user's secrets directory."""
         if PASSPHRASE_ENV in os.environ:
             return os.environ[PASSPHRASE_ENV]
-        return read_or_create_secret(self.directory / "passphrase")
+        if (self.directory / "passphrase").exists():
+            raise ProtocolError(f"{self.directory / 'passphrase'} lies beside the key it protects: move it out "
+                                f"(set {PASSPHRASE_ENV}, or into {SECRETS_DIR_ENV}) and delete it")  # fmt: skip
+        where = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:16]
+        return read_or_create_secret(secrets_dir(outside=self.state_dir) / f"authority-{where}.passphrase")
 
     def _signer(self) -> Signer:
         """The authority's signing key; published to the registry only when the registry is the
         run directory's own (simulation): an operator's registry is never written by a node."""
         if self.key_dir is not None and not (self.key_dir / f"{AUTHORITY_PARTY}.key").exists():
             raise ProtocolError(f"no signing key {AUTHORITY_PARTY}.key in key-dir {self.key_dir}")
-        signer = load_or_create_signer(AUTHORITY_PARTY, self.key_dir or self.directory / "keys")
+        if self.key_dir is not None and key_passphrase() is None:
+            raise ProtocolError(f"the signing key in key-dir {self.key_dir} is encrypted: set {KEY_PASSPHRASE_ENV}")
+        signer = load_or_create_signer(AUTHORITY_PARTY, self.key_dir or self.directory / "keys", key_passphrase())
         if self.registry == self.state_dir / "keys":
             publish_public_key(signer, self.registry)
         return signer
 
     def _keys(self) -> tuple[dict[str, str], str]:
-        registry = read_registry(self.registry)
+        registry = read_registry_signed(self.registry, self.ca_cert)
         if SERVER_PARTY not in registry:
             raise ProtocolError(f"the server's public key is not in the registry {self.registry}")
         clients = {p: k for p, k in registry.items() if p.startswith("client-")}
@@ -105,6 +121,7 @@ class AuthorityNode:
                 "fingerprint": authority.fingerprint,
                 "clients": sorted(authority.clients),
                 "k_min": self.policy.k_min,
+                "w_min": self.policy.w_min,  # the one floor: the server's router and fusions keep to it
             }
         if action == "decrypt":
             started = time.perf_counter()

@@ -1,45 +1,52 @@
-"""Blinded decryption, server side: a fresh secret mask hides the fused values from
-the key authority.
+"""Blinding at the source: every client masks its values before it encrypts them, with a mask
+that only it and the server can derive, so the key authority, which decrypts the fusion it
+computes from the clients' ciphertexts, sees masked values only.
 
-The server adds a mask m, uniform on [-M, M] (M = 2^mask_bits, drawn from
-os.urandom), slot-wise to every fused ciphertext (ciphertext + plaintext), asks
-the authority to decrypt, and subtracts m from the answer. The authority sees
-y = f + m + e (f the fused values, e the CKKS error), which is statistically
-independent of f up to
+Derivation, per reply. The server sends every client of a round its round key S (X25519,
+public half; a fresh key per server session). Client k draws an ephemeral X25519 key e_k,
+computes Z_k = X25519(e_k, S), and expands HKDF-SHA256(Z_k, info = "secure-mor mask v1" ||
+context) into a ChaCha20 key stream: n values m_k uniform on [-M, M] (53 random bits each,
+M = 2^mask_bits), where `context` names the reply (run, step, nonce, purpose, client, count,
+CKKS context; crypto.wire). It encrypts clip(s_k) + m_k and puts e_k's public half into its
+signed reply header. The server, holding S, derives the same m_k from that header. The key
+authority sees e_k's public half and S's public half, and learns nothing of m_k unless it
+solves computational Diffie-Hellman in X25519 (or colludes with the server or client k):
+no mask ever travels, not even encrypted.
 
-    TV(view(f), view(f')) <= sum_i |f_i - f'_i| / (2M) <= n * D / (2M),
+What the key authority can see. It may decrypt any client ciphertext it receives, not only
+the fusion; every value it can decrypt is y = v + m + e, v a clipped score (|v| <= R) and m an
+independent uniform mask on [-M, M]. For two score vectors of n values each from K clients,
+its whole view (all individual decryptions, hence every fusion of them) differs in total
+variation by at most
 
-D the largest difference of two fused values (2R for rewards, which are convex
-combinations of scores in [-R, R]; 2KR for a sum of K clipped gradient terms).
-Default M = 2^32, R = 10: <= 2.3e-9 per value, <= 9.5e-6 for n = 4,096 values,
-<= 1.5e-4 for n = 65,536. This is statistical hiding, not 2^-128: M is capped by
-precision, not by CKKS headroom. Headroom after the fusion's rescale is ~2^59 at
-the default parameters (100-bit modulus, scale 2^40), but float64 CKKS
-encode/decode loses ~M * 2^-52: measured max error over 4,096 values 1.4e-8
-(M = 2^20), 6.2e-7 (2^30), 2.9e-6 (2^32), 1.1e-5 (2^34), 5e-5 (2^36). 2^32 keeps
-that well below the authority's flooding noise (sigma = 1e-5) and the 1e-4 budget.
-The hiding also assumes float64 granularity (2^-20 at |y| ~ 2^32) is below the
-CKKS and flooding noise, which it is.
+    TV <= sum_{k,i} |v_ki - v'_ki| / (2M) <= n K R / M
+
+(per value |v - v'| / (2M) for a uniform shift, union bound over the values): 2.9e-5 for one
+GRPO round of n = 4,096 values, K = 3, R = 10, M = 2^32; 9e-7 for a router step of 128. This
+is statistical hiding, not 2^-128: M is capped by float64 precision (the fusion's decoding
+error grows as M 2^-52, see crypto.fusion and crypto.authority), not by CKKS headroom.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
-import tenseal as ts
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from secure_mor.crypto.context import PublicContext, chain_index_of, remaining_modulus_bits
-from secure_mor.crypto.packing import pack
-from secure_mor.crypto.params import ReleaseConfig
+_INFO = b"secure-mor mask v1\x00"
+
+
+class MaskError(ValueError):
+    """A round key or a reply's ephemeral key is not an X25519 public key."""
 
 
 def secure_uniform(n: int) -> np.ndarray:
     """n floats uniform on [0, 1) from the OS CSPRNG (53 random bits each)."""
-    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
-    return bits.astype(np.float64) * 2.0**-53
+    return _unit(os.urandom(8 * n))
 
 
 def secure_gaussian(n: int) -> np.ndarray:
@@ -48,33 +55,51 @@ def secure_gaussian(n: int) -> np.ndarray:
     return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
 
 
-@dataclass(frozen=True)
-class Blinder:
-    """Masks fused ciphertexts before they go to the key authority, and unmasks the answer."""
+def _unit(stream: bytes) -> np.ndarray:
+    bits = np.frombuffer(stream, dtype="<u8") >> np.uint64(11)
+    return bits.astype(np.float64) * 2.0**-53
 
-    pub: PublicContext
-    config: ReleaseConfig = field(default_factory=ReleaseConfig)
 
-    def blind(self, fused: Sequence[ts.CKKSVector]) -> tuple[list[ts.CKKSVector], np.ndarray]:
-        """(masked ciphertexts, mask); keep the mask secret and use it once."""
-        ctx = self.pub.context
-        for vector in fused:
-            level = chain_index_of(ctx, vector)
-            if level is None:
-                raise ValueError("ciphertext is not at a level of this context")
-            bits = remaining_modulus_bits(ctx, level)
-            # |value| * scale must stay below q / 2; 2 bits of margin for |f| <= M.
-            if self.config.mask_bits + np.log2(ctx.global_scale) + 3 > bits:
-                raise ValueError(f"mask 2^{self.config.mask_bits} exceeds a {bits}-bit modulus' headroom")
-        n = sum(v.size() for v in fused)
-        mask = (2.0 * secure_uniform(n) - 1.0) * self.config.mask_bound
-        chunks = pack(mask, self.pub.slots)
-        return [v.add(c.tolist()) for v, c in zip(fused, chunks, strict=True)], mask
+def _public_hex(key: X25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
-    @staticmethod
-    def unblind(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        values = np.asarray(values, dtype=np.float64)
-        if values.shape != mask.shape:
-            raise ValueError(f"released values {values.shape} do not match the mask {mask.shape}")
-        return values - mask
 
+def _public_key(hex_key: str) -> X25519PublicKey:
+    try:
+        return X25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
+    except (ValueError, TypeError) as err:
+        raise MaskError(f"not an X25519 public key: {str(hex_key)[:16]!r}") from err
+
+
+def _exchange(private: X25519PrivateKey, public_hex: str) -> bytes:
+    try:
+        return private.exchange(_public_key(public_hex))
+    except ValueError as err:  # a low-order point: the shared secret would be all zeros
+        raise MaskError(f"X25519 key agreement failed: {err}") from err
+
+
+def _mask(shared: bytes, context: bytes, n: int, bound: float) -> np.ndarray:
+    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO + context).derive(shared)
+    stream = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor().update(b"\x00" * (8 * n))
+    return (2.0 * _unit(stream) - 1.0) * bound
+
+
+def client_mask(round_key: str, context: bytes, n: int, bound: float) -> tuple[str, np.ndarray]:
+    """Client side: (the ephemeral public key for the reply header, the n-value mask to add)."""
+    ephemeral = X25519PrivateKey.generate()
+    return _public_hex(ephemeral.public_key()), _mask(_exchange(ephemeral, round_key), context, n, bound)
+
+
+class MaskKey:
+    """The server's round key: its public half goes to the clients with every round's request."""
+
+    def __init__(self, private: X25519PrivateKey | None = None) -> None:
+        self._private = private or X25519PrivateKey.generate()
+
+    @property
+    def public_hex(self) -> str:
+        return _public_hex(self._private.public_key())
+
+    def mask(self, client_key: str, context: bytes, n: int, bound: float) -> np.ndarray:
+        """The mask a client derived for a reply with ephemeral public key `client_key`."""
+        return _mask(_exchange(self._private, client_key), context, n, bound)

@@ -75,18 +75,13 @@ def slot_count(ctx: ts.Context) -> int:
 
 
 def top_chain_index(ctx: ts.Context) -> int:
-    """Level of a fresh ciphertext; the fusion's rescale moves it one level down."""
+    """Level of a fresh ciphertext (the fusion multiplies without rescaling: it stays there)."""
     return ctx.seal_context().data.first_context_data().chain_index()
 
 
 def chain_index_of(ctx: ts.Context, vector: ts.CKKSVector) -> int | None:
     data = ctx.seal_context().data.get_context_data(vector.ciphertext()[0].parms_id())
     return None if data is None else data.chain_index()
-
-
-def rescale_prime(ctx: ts.Context) -> int:
-    """The prime the fusion's rescale divides by (the last data prime of a fresh ciphertext)."""
-    return ctx.seal_context().data.first_context_data().parms().coeff_modulus()[-1].value()
 
 
 def remaining_modulus_bits(ctx: ts.Context, chain_index: int) -> int:

@@ -69,12 +69,13 @@ class CkksParams:
 PARAMETER_SETS: dict[str, CkksParams] = {
     p.name: p
     for p in (
-        # The project default: 4096 slots, one multiplicative level (the fusion), ~60 bits of
-        # headroom above the scale after the fusion's rescale (room for the blinding mask).
+        # The project default: 4096 slots; a fresh ciphertext's 140 data bits hold the fusion's
+        # product unrescaled: scale 2^40 x W's scale 2^60 x masked values up to 2^33 (crypto.fusion).
         CkksParams("default", 8192, (60, 40, 40, 60), 40),
         # 8192 slots per ciphertext, same precision: fewer ciphertexts for large batches.
         CkksParams("large", 16384, (60, 40, 40, 60), 40),
-        # Small and imprecise (scale 2^20, ~1e-3 error): only for fast structural tests and fuzzing.
+        # Small and imprecise (scale 2^20, ~1e-3 error): only for fast structural tests and fuzzing;
+        # too small to fuse masked values (crypto.fusion refuses: no headroom).
         CkksParams("small", 4096, (40, 20, 40), 20),
     )
 }
@@ -88,13 +89,29 @@ def get_params(name: str) -> CkksParams:
         raise ParameterError(f"unknown parameter set {name!r}; known: {sorted(PARAMETER_SETS)}") from err
 
 
+# The floor of every router weight: the key authority's policy, sent to the server at setup and
+# enforced by both. What one fused release f_i = sum_k w_ik s_ik tells the server about client
+# k's score s_ik (every score in [-R, R]): s_ik lies in an interval of half-width
+#     h_ik = (1 - w_ik) R / w_ik                                       (`score_half_width`),
+# narrowest for the largest weight a row can give one client, 1 - (K - 1) w_min:
+#     h = (K - 1) w_min R / (1 - (K - 1) w_min)
+# = 0.417 at w_min = 0.02, R = 10, K = 3 (0.204 at w_min = 0.01). A fusion that gives one client
+# that weight on every item (single:k, or a confident router) reveals its scores to within h.
+DEFAULT_W_MIN = 0.02
+
+
+def score_half_width(weight: float, value_bound: float) -> float:
+    """Half-width of what one fused value tells about the score of a client of this weight."""
+    return (1.0 - weight) * value_bound / weight
+
+
 @dataclass(frozen=True)
 class ReleaseConfig:
     """How values are bounded, blinded, flooded and rounded (see authority.py for the
     measurements behind the defaults).
 
     value_bound: R; clients clip their scores to [-R, R].
-    mask_bits: the server's blinding mask is uniform on [-2^mask_bits, 2^mask_bits].
+    mask_bits: every client's mask (crypto.blinding) is uniform on [-2^mask_bits, 2^mask_bits].
     flood_sigma: standard deviation of the authority's Gaussian flooding noise.
     flood_clip: the flooding noise is truncated at flood_clip * flood_sigma (a hard error bound).
     round_bits: released values are rounded to multiples of 2^-round_bits.
@@ -114,12 +131,10 @@ class ReleaseConfig:
     def precision(self) -> float:
         return 2.0**-self.round_bits
 
-    def statistical_distance(self, n_values: int, value_range: float | None = None) -> float:
-        """Upper bound on the total-variation distance between the authority's views of
-        two fused vectors of n_values entries whose entries differ by at most value_range
-        (default 2R): per slot |a - b| / (2M) for a uniform mask on [-M, M], union bound."""
-        spread = 2 * self.value_bound if value_range is None else value_range
-        return min(1.0, n_values * spread / (2 * self.mask_bound))
+    def statistical_distance(self, n_values: int, clients: int) -> float:
+        """Upper bound on the total-variation distance between the key authority's views of two
+        rounds of n_values scores from each of `clients` clients (crypto.blinding): n K R / M."""
+        return min(1.0, n_values * clients * self.value_bound / self.mask_bound)
 
     def validate(self) -> None:
         if not (math.isfinite(self.value_bound) and self.value_bound > 0):

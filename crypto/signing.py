@@ -1,9 +1,16 @@
-"""Ed25519 payload and ledger signatures, and signing keys at rest.
+"""Ed25519 payload and ledger signatures, signing keys at rest, and where passphrases live.
 
-Each participant (client, key authority) owns one Ed25519 key. The private key
+Each participant (client, key authority, server) owns one Ed25519 key. The private key
 is written as PKCS#8 PEM with 0600 permissions, encrypted with the passphrase
 when one is given; the public key is written beside it as raw hex, which is
-what registries and ledger entries carry.
+what registries and ledger entries carry. In a deployment every party makes its key
+where it runs, encrypted under its passphrase (`KEY_PASSPHRASE_ENV`), and sends only
+the public half to the operator (crypto.pki).
+
+Passphrases never lie beside the key they protect: they come from the environment, or
+from this user's secrets directory (`secrets_dir`: $SECURE_MOR_SECRETS_DIR, default
+~/.secure-mor/secrets, mode 0700), which may not lie inside the state directory that
+holds the key.
 """
 
 from __future__ import annotations
@@ -117,6 +124,26 @@ def publish_public_key(signer: Signer, registry: Path) -> Path:
     path = registry / f"{signer.party}.pub"
     path.write_text(signer.public_key_hex + "\n")
     return path
+
+
+KEY_PASSPHRASE_ENV = "SECURE_MOR_KEY_PASSPHRASE"  # a party's signing-key passphrase
+SECRETS_DIR_ENV = "SECURE_MOR_SECRETS_DIR"
+
+
+def key_passphrase() -> str | None:
+    """This party's signing-key passphrase from the environment (None: the key is not encrypted)."""
+    return os.environ.get(KEY_PASSPHRASE_ENV) or None
+
+
+def secrets_dir(outside: Path) -> Path:
+    """The directory of this user's stored passphrases (created 0700), refused (ValueError) when it
+    lies inside `outside`, the state directory of the keys they protect."""
+    directory = Path(os.environ.get(SECRETS_DIR_ENV) or Path.home() / ".secure-mor" / "secrets").resolve()
+    if directory.is_relative_to(Path(outside).resolve()):
+        raise ValueError(f"the secrets directory {directory} lies inside {outside}, beside the keys it protects")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    return directory
 
 
 def read_or_create_secret(path: Path) -> str:

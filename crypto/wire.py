@@ -3,7 +3,7 @@
 One framing for all three messages::
 
     magic     4 bytes   b"SMRC" client reply | b"SMRQ" decryption request | b"SMRA" authority response
-    version   1 byte    1
+    version   1 byte    2
     L         4 bytes   header length, unsigned big-endian, at most WireLimits.max_header_bytes
     header    L bytes   canonical JSON object (UTF-8, keys sorted, no whitespace, no NaN)
     signature 64 bytes  Ed25519 over all preceding bytes (magic .. header)
@@ -11,32 +11,36 @@ One framing for all three messages::
 
 Every header has "sections": [[length, sha256 hex], ...], one entry per body
 section in order. The signature covers the header, and the header commits to each
-section by length and SHA-256, so the signature covers the whole message; it also
-means that the first 9 + L + 64 bytes of a client reply (its *statement*) are a
-verifiable signed statement that names the ciphertexts by digest without carrying
-them. The key authority receives only statements in blinded mode.
+section by length and SHA-256, so the signature covers the whole message; the first
+9 + L + 64 bytes of a client reply are its *statement* (a signed description of the
+ciphertexts by digest).
 
 Client reply (signed by the client) header::
 
-    {"client_id", "context" (fingerprint), "n_scores", "nonce" (32 hex), "purpose",
-     "run_id", "sections", "step"}
+    {"blinding" (the reply's ephemeral X25519 public key, hex: crypto.blinding), "client_id",
+     "context" (fingerprint), "items" (SHA-256 hex of the items' digests, or null), "n_scores",
+     "nonce" (32 hex), "purpose", "run_id", "sections", "step"}
 
 with one section per ciphertext: ceil(n_scores / slots) serialized TenSEAL CKKS
-vectors holding the scores in order (see packing.py).
+vectors holding clip(score) + mask in order (see packing.py and blinding.py). "items"
+commits to what was scored: the concatenated 32-byte digests of the items
+(secure_mor.protocol: a prompt's digest for GRPO scoring, a calibration pair's for the
+router's margins; null for router-gradient terms, which are not per item).
 
 Decryption request (signed by the server) header::
 
-    {"context", "contributors" (K), "mode" ("blinded" | "rederive"), "n_scores", "nonce",
-     "purpose", "run_id", "sections", "step", "weights" ([N, K] or null)}
+    {"context", "contributors" (K), "n_scores", "nonce", "purpose", "run_id", "sections",
+     "step", "weights" ([N, K] or null)}
 
-sections: the weights (N*K float64 little-endian, row-major; absent when null),
-then K client statements, then ceil(N / slots) fused ciphertexts, then (rederive
-mode only) the K full client replies in the statements' order.
+sections: the weights (N*K float64 little-endian, row-major) and the N item digests
+(32 bytes each) when weights is not null, then the K client replies, whole. The key
+authority computes the fusion from those replies itself: the request carries no
+ciphertext of the server's.
 
 Authority response (signed by the key authority) header::
 
-    {"context", "mode", "n_scores", "nonce", "purpose", "request" (sha256 hex of the
-     request), "round_bits", "run_id", "sections", "step"}
+    {"context", "n_scores", "nonce", "purpose", "request" (sha256 hex of the request),
+     "round_bits", "run_id", "sections", "step"}
 
 with one section: N int64 little-endian k_i; the released value i is k_i * 2^-round_bits.
 
@@ -64,15 +68,17 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
+from secure_mor.crypto.blinding import MaskError, client_mask
 from secure_mor.crypto.context import PublicContext, chain_index_of, top_chain_index
 from secure_mor.crypto.packing import chunk_sizes, encrypt_packed
+from secure_mor.crypto.params import ReleaseConfig
 from secure_mor.crypto.signing import SignatureError, Signer, canonical_json, verify
 
-VERSION = 1
+VERSION = 2
 MAGIC_REPLY, MAGIC_REQUEST, MAGIC_RESPONSE = b"SMRC", b"SMRQ", b"SMRA"
 PURPOSES = ("reward", "router_gradient")
-MODES = ("blinded", "rederive")
 SIGNATURE_BYTES = 64
+DIGEST_BYTES = 32  # one item's digest (SHA-256)
 _PREFIX = struct.Struct(">4sBI")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 _NONCE = re.compile(r"[0-9a-f]{32}")
@@ -116,14 +122,22 @@ class Statement:
     client_id: str
     n_scores: int
     context: str
+    blinding: str
+    items: str | None
     digests: tuple[tuple[int, str], ...]
     raw: bytes
+
+    @property
+    def mask_context(self) -> bytes:
+        """What the reply's mask is bound to (crypto.blinding)."""
+        return _mask_context(vars(self))
 
 
 @dataclass(frozen=True)
 class ClientReply:
     statement: Statement
     ciphertexts: list[ts.CKKSVector]
+    raw: bytes  # the whole reply, as signed: what the server forwards to the key authority
 
     @property
     def client_id(self) -> str:
@@ -136,18 +150,28 @@ class DecryptionRequest:
     step: int
     nonce: str
     purpose: str
-    mode: str
     n_scores: int
     context: str
-    statements: list[bytes]
     weights: np.ndarray | None
-    ciphertexts: list[ts.CKKSVector]
-    client_payloads: list[bytes]
+    items: list[bytes] | None
+    replies: list[bytes]
     sha256: str
 
 
 def new_nonce() -> str:
     return secrets.token_hex(16)
+
+
+def items_digest(items: Sequence[bytes]) -> str:
+    """What a client's statement commits to: SHA-256 of the items' 32-byte digests, in order."""
+    if any(len(item) != DIGEST_BYTES for item in items):
+        raise ValueError(f"every item digest must be {DIGEST_BYTES} bytes")
+    return hashlib.sha256(b"".join(items)).hexdigest()
+
+
+def _mask_context(fields: Mapping[str, Any]) -> bytes:
+    names = ("run_id", "step", "nonce", "purpose", "client_id", "n_scores", "context")
+    return canonical_json([fields[name] for name in names])
 
 
 # ---------------------------------------------------------------- framing
@@ -179,7 +203,7 @@ def _frame(signer: Signer, magic: bytes, header: dict[str, Any], sections: Seque
     return b"".join([signed, signer.sign(signed), *sections])
 
 
-def _unframe(data: bytes, magic: bytes, limits: WireLimits, detached: bool = False) -> _Frame:
+def _unframe(data: bytes, magic: bytes, limits: WireLimits) -> _Frame:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise PayloadError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -197,8 +221,6 @@ def _unframe(data: bytes, magic: bytes, limits: WireLimits, detached: bool = Fal
     end = _PREFIX.size + header_len
     if len(data) < end + SIGNATURE_BYTES:
         raise PayloadError("truncated message: header or signature cut short")
-    if detached and len(data) != end + SIGNATURE_BYTES:
-        raise PayloadError("a statement carries no body")
     raw = data[_PREFIX.size : end]
     try:
         text = raw.decode("utf-8")
@@ -337,28 +359,47 @@ def seal_reply(
     nonce: str,
     purpose: str,
     scores: np.ndarray,
-    value_bound: float,
+    mask_key: str,
+    items: Sequence[bytes] | None = None,
+    release: ReleaseConfig | None = None,
 ) -> bytes:
-    """Client side: clip scores to [-value_bound, value_bound], pack, encrypt, serialize, sign."""
+    """Client side: clip scores to [-R, R], add the mask derived with the server's round key
+    `mask_key` (crypto.blinding), pack, encrypt, serialize, sign, committing to `items` (the
+    scored items' digests; None for values that are not per item)."""
+    release = release or ReleaseConfig()
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 1 or len(values) == 0 or not np.all(np.isfinite(values)):
         raise ValueError("scores must be a non-empty 1-D array of finite values")
+    if items is not None and len(items) != len(values):
+        raise ValueError(f"{len(items)} item digests for {len(values)} scores")
     header = {
         "client_id": signer.party,
         "context": pub.fingerprint,
+        "items": None if items is None else items_digest(items),
         "n_scores": len(values),
         "nonce": nonce,
         "purpose": purpose,
         "run_id": run_id,
         "step": step,
     }
+    try:
+        blinding, mask = client_mask(mask_key, _mask_context(header), len(values), release.mask_bound)
+    except MaskError as err:
+        raise ValueError(f"the round's mask key is unusable: {err}") from err
+    header["blinding"] = blinding
     _check_fields({**header, "sections": []}, _reply_spec(DEFAULT_LIMITS))
-    vectors = encrypt_packed(pub.context, np.clip(values, -value_bound, value_bound))
+    clipped = np.clip(values, -release.value_bound, release.value_bound)
+    vectors = encrypt_packed(pub.context, clipped + mask)
     return _frame(signer, MAGIC_REPLY, header, [v.serialize() for v in vectors])
 
 
 def _reply_spec(limits: WireLimits) -> dict[str, Any]:
-    return {**_common(limits), "client_id": _is_id}
+    return {
+        **_common(limits),
+        "blinding": _is_sha,  # 32 bytes, hex
+        "client_id": _is_id,
+        "items": lambda v: v is None or _is_sha(v),
+    }
 
 
 def _statement_from(
@@ -374,22 +415,8 @@ def _statement_from(
     digests = tuple((int(n), str(d)) for n, d in h["sections"])
     return Statement(
         h["run_id"], h["step"], h["nonce"], h["purpose"], h["client_id"], h["n_scores"], h["context"],
-        digests, frame.signed + frame.signature,
-    )
-
-
-def parse_statement(
-    data: bytes,
-    registry: Mapping[str, str],
-    fingerprint: str,
-    expected: Expected | None = None,
-    limits: WireLimits = DEFAULT_LIMITS,
-) -> Statement:
-    """A client statement (the signed prefix of a reply), signature verified."""
-    frame = _unframe(data, MAGIC_REPLY, limits, detached=True)
-    statement = _statement_from(frame, registry, fingerprint, limits)
-    _check_expected(vars(statement), expected, f"statement of {statement.client_id!r}")
-    return statement
+        h["blinding"], h["items"], digests, frame.signed + frame.signature,
+    )  # fmt: skip
 
 
 def parse_reply(
@@ -399,7 +426,8 @@ def parse_reply(
     expected: Expected | None = None,
     limits: WireLimits = DEFAULT_LIMITS,
 ) -> ClientReply:
-    """Server side: verify a client reply and load its ciphertexts (PayloadError on any defect).
+    """Verify a client reply and load its ciphertexts (PayloadError on any defect): the server
+    on receipt, the key authority again before it fuses.
 
     Order: framing and header schema, context fingerprint, signer in `registry`
     ({client_id: Ed25519 public key hex}), signature, expectations (run, step,
@@ -410,7 +438,13 @@ def parse_reply(
     sizes = chunk_sizes(statement.n_scores, pub.slots)
     sections = _sections(frame, len(sizes), [_max_ciphertext_bytes(pub)] * len(sizes))
     top = top_chain_index(pub.context)
-    return ClientReply(statement, [load_vector(pub, s, n, top) for s, n in zip(sections, sizes, strict=True)])
+    vectors = [load_vector(pub, s, n, top) for s, n in zip(sections, sizes, strict=True)]
+    return ClientReply(statement, vectors, bytes(data))
+
+
+def _max_reply_bytes(pub: PublicContext, n: int, limits: WireLimits) -> int:
+    header = _PREFIX.size + limits.max_header_bytes + SIGNATURE_BYTES
+    return header + len(chunk_sizes(n, pub.slots)) * _max_ciphertext_bytes(pub)
 
 
 # ---------------------------------------------------------------- decryption request
@@ -425,18 +459,18 @@ def build_request(
     nonce: str,
     purpose: str,
     n_scores: int,
-    statements: Sequence[bytes],
+    replies: Sequence[bytes],
     weights: np.ndarray | None,
-    fused: Sequence[ts.CKKSVector],
-    client_payloads: Sequence[bytes] | None = None,
+    items: Sequence[bytes] | None,
 ) -> bytes:
-    """Server side: ask the key authority to decrypt `fused` (blinded unless client_payloads
-    are given, which selects the unblinded re-derive mode)."""
+    """Server side: ask the key authority to fuse the client `replies` (whole, as received) with
+    `weights` and release the result; `items` (the N items' digests) come with the weights."""
+    if (weights is None) != (items is None):
+        raise ValueError("a weighted fusion names its items; a plain sum has neither")
     w = None if weights is None else np.ascontiguousarray(weights, dtype="<f8")
     header = {
         "context": pub.fingerprint,
-        "contributors": len(statements),
-        "mode": "blinded" if client_payloads is None else "rederive",
+        "contributors": len(replies),
         "n_scores": n_scores,
         "nonce": nonce,
         "purpose": purpose,
@@ -444,15 +478,14 @@ def build_request(
         "step": step,
         "weights": None if w is None else list(w.shape),
     }
-    sections = [*([] if w is None else [w.tobytes()]), *statements, *(v.serialize() for v in fused)]
-    return _frame(signer, MAGIC_REQUEST, header, [*sections, *(client_payloads or [])])
+    described = [] if w is None else [w.tobytes(), b"".join(items)]
+    return _frame(signer, MAGIC_REQUEST, header, [*described, *replies])
 
 
 def _request_spec(limits: WireLimits) -> dict[str, Any]:
     return {
         **_common(limits),
         "contributors": _is_int(1, limits.max_contributors),
-        "mode": lambda v: v in MODES,
         "weights": lambda v: v is None or (
             isinstance(v, list) and len(v) == 2 and all(_is_int(1, limits.max_scores)(x) for x in v)
         ),
@@ -462,8 +495,8 @@ def _request_spec(limits: WireLimits) -> dict[str, Any]:
 def parse_request(
     data: bytes, pub: PublicContext, server_public_key: str, limits: WireLimits = DEFAULT_LIMITS
 ) -> DecryptionRequest:
-    """Key authority side: verify the server's signature and the request's structure, and
-    load the fused ciphertexts. Statements are returned raw: the policy verifies them."""
+    """Key authority side: verify the server's signature and the request's structure. The
+    client replies are returned raw: the authority verifies and loads them itself."""
     frame = _unframe(data, MAGIC_REQUEST, limits)
     h = frame.header
     _check_fields(h, _request_spec(limits))
@@ -473,30 +506,20 @@ def parse_request(
     n, k = h["n_scores"], h["contributors"]
     if h["weights"] is not None and h["weights"] != [n, k]:
         raise PayloadError(f"weights shape {h['weights']} is not [n_scores, contributors] = [{n}, {k}]")
-    sizes = chunk_sizes(n, pub.slots)
-    n_w, n_p = int(h["weights"] is not None), k if h["mode"] == "rederive" else 0
-    statement_max = _PREFIX.size + limits.max_header_bytes + SIGNATURE_BYTES
-    limits_each = (
-        [n * k * 8] * n_w + [statement_max] * k + [_max_ciphertext_bytes(pub)] * len(sizes)
-        + [limits.max_message_bytes] * n_p
-    )
-    sections = _sections(frame, n_w + k + len(sizes) + n_p, limits_each)
-    weights = None
-    if n_w:
-        if len(sections[0]) != n * k * 8:
-            raise PayloadError(f"weights section is {len(sections[0])} bytes, expected {n * k * 8}")
+    described = 2 if h["weights"] is not None else 0
+    limits_each = [n * k * 8, n * DIGEST_BYTES][:described] + [_max_reply_bytes(pub, n, limits)] * k
+    sections = _sections(frame, described + k, limits_each)
+    weights, items = None, None
+    if described:
+        if len(sections[0]) != n * k * 8 or len(sections[1]) != n * DIGEST_BYTES:
+            raise PayloadError(f"weights or item digests are {len(sections[0])} / {len(sections[1])} bytes, "
+                               f"expected {n * k * 8} / {n * DIGEST_BYTES}")  # fmt: skip
         weights = np.frombuffer(sections[0], dtype="<f8").reshape(n, k).astype(np.float64)
-    # A weighted fusion has been rescaled once; the unweighted sum has not.
-    level = top_chain_index(pub.context) - n_w
-    cts = sections[n_w + k : n_w + k + len(sizes)]
+        items = [sections[1][i : i + DIGEST_BYTES] for i in range(0, n * DIGEST_BYTES, DIGEST_BYTES)]
     return DecryptionRequest(
-        h["run_id"], h["step"], h["nonce"], h["purpose"], h["mode"], n, h["context"],
-        statements=sections[n_w : n_w + k],
-        weights=weights,
-        ciphertexts=[load_vector(pub, s, m, level) for s, m in zip(cts, sizes, strict=True)],
-        client_payloads=sections[n_w + k + len(sizes) :],
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
+        h["run_id"], h["step"], h["nonce"], h["purpose"], n, h["context"], weights, items,
+        replies=sections[described:], sha256=hashlib.sha256(data).hexdigest(),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- authority response
@@ -509,7 +532,6 @@ def build_response(signer: Signer, request: DecryptionRequest, levels: np.ndarra
         raise ValueError(f"release has shape {body.shape}, expected ({request.n_scores},)")
     header = {
         "context": request.context,
-        "mode": request.mode,
         "n_scores": request.n_scores,
         "nonce": request.nonce,
         "purpose": request.purpose,
@@ -524,18 +546,10 @@ def build_response(signer: Signer, request: DecryptionRequest, levels: np.ndarra
 def parse_response(
     data: bytes, authority_public_key: str, request: bytes, limits: WireLimits = DEFAULT_LIMITS
 ) -> np.ndarray:
-    """Server side: the released (possibly blinded) values for `request`, signature verified."""
+    """Server side: the released (still masked) values for `request`, signature verified."""
     frame = _unframe(data, MAGIC_RESPONSE, limits)
     h = frame.header
-    _check_fields(
-        h,
-        {
-            **_common(limits),
-            "mode": lambda v: v in MODES,
-            "request": _is_sha,
-            "round_bits": _is_int(1, 40),
-        },
-    )
+    _check_fields(h, {**_common(limits), "request": _is_sha, "round_bits": _is_int(1, 40)})
     _verify(authority_public_key, frame, "the key authority")
     if h["request"] != hashlib.sha256(request).hexdigest():
         raise PayloadError("response answers a different request")

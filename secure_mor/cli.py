@@ -29,9 +29,11 @@ app.add_typer(data_app, name="data")
 app.add_typer(policy_app, name="policy")
 app.add_typer(client_app, name="client")
 app.add_typer(audit_app, name="audit")
-pki_app = typer.Typer(help="Certificates and keys of a deployment (docs/deployment.md).", no_args_is_help=True)
+pki_app = typer.Typer(help="The operator's CA, certificates and registry (docs/deployment.md).", no_args_is_help=True)
 deploy_app = typer.Typer(help="Flower's deployment runtime (docs/deployment.md).", no_args_is_help=True)
+keys_app = typer.Typer(help="A party's own keys, made where it runs (docs/deployment.md).", no_args_is_help=True)
 app.add_typer(pki_app, name="pki")
+app.add_typer(keys_app, name="keys")
 app.add_typer(deploy_app, name="deploy")
 
 console = Console()
@@ -443,12 +445,14 @@ def report(
 ) -> None:
     """Privacy report of a run for auditors: OUT/report.html (one offline file) and OUT/report.md with its PNGs.
 
-    It verifies the ledger against RUN_DIR/keys, recomputes every epsilon, compares each party's spending
-    with its budget, shows the empirical audits (RUN_DIR/audits/empirical-*.json) and the run's results.
+    It verifies the ledger against RUN_DIR/keys and the ledger heads recorded in the results.json files,
+    recomputes every epsilon, compares each party's spending with its budget, shows the empirical audits
+    (RUN_DIR/audits/empirical-*.json) and the run's results.
 
     Exit codes: 0 every check passed; 1 a check FAILED (tampered ledger, wrong epsilon, budget overrun,
-    empirical bound above a claim; the report says which line and why); 2 RUN_DIR is not a run directory
-    (nothing written); 3 the ledger could not be checked (no ledger or no keys).
+    empirical bound above a claim, a lost ledger of a run that released; the report says which line and
+    why); 2 RUN_DIR is not a run directory (nothing written); 3 the ledger could not be checked (no
+    ledger or no keys) or lines of it are UNANCHORED (no recorded head covers them).
     """
     from secure_mor.audits.report import ReportError, build_report  # matplotlib, dp-accounting: slow to import
 
@@ -490,29 +494,44 @@ def pki_init(
                   f"{pki.superlink_cert} and key {pki.superlink_key}")
 
 
-@pki_app.command("node")
-def pki_node(
+@pki_app.command("register")
+def pki_register(
     name: Annotated[str, typer.Argument(help="the party: client-K, authority or server")],
+    public: Annotated[Path, typer.Option(help="the public files NAME sent (NAME.pub, supernode-auth.pub): their dir")],
     directory: PkiDirOption = Path("pki"),
-    install_into: Annotated[
-        Path | None, typer.Option(help="also copy the signing key to where this node reads it (its state-dir)")
-    ] = None,
 ) -> None:
-    """NAME's SuperNode authentication key pair (EC P-384, OpenSSH) and Ed25519 payload-signing key;
-    the public payload key goes into the registry."""
-    from secure_mor.crypto.pki import PkiError, install_signing_key, node_keys, signing_key_dir
+    """The operator registers NAME from its public keys only: the SuperNode key for `flwr supernode register`,
+    and the payload key into the registry, signed by the CA."""
+    from secure_mor.crypto.pki import PkiError, register_party
 
     try:
-        pki = node_keys(directory, name)
-        installed = (
-            install_signing_key(directory, name, signing_key_dir(install_into, name)) if install_into else None
-        )
+        pki = register_party(directory, name, public)
     except PkiError as err:
         raise _fail(str(err)) from err
-    console.print(f"{name}: SuperNode key {pki.auth_key(name)} (register {pki.auth_public_key(name)}), "
-                  f"signing key {pki.signing_key(name)}, public key in {pki.registry / (name + '.pub')}")
-    if installed:
-        console.print(f"signing key installed at {installed}")
+    console.print(f"{name}: payload key in {pki.registry / (name + '.pub')} (signed: {name}.sig)"
+                  + (f"; register {pki.auth_public_key(name)} with `flwr supernode register`"
+                     if pki.auth_public_key(name).exists() else ""))  # fmt: skip
+
+
+@keys_app.command("new")
+def keys_new(
+    name: Annotated[str, typer.Argument(help="this party: client-K, authority or server")],
+    directory: Annotated[Path, typer.Option("--dir", help="this party's key directory (its node config key-dir)")],
+) -> None:
+    """Run by each party where it runs: its Ed25519 payload-signing key, encrypted under
+    $SECURE_MOR_KEY_PASSPHRASE, and (but for the server) its SuperNode authentication key pair.
+    Send the operator the public files it prints, never the private keys."""
+    from secure_mor.crypto.pki import PkiError, party_keys
+    from secure_mor.crypto.signing import KEY_PASSPHRASE_ENV, key_passphrase
+
+    passphrase = key_passphrase()
+    if passphrase is None:
+        raise _fail(f"set {KEY_PASSPHRASE_ENV}: the signing key is encrypted at rest under it")
+    try:
+        public = party_keys(directory, name, passphrase, supernode=name != "server")
+    except PkiError as err:
+        raise _fail(str(err)) from err
+    console.print(f"{name}: private keys in {directory} (0600); send the operator {', '.join(map(str, public))}")
 
 
 @deploy_app.command("local")

@@ -8,14 +8,21 @@ is stopped, with everything it spawned, when the deployment is closed, also on e
 
 Layout under `root`:
 
-    pki/                  the operator's CA, SuperLink certificate, node keys, registry
+    pki/                  the operator's CA, SuperLink certificate, the parties' public keys, registry
     operator/flwr-home/   the `flwr` CLI's configuration (the SuperLink connection "deployment")
     superlink/            its log and Flower home
-    client-K/, authority/ each SuperNode: state/ (node config `state-dir`), keys/ (its
-                          payload-signing key, `key-dir`), data/ (a client's own preference
-                          pairs, `data-dir`), registry/ (its own copy of the public payload
-                          keys), flwr-home/, its log
-    server/               the ServerApp's run directory run/ and its copy of the registry
+    client-K/, authority/ each SuperNode: state/ (node config `state-dir`), keys/ (the keys the
+                          party made itself: its SuperNode key and its encrypted payload-signing
+                          key, `key-dir`), data/ (a client's own preference pairs, `data-dir`),
+                          registry/ (its own copy of the public payload keys), flwr-home/, its log
+    server/               the ServerApp's run directory run/ (its encrypted signing key in
+                          run/server/keys) and its copy of the registry
+    secrets/PARTY/        each party's passphrases (0700; outside every state directory), handed
+                          to its process in the environment, as a secrets store would
+
+Keys are made the way docs/deployment.md prescribes: each party makes its own where it runs
+(`crypto.pki.party_keys`) and gives the operator only the public halves, which the operator
+registers (`crypto.pki.register_party`: the CA signs each registry entry).
 
 The Flower commands run under this interpreter (`federation.flower_shims` in `<root>/bin`).
 """
@@ -38,8 +45,8 @@ from typing import IO
 
 import psutil
 
-from secure_mor.crypto.pki import Pki, init_pki, install_signing_key, node_keys, signing_key_dir
-from secure_mor.crypto.signing import read_or_create_secret
+from secure_mor.crypto.pki import AUTH_KEY, Pki, init_pki, party_keys, register_party, signing_key_dir
+from secure_mor.crypto.signing import KEY_PASSPHRASE_ENV, read_or_create_secret
 from secure_mor.federation import (
     APP_DIR,
     FederationError,
@@ -138,8 +145,15 @@ class LocalDeployment:
         return self.root / SERVER_PARTY / "run"
 
     def key_dir(self, party: str) -> Path:
-        """Where the party's SuperNode finds its payload-signing key (node config `key-dir`)."""
-        return self.root / party / "keys"
+        """Where the party keeps the keys it made (node config `key-dir`; the server's: in its run directory)."""
+        return signing_key_dir(self.run_dir, SERVER_PARTY) if party == SERVER_PARTY else self.root / party / "keys"
+
+    def secret(self, party: str, name: str) -> str:
+        """One of the party's passphrases, kept in its own secrets directory (0700, outside its state)."""
+        directory = self.root / "secrets" / party
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o700)
+        return read_or_create_secret(directory / name)
 
     def data_dir(self, party: str) -> Path:
         """A client institution's own preference pairs (node config `data-dir`)."""
@@ -173,17 +187,17 @@ class LocalDeployment:
     # ------------------------------------------------------------ keys
 
     def prepare(self) -> None:
-        """The operator's PKI, every party's keys where its node reads them, and each party's own
-        copy of the registry of public payload keys (what the operator would hand out)."""
+        """The operator's PKI; every party's keys, made by the party in its own key directory; the
+        operator's registration of their public halves; each party's own copy of the registry."""
         flower_shims(self._bin)
         if not self.pki.ca_key.exists():
             init_pki(self.pki.directory, hosts=("localhost", HOST))
         for party in [*self.parties, SERVER_PARTY]:
-            if not self.pki.node_dir(party).exists():
-                node_keys(self.pki.directory, party)
-        for party in self.parties:
-            install_signing_key(self.pki.directory, party, self.key_dir(party))
-        install_signing_key(self.pki.directory, SERVER_PARTY, signing_key_dir(self.run_dir, SERVER_PARTY))
+            if not (self.key_dir(party) / f"{party}.key").exists():  # the party, where it runs
+                party_keys(self.key_dir(party), party, self.secret(party, "signing-key"),
+                           supernode=party != SERVER_PARTY)  # fmt: skip
+            if not (self.pki.registry / f"{party}.pub").exists():  # the operator, from the public files
+                register_party(self.pki.directory, party, self.key_dir(party))
         for party in [*self.parties, SERVER_PARTY]:
             shutil.copytree(self.pki.registry, self.registry(party), dirs_exist_ok=True)
         home = self.root / "operator" / "flwr-home"
@@ -223,7 +237,9 @@ class LocalDeployment:
             args += ["--insecure"]
         if node_auth:
             args += ["--enable-supernode-auth"]
-        process = self._spawn("superlink", args, self.env("superlink"))
+        # The ServerApp runs under the SuperLink's SuperExec: it reads the server's key passphrase there.
+        env = {**self.env("superlink"), KEY_PASSPHRASE_ENV: self.secret(SERVER_PARTY, "signing-key")}
+        process = self._spawn("superlink", args, env)
         _wait_for_port(self.port, process, self.root / "superlink" / "superlink.log")
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -243,7 +259,8 @@ class LocalDeployment:
         """What the party's SuperNode is told about itself (secure_mor.protocol.node_role)."""
         where = {"state-dir": str(self.state_dir(party)), "key-dir": str(self.key_dir(party))}
         if party == AUTHORITY_PARTY:
-            return {"role": "authority", **where, "registry": str(self.registry(party)), "k-min": self.k_min}
+            return {"role": "authority", **where, "registry": str(self.registry(party)),
+                    "ca-cert": str(self.pki.ca_cert), "k-min": self.k_min}  # fmt: skip
         client_id = int(party.removeprefix("client-"))
         return {"role": "client", "client-id": client_id, **where, "data-dir": str(self.data_dir(party))}
 
@@ -266,20 +283,16 @@ class LocalDeployment:
             "--node-config", node_config_arg(self.node_config(party)),
         ]  # fmt: skip
         if authenticate:
-            args += ["--auth-supernode-private-key", str(auth_key or self.pki.auth_key(party))]
+            args += ["--auth-supernode-private-key", str(auth_key or self.key_dir(party) / AUTH_KEY)]
         args += ["--root-certificates", str(self.pki.ca_cert)] if tls else ["--insecure"]
         if max_retries is not None:
             args += ["--max-retries", str(max_retries)]
         # One thread per party, as Flower's simulation gives each node one CPU: the parties stand
         # for separate machines, and sharing this one's cores they would oversubscribe it.
-        env = {**self.env(party), "OMP_NUM_THREADS": "1"}
+        env = {**self.env(party), "OMP_NUM_THREADS": "1", KEY_PASSPHRASE_ENV: self.secret(party, "signing-key")}
         if party == AUTHORITY_PARTY:
-            env[PASSPHRASE_ENV] = self._authority_passphrase()
+            env[PASSPHRASE_ENV] = self.secret(party, "ckks-key")  # its CKKS secret key at rest
         return self._spawn(party, args, env)
-
-    def _authority_passphrase(self) -> str:
-        """The passphrase of the authority's secret key at rest: the authority's own secret (0600)."""
-        return read_or_create_secret(self.root / AUTHORITY_PARTY / "passphrase")
 
     def online_nodes(self) -> int:
         done = self.flwr("supernode", "ls", "--format", "json")
@@ -355,6 +368,7 @@ class LocalDeployment:
             **overrides,
             "run-dir": str(self.run_dir),
             "registry": str(self.registry(SERVER_PARTY)),
+            "ca-cert": str(self.pki.ca_cert),
         }
 
     def flwr_run_command(self, overrides: Mapping[str, object]) -> str:

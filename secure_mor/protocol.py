@@ -10,25 +10,29 @@ float, str, bytes, bool, or lists of one of them); arrays travel as `.npy`
 bytes. The actions and their payloads:
 
     any node    identify        -> party, role, public_key (Ed25519, hex)
-    authority   setup           clients (["party=hex", ...]), server_key, k_min
-                                -> context (public CKKS context bytes), fingerprint
+    authority   setup           -> context (public CKKS context bytes), fingerprint, clients (the
+                                   registry's), k_min, w_min (the authority's policy)
     authority   decrypt         request (SMRQ bytes) -> response (SMRA bytes)
     client      setup           context, fingerprint
     client      train           epsilon, delta, [epochs, batch_size, lr, max_grad_norm]
                                 -> party, arch, family, budget_epsilon, total_epsilon, seconds, reused,
                                    <measure>_<family> (REWARD_MODEL_MEASURES)
-    client      margins         run_id, step, nonce, items (.npy) -> reply (SMRC bytes)
-    client      router_gradient run_id, step, nonce, query (GradientQuery, see encode_gradient_query)
-                                -> reply (SMRC bytes)
-    client      score           run_id, step, nonce, images (PNG bytes, one per distinct image),
-                                image_index, questions, answers -> reply (SMRC bytes)
+    client      margins         run_id, step, nonce, mask_key, items (.npy) -> reply (SMRC bytes)
+    client      router_gradient run_id, step, nonce, mask_key, query (GradientQuery, see
+                                encode_gradient_query) -> reply (SMRC bytes)
+    client      score           run_id, step, nonce, mask_key, images (PNG bytes, one per distinct
+                                image), image_index, questions, answers -> reply (SMRC bytes)
 
-Replies (SMRC) are CKKS ciphertexts signed by the client (secure_mor.crypto.wire):
-the server can verify and fuse them but not read them.
+Replies (SMRC) are CKKS ciphertexts of masked values, signed by the client
+(secure_mor.crypto.wire; mask_key is the server's round key, crypto.blinding): the
+server can verify and forward them but not read them. A reply commits to the digests
+of the items it scored (`prompt_digests`, `calibration_digests`), by which the key
+authority keeps one router row per item for a run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -105,6 +109,26 @@ def png_bytes(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _digest(*parts: bytes) -> bytes:
+    """SHA-256 of length-prefixed parts (no two part lists share a digest)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big") + part)
+    return h.digest()
+
+
+def prompt_digests(images: Sequence[bytes], image_index: Sequence[int], questions: Sequence[str]) -> list[bytes]:
+    """Each scored item's digest: its prompt's, i.e. its image's PNG bytes and its question (the
+    router row of an item depends on its prompt only, so all answers to a prompt share it)."""
+    image_digests = [hashlib.sha256(bytes(image)).digest() for image in images]
+    return [_digest(b"prompt", image_digests[i], q.encode()) for i, q in zip(image_index, questions, strict=True)]
+
+
+def calibration_digests(indices: Sequence[int]) -> list[bytes]:
+    """The digest of each calibration pair of a router step, by its index in the public calibration set."""
+    return [_digest(b"calibration-pair", str(int(i)).encode()) for i in indices]
 
 
 def score_request(images: Sequence[Any], questions: Sequence[str], answers: Sequence[str]) -> Payload:

@@ -79,9 +79,10 @@ the summed parameter gradient P more. Hence:
   with H = 8 (P = 123) at a near-uniform router. Prefer the linear gate.
 * The fused margins themselves: once the router is confident, a row such as
   (1 - (K-1) w_min, w_min, ...) makes m_i the dominant client's margin up to
-  (K-1) w_min R / (1 - (K-1) w_min) (0.42 at w_min = 0.02, R = 10, K = 3). This
-  holds for every fused release, GRPO rewards included: the floor w_min, not
-  the encryption, bounds what one fused value hides about its dominant client.
+  (K-1) w_min R / (1 - (K-1) w_min) (0.42 at w_min = 0.02, R = 10, K = 3;
+  crypto.params.score_half_width). This holds for every fused release, GRPO
+  rewards included: the floor w_min, not the encryption, bounds what one fused
+  value hides about its dominant client.
 * This is confidentiality of the evaluation signal, not differential privacy:
   the clients' training data is protected by DP-SGD, and any function of the
   DP-trained reward models (scores, margins, these gradients) is
@@ -103,6 +104,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from secure_mor.crypto.params import DEFAULT_W_MIN
 from secure_mor.protocol import Payload, ProtocolError, array_bytes, bytes_array
 
 DTYPE = torch.float64
@@ -129,7 +131,7 @@ class RouterConfig:
     hidden: H, the hidden width (0: a linear router);
     objective_dim: E, the width of the learned objective embedding;
     input_dim: D_in, the public PCA projection's width, capped at D (None: D, standardised only);
-    w_min: the floor every weight keeps (must be >= the key authority's w_min);
+    w_min: the floor every weight keeps (the key authority's w_min, which it announces at setup);
     seed: initialisation seed.
     """
 
@@ -139,7 +141,7 @@ class RouterConfig:
     hidden: int = 0
     objective_dim: int = 4
     input_dim: int | None = 32
-    w_min: float = 0.02
+    w_min: float = DEFAULT_W_MIN
     seed: int = 0
 
     def __post_init__(self) -> None:

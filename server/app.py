@@ -130,7 +130,8 @@ def align_config(run_config: Mapping[str, Any]) -> AlignConfig:
         sft=SFTSettings(examples=int(c["sft-examples"]), epochs=float(c["sft-epochs"])),
         client_training=client_training, eval_per_family=int(c["eval-per-family"]),
         pairs_per_client=int(c["pairs-per-client"]), calibration_pairs=int(c["calibration-pairs"]),
-        resume=bool(c["resume"]), registry=str(c.get("registry", "")),
+        resume=bool(c["resume"]), registry=str(c.get("registry", "")), ca_cert=str(c.get("ca-cert", "")),
+        allow_single_client=bool(c.get("allow-single-client", False)),
     )
 
 

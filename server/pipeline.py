@@ -36,17 +36,20 @@ from typing import Any
 
 import numpy as np
 
-from secure_mor.audits.ledger import Ledger, line_hash
+from secure_mor.audits.ledger import Ledger
 from secure_mor.config import DataSpec, RunDir
 from secure_mor.crypto.context import load_public_context
-from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
+from secure_mor.crypto.params import ReleaseConfig, score_half_width
+from secure_mor.crypto.pki import PkiError, read_registry_signed
+from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_signer, publish_public_key
 from secure_mor.data import FAMILIES, FederatedData, calibration_set
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, REWARD_MODEL_MEASURES, SERVER_PARTY
 from secure_mor.routing import Router, RouterConfig, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
-from secure_mor.server.router import oracle_map, parse_fusion, prompt_features, weights_for
+from secure_mor.server.router import ONE_CLIENT_FUSIONS, oracle_map, parse_fusion, prompt_features, weights_for
 from secure_mor.server.router_training import RouterTrainingConfig, train_router_securely
+from secure_mor.server.secure_round import SecureRound
 from secure_mor.server.session import SecureSession
 from secure_mor.server.transport import Pending, Transport
 
@@ -65,8 +68,11 @@ class AlignConfig:
     fusion: "mor" (learned router), "uniform", "single:<k>" or "oracle" (evaluation only);
     epsilon, delta: each client's DP budget for its reward model (inf: non-private);
     objective: the alignment objective GRPO optimises (one of protocol.OBJECTIVES);
-    w_min: the router's floor per client (>= the authority's); k_min: a scoring round
-    needs at least this many clients (the authority enforces the same rule);
+    k_min: a scoring round needs at least this many clients (the authority enforces its own);
+    the router's floor per client is the key authority's w_min, which it announces at setup;
+    allow_single_client: fusions "single:k" and "oracle" put all but the floor on one client by
+    construction, so each release reveals that client's score within the documented bound
+    (crypto.params.score_half_width); a deployment (registry set) refuses them unless this is set;
     reply_timeout: seconds a scoring round waits for the clients (later replies are dropped);
     client_training: further settings for the clients' DP training (e.g. epochs);
     eval_per_family: held-out questions per family for the policy evaluation.
@@ -78,8 +84,8 @@ class AlignConfig:
     seed: int = 0
     num_clients: int = 3
     objective: str = "correctness"
-    w_min: float = 0.02
     k_min: int = 2
+    allow_single_client: bool = False
     reply_timeout: float = 600.0
     # lr 1e-3 (the plaintext test's) collapsed the policy on the fused reward; see README, The main job
     grpo: GRPOSettings = field(default_factory=lambda: GRPOSettings(max_steps=40, save_steps=10, learning_rate=3e-5))
@@ -91,6 +97,7 @@ class AlignConfig:
     calibration_pairs: int = 1500
     resume: bool = False
     registry: str = ""  # the operator's registry of public payload keys ("": what the nodes publish, simulation)
+    ca_cert: str = ""  # the operator's CA certificate: every registry entry must carry its signature
 
     @property
     def label(self) -> str:
@@ -176,6 +183,7 @@ class Federation:
     pub: Any  # PublicContext
     authority_key: str
     clients: list[str]
+    w_min: float  # the key authority's floor of every router weight
 
 
 def _ok(replies: Mapping[str, Any], parties: Sequence[str], what: str) -> dict[str, dict[str, Any]]:
@@ -186,10 +194,15 @@ def _ok(replies: Mapping[str, Any], parties: Sequence[str], what: str) -> dict[s
     return {p: dict(replies[p]) for p in parties}
 
 
-def trusted_keys(registry: Path, parties: Sequence[str], presented: Mapping[str, str]) -> dict[str, str]:
-    """The operator's registry's key of every party; refuses a party that is missing from it or
-    presents another key (its payloads would not verify: better to stop before any work)."""
-    keys = read_registry(registry)
+def trusted_keys(registry: Path, parties: Sequence[str], presented: Mapping[str, str],
+                 ca_cert: Path | None = None) -> dict[str, str]:
+    """The operator's registry's key of every party (each entry signed by the operator's CA when
+    `ca_cert` is given); refuses a party that is missing from it or presents another key (its
+    payloads would not verify: better to stop before any work)."""
+    try:
+        keys = read_registry_signed(registry, ca_cert)
+    except PkiError as err:
+        raise AlignError(f"refused by the key registry: {err}") from err
     wrong = {p: "not in the registry" for p in parties if p not in keys}
     wrong.update({p: "presents a key that is not the registry's" for p in parties
                   if p in keys and presented[p] != keys[p]})
@@ -198,17 +211,25 @@ def trusted_keys(registry: Path, parties: Sequence[str], presented: Mapping[str,
     return {p: keys[p] for p in parties}
 
 
-def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str], registry: str = "") -> Federation:
+def server_signer(run: RunDir) -> Signer:
+    """The server's signing key (encrypted under $SECURE_MOR_KEY_PASSPHRASE when set; a deployment's
+    operator makes it beforehand with `secure-mor keys new server`, a simulation on first use)."""
+    return load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys", key_passphrase())
+
+
+def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str], registry: str = "",
+            ca_cert: str = "") -> Federation:
     parties = [*clients, AUTHORITY_PARTY]
     who = _ok(transport.ask(parties, "identify", {}), parties, "identify")
     for party, reply in who.items():
         if reply["party"] != party:
             raise AlignError(f"node addressed as {party} says it is {reply['party']}")
-    server = load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys")
+    server = server_signer(run)
     publish_public_key(server, run.path / "keys")
     keys = {p: str(r["public_key"]) for p, r in who.items()}
     if registry:
-        keys = trusted_keys(Path(registry), [*parties, SERVER_PARTY], {**keys, SERVER_PARTY: server.public_key_hex})
+        keys = trusted_keys(Path(registry), [*parties, SERVER_PARTY], {**keys, SERVER_PARTY: server.public_key_hex},
+                            Path(ca_cert) if ca_cert else None)  # fmt: skip
     setup = _ok(transport.ask([AUTHORITY_PARTY], "setup", {}), [AUTHORITY_PARTY], "key authority setup")
     authority = setup[AUTHORITY_PARTY]
     if sorted(authority["clients"]) != sorted(clients):
@@ -217,7 +238,7 @@ def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str
     pub = load_public_context(context, fingerprint)
     _ok(transport.ask(clients, "setup", {"context": context, "fingerprint": fingerprint,
                                           "data_spec": json.dumps(spec.to_json())}), clients, "client setup")
-    return Federation({p: keys[p] for p in parties}, pub, keys[AUTHORITY_PARTY], clients)
+    return Federation({p: keys[p] for p in parties}, pub, keys[AUTHORITY_PARTY], clients, float(authority["w_min"]))
 
 
 # ---------------------------------------------------------------- stage 3: the clients' reward models
@@ -278,28 +299,27 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
     log(f"router: features of {len(pairs)} calibration prompts")
     x = features_of(list(pairs["image"]), list(pairs["question"]))
     router_config = RouterConfig(feature_dim=x.shape[1], objectives=OBJECTIVES, num_clients=config.num_clients,
-                                 w_min=config.w_min, seed=config.seed)
+                                 w_min=federation.w_min, seed=config.seed)
     router = Router(router_config).fit_input_projection(x)
     objective_ids = router_config.objective_ids(list(pairs["objective"]))
     run_id = f"{run.path.name}-{secrets.token_hex(4)}:router"
-    server = load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys")
+    server = server_signer(run)
     clients = federation.clients
 
-    def reply_bytes(replies: Mapping[str, Any], what: str) -> list[bytes]:
+    def reply_bytes(replies: Mapping[str, Any], what: str) -> dict[str, bytes]:
         for party, reply in replies.items():
             if not isinstance(reply, Mapping):
                 log(f"router {what}: {party} failed: {reply.reason}")
-        return [bytes(r["reply"]) for r in replies.values() if isinstance(r, Mapping)]
+        return {p: bytes(r["reply"]) for p, r in replies.items() if isinstance(r, Mapping)}
 
-    def margins(step: int, nonce: str, items: np.ndarray) -> list[bytes]:
-        replies = transport.ask(clients, "margins", {"run_id": run_id, "step": step, "nonce": nonce,
-                                                     "items": _npy(items)}, timeout=config.reply_timeout)
-        return reply_bytes(replies, f"margins of step {step}")
+    def margins(fields: dict[str, Any], items: np.ndarray) -> dict[str, bytes]:
+        replies = transport.ask(clients, "margins", {**fields, "items": _npy(items)}, timeout=config.reply_timeout)
+        return reply_bytes(replies, f"margins of step {fields['step']}")
 
-    def gradients(step: int, nonce: str, query: Any) -> list[bytes]:
-        replies = transport.ask(clients, "router_gradient", {"run_id": run_id, **encode_gradient_query(query)},
+    def gradients(fields: dict[str, Any], query: Any) -> dict[str, bytes]:
+        replies = transport.ask(clients, "router_gradient", {**fields, **encode_gradient_query(query)},
                                 timeout=config.reply_timeout)
-        return reply_bytes(replies, f"gradients of step {step}")
+        return reply_bytes(replies, f"gradients of step {fields['step']}")
 
     def decrypt(request: bytes) -> bytes:
         answer = transport.ask([AUTHORITY_PARTY], "decrypt", {"request": request}, timeout=config.reply_timeout)
@@ -310,12 +330,10 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
 
     log(f"router: secure training, {config.router.steps} steps of {config.router.batch_size} pairs")
     started = time.perf_counter()
-    result = train_router_securely(
-        router, x, objective_ids, clients=clients, registry={c: federation.registry[c] for c in clients},
-        pub=federation.pub, server_signer=server, authority_public_key=federation.authority_key,
-        get_encrypted_margins=margins, get_encrypted_gradients=gradients, decrypt=decrypt, run_id=run_id,
-        config=config.router,
-    )
+    rounds = SecureRound(federation.pub, server, {c: federation.registry[c] for c in clients}, clients,
+                         federation.authority_key, run_id, federation.w_min, decrypt)  # fmt: skip
+    result = train_router_securely(router, x, objective_ids, rounds=rounds, get_encrypted_margins=margins,
+                                   get_encrypted_gradients=gradients, config=config.router)  # fmt: skip
     if result.steps_taken == 0:
         raise AlignError(f"router training took no step: {[r.skipped for r in result.history]}")
     families = np.asarray(pairs["family"])
@@ -361,10 +379,9 @@ class FederatedReward:
 
     def weights(self, images: Sequence[Any], questions: Sequence[str], families: Sequence[str],
                 image_ids: Sequence[str]) -> np.ndarray:
-        n, k = len(questions), self.config.num_clients
+        n, k, w_min = len(questions), self.config.num_clients, self.session.w_min
         if parse_fusion(self.config.fusion, k)[0] != "mor":
-            return weights_for(self.config.fusion, n=n, k=k, w_min=self.config.w_min, families=families,
-                               oracle=self.oracle)
+            return weights_for(self.config.fusion, n=n, k=k, w_min=w_min, families=families, oracle=self.oracle)
         first: dict[str, int] = {}  # features once per distinct prompt (TRL repeats each G times)
         keys = [f"{i}\0{q}" for i, q in zip(image_ids, questions, strict=True)]
         for j, key in enumerate(keys):
@@ -373,7 +390,7 @@ class FederatedReward:
         x = self.features_of([images[j] for j in rows], [questions[j] for j in rows])
         x = x[[rows.index(first[key]) for key in keys]]
         ids = np.full(n, self.router.config.objective_id(self.config.objective))
-        return weights_for("mor", n=n, k=k, w_min=self.config.w_min, router=self.router, features=x, objective_ids=ids)
+        return weights_for("mor", n=n, k=k, w_min=w_min, router=self.router, features=x, objective_ids=ids)
 
     def __call__(self, prompts: list, completions: list, image: list, question: list, family: list,
                  image_id: list, **kwargs: Any) -> list[float | None]:
@@ -408,6 +425,9 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     kind, _ = parse_fusion(config.fusion, config.num_clients)
     if config.objective not in OBJECTIVES:
         raise AlignError(f"unknown objective {config.objective!r}; known: {list(OBJECTIVES)}")
+    if kind in ONE_CLIENT_FUSIONS and config.registry and not config.allow_single_client:
+        raise AlignError(f"fusion {config.fusion!r} reveals one client's scores by construction; a deployment "
+                         "refuses it unless the run config sets allow-single-client=true")
     timings: dict[str, float] = {}
     user_log = log
 
@@ -418,13 +438,17 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     # The clients train their reward models while the server warm-starts its policy.
     t = time.perf_counter()
     data = prepare_data(run, config)
-    federation = connect(transport, run, run.data_spec(), config.clients, config.registry)
+    federation = connect(transport, run, run.data_spec(), config.clients, config.registry, config.ca_cert)
     training = start_client_training(transport, federation, config, log)
     prepare_policy(run, data, config, log, on_step=lambda step, total: write_progress(out, "SFT", step, total))
     timings["policy_s"] = time.perf_counter() - t
     clients = client_results(training, federation)
     timings["clients_s"] = time.perf_counter() - t  # from the start: overlaps policy_s
 
+    if kind in ONE_CLIENT_FUSIONS:
+        most = 1 - (config.num_clients - 1) * federation.w_min
+        log(f"WARNING: fusion {config.fusion} gives one client the weight {most:g} on every item: each release "
+            f"tells the server that client's score within +-{score_half_width(most, ReleaseConfig().value_bound):.3f}")
     features_of = policy_features(run.sft_policy)
     router, router_report = None, None
     t = time.perf_counter()
@@ -433,12 +457,12 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     timings["router_s"] = time.perf_counter() - t
 
     state = _run_state(out, config)
-    server = load_or_create_signer(SERVER_PARTY, run.path / SERVER_PARTY / "keys")
+    server = server_signer(run)
     session = SecureSession(
         transport=transport, pub=federation.pub, signer=server,
         registry={c: federation.registry[c] for c in federation.clients}, clients=federation.clients,
         authority_key=federation.authority_key, run_id=state["run_id"], state_dir=out,
-        ledger=Ledger(run.path / "ledger.jsonl"), k_min=config.k_min, w_min=config.w_min,
+        ledger=Ledger(run.path / "ledger.jsonl"), w_min=federation.w_min, k_min=config.k_min,
         reply_timeout=config.reply_timeout,
     )
     reward = FederatedReward(session, config, router, features_of, oracle_map(run.data_spec().split.clients))
@@ -456,11 +480,11 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     timings["total_s"] = time.perf_counter() - started
 
     rewards = [h["reward"] for h in grpo["history"] if "reward" in h]
-    ledger = Ledger(run.path / "ledger.jsonl").entries()
+    ledger = Ledger(run.path / "ledger.jsonl").head()  # the auditor's anchor (audit verify, report)
     sft = json.loads(run.eval_path("sft").read_text())
     results = {
         "schema": SCHEMA,
-        "config": config.summary(),
+        "config": {**config.summary(), "w_min": federation.w_min},
         "run_id": state["run_id"],
         "accuracy": {
             "sft": {"overall": sft["overall"], "per_family": sft["per_family"]},
@@ -478,8 +502,8 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
             "log": str(grpo["log_path"]),
         },
         "timings": {**timings, "scoring": {**session.timings.as_dict(), **reward.seconds}},
-        "ledger": {"path": str(run.path / "ledger.jsonl"), "entries": len(ledger),
-                   "head": line_hash(ledger[-1]) if ledger else None},
+        "ledger": {"path": str(run.path / "ledger.jsonl"), "entries": ledger.entries,
+                   "head": ledger.head if ledger.entries else None},
     }
     run.write_json(out / "results.json", results)
     write_progress(out, "done")

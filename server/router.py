@@ -26,6 +26,9 @@ from secure_mor.data import ClientDataConfig, user_prompt
 from secure_mor.routing import Router, RouterError
 
 FUSIONS = ("mor", "uniform", "single:<j>", "oracle")
+# All but the floor on one client for every item: each release reveals that client's score to
+# within crypto.params.score_half_width (a deployment runs them only when allowed explicitly).
+ONE_CLIENT_FUSIONS = ("single", "oracle")
 _MASK_POSITION_MODELS = {"llava"}
 
 

@@ -3,46 +3,49 @@
 Per router step t (batch of B calibration pairs, router parameters theta, P of them):
 
   round 1, fused margins (purpose "reward", B values)
-    server -> clients   step t, fresh nonce n1, the batch's item indices
+    server -> clients   step t, fresh nonce n1, the round key of the masks, the batch's item indices
     client k -> server  seal_reply(d_k) for the batch: its margins
-                        d_ik = clip(R_k(chosen_i) - R_k(rejected_i), -R, R), CKKS-encrypted and signed
-    server              verifies every reply, W = g_theta(x, o) (B x K), fuses sum_k W[:, k] ct_k,
-                        blinds it with a fresh mask
-    server -> authority decryption request (statements, W, blinded ciphertext), signed
-    authority -> server signed release of the blinded values; logged in the ledger
-    server              unblinds: fused margins m (B values); coefficients
+                        d_ik = clip(R_k(chosen_i) - R_k(rejected_i), -R, R), masked at the source,
+                        CKKS-encrypted, signed, committing to the batch's calibration-pair digests
+    server              verifies every reply, W = g_theta(x, o) (B x K)
+    server -> authority decryption request (the replies, W, the items' digests), signed
+    authority -> server the authority fuses sum_k W[:, k] ct_k itself; signed release of the masked
+                        values; logged in the ledger
+    server              removes the masks: fused margins m (B values); coefficients
                         c_i = -(1/B)(1 - sigmoid(m_i))
 
   round 2, summed gradient (purpose "router_gradient", P values)
-    server -> clients   step t, fresh nonce n2, GradientQuery: RouterState (theta and the public
-                        input normalisation), the batch's items, features and objective ids, c, scale
+    server -> clients   step t, fresh nonce n2, the round key, GradientQuery: RouterState (theta and
+                        the public input normalisation), the batch's items, features and objective
+                        ids, c, scale
     client k -> server  seal_reply(scale * G_k), G_k = sum_i c_i d_ik dw_ik/dtheta (routing.py),
-                        after its own checks (QueryLimits, ItemUseLimiter)
-    server              verifies, sums the ciphertexts (no weights), blinds
-    server -> authority decryption request (statements, blinded sum), signed
-    authority -> server signed release; logged in the ledger
-    server              unblinds: g = sum_k G_k = dL/dtheta (up to the release noise, ~1e-5 per
-                        value); optimizer step
+                        after its own checks (QueryLimits, ItemUseLimiter), masked at the source
+    server -> authority decryption request (the replies, no weights), signed
+    authority -> server signed release of the masked sum; logged in the ledger
+    server              removes the masks: g = sum_k G_k = dL/dtheta (up to the release noise, ~1e-5
+                        per value); optimizer step
 
-So the server-side function only ever receives client reply bytes (ciphertexts
-and signed statements) and the authority's responses about fused or summed
-values. If a client's reply is missing or invalid in either round, the step is
-skipped (no update; round-2 never asks the authority): the Bradley-Terry
-gradient needs every column of W. A refusal by the key authority (PolicyError)
-or a response that does not verify (PayloadError) is not a dropout and aborts
-training.
+Both rounds go through `server.secure_round.SecureRound`, as GRPO scoring does. So the
+server-side function only ever receives client reply bytes (ciphertexts of masked values
+and signed statements) and the authority's responses about masked fused or summed values.
+If a client's reply is missing or invalid in either round, the step is skipped (no
+update; round-2 never asks the authority): the Bradley-Terry gradient needs every column
+of W. A refusal by the key authority or a response that does not verify is not a dropout
+and aborts training (RoundRefused).
 
-The transport is injected, so the Flower app can carry the messages:
+The transport is injected, so the Flower app can carry the messages (`fields`: run id,
+step, nonce and round key, `SecureRound.fields`; each returns {client party: reply bytes}):
 
-    get_encrypted_margins(step, nonce, items) -> [client reply bytes]
-    get_encrypted_gradients(step, nonce, query: GradientQuery) -> [client reply bytes]
-    decrypt(request bytes) -> authority response bytes          (KeyAuthority.decrypt)
+    get_encrypted_margins(fields, items) -> {party: reply}
+    get_encrypted_gradients(fields, query: GradientQuery) -> {party: reply}
 
 Release budget (see secure_mor/routing.py, "Leakage"): every release is a
 linear function of the clients' margins, so the schedule uses each calibration
 item in at most `limits.item_uses` steps (default one: disjoint batches) and
 checks item_uses * (B + P) <= max_release_ratio * B * K before anything is
-asked; the clients check the same rule. `release_functionals` and
+asked; the clients check the same rule, and the key authority, which keeps one W
+row per calibration pair for the run, refuses a pair's second margin release
+under a router that has changed since. `release_functionals` and
 `coordinate_leverage` measure what one step reveals (an audit helper).
 
 Use a run id of its own for router training (e.g. "<run>:router"): the key
@@ -51,26 +54,14 @@ authority requires strictly increasing steps per (run id, purpose).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from secure_mor.crypto.blinding import Blinder
-from secure_mor.crypto.context import PublicContext
-from secure_mor.crypto.fusion import fuse
-from secure_mor.crypto.params import ReleaseConfig
-from secure_mor.crypto.signing import Signer
-from secure_mor.crypto.wire import (
-    ClientReply,
-    Expected,
-    PayloadError,
-    build_request,
-    new_nonce,
-    parse_reply,
-    parse_response,
-)
+from secure_mor.crypto.wire import ClientReply, Expected, new_nonce
+from secure_mor.protocol import Payload, calibration_digests
 from secure_mor.routing import (
     DEFAULT_QUERY_LIMITS,
     GradientQuery,
@@ -83,10 +74,10 @@ from secure_mor.routing import (
     parameter_count,
     parameter_layout,
 )
+from secure_mor.server.secure_round import SecureRound
 
-MarginTransport = Callable[[int, str, np.ndarray], Sequence[bytes]]
-GradientTransport = Callable[[int, str, GradientQuery], Sequence[bytes]]
-Decrypt = Callable[[bytes], bytes]
+MarginTransport = Callable[[Payload, np.ndarray], Mapping[str, bytes]]
+GradientTransport = Callable[[Payload, GradientQuery], Mapping[str, bytes]]
 
 
 class RouterTrainingError(RuntimeError):
@@ -208,54 +199,14 @@ def _check_inputs(router: Router, features: np.ndarray, objective_ids: np.ndarra
 # ---------------------------------------------------------------- the secure trainer
 
 
-@dataclass
-class _Server:
-    pub: PublicContext
-    signer: Signer
-    registry: Mapping[str, str]
-    clients: Sequence[str]
-    authority_public_key: str
-    decrypt: Decrypt
-    run_id: str
-    blinder: Blinder
-    w_min: float
-
-    def collect(self, payloads: Iterable[bytes], expected: Expected) -> tuple[list[ClientReply] | None, str]:
-        """The verified replies in router column order, or None and the reason."""
-        payloads = list(payloads)
-        if not all(isinstance(p, bytes | bytearray) for p in payloads):
-            return None, "transport returned something other than reply bytes"
-        by_client: dict[str, ClientReply] = {}
-        problems: list[str] = []
-        for payload in payloads:
-            try:
-                reply = parse_reply(bytes(payload), self.pub, self.registry, expected)
-            except PayloadError as err:
-                problems.append(str(err))
-                continue
-            if reply.client_id not in self.clients:
-                problems.append(f"reply from {reply.client_id!r}, which is not a router column")
-            elif reply.client_id in by_client:
-                problems.append(f"two replies from {reply.client_id!r}")
-            else:
-                by_client[reply.client_id] = reply
-        missing = [c for c in self.clients if c not in by_client]
-        if missing or problems:
-            return None, f"missing {missing}; refused: {problems}"
-        return [by_client[c] for c in self.clients], ""
-
-    def release(
-        self, replies: list[ClientReply], weights: np.ndarray | None, purpose: str, step: int, nonce: str, n: int
-    ) -> np.ndarray:
-        """Fuse (or sum), blind, ask the authority, check its signature, unblind."""
-        fused = fuse(self.pub.context, [r.ciphertexts for r in replies], weights, w_min=self.w_min)
-        blinded, mask = self.blinder.blind(fused)
-        request = build_request(
-            self.signer, self.pub, run_id=self.run_id, step=step, nonce=nonce, purpose=purpose, n_scores=n,
-            statements=[r.statement.raw for r in replies], weights=weights, fused=blinded,
-        )
-        response = self.decrypt(request)
-        return Blinder.unblind(parse_response(response, self.authority_public_key, request), mask)
+def _every_client(rounds: SecureRound, replies: Mapping[str, bytes], expected: Expected
+                  ) -> tuple[list[ClientReply] | None, str]:
+    """The verified replies in router column order, or None and the reason (a column is missing)."""
+    good, problems = rounds.verify(replies, expected)
+    missing = [c for c in rounds.clients if c not in good]
+    if missing or problems:
+        return None, f"missing {missing}; refused: {problems}"
+    return list(good.values()), ""
 
 
 def train_router_securely(
@@ -263,58 +214,53 @@ def train_router_securely(
     features: np.ndarray,
     objective_ids: np.ndarray,
     *,
-    clients: Sequence[str],
-    registry: Mapping[str, str],
-    pub: PublicContext,
-    server_signer: Signer,
-    authority_public_key: str,
+    rounds: SecureRound,
     get_encrypted_margins: MarginTransport,
     get_encrypted_gradients: GradientTransport,
-    decrypt: Decrypt,
-    run_id: str,
     config: RouterTrainingConfig | None = None,
-    release: ReleaseConfig | None = None,
     start_step: int = 0,
 ) -> RouterTrainingResult:
     """Train `router` (in place) on the public calibration features with the clients' margins,
-    seeing only fused margins and summed gradients (module docstring). `clients` lists the
-    client ids in router column order; `registry` their Ed25519 public keys.
+    seeing only fused margins and summed gradients (module docstring). `rounds.clients` lists the
+    client ids in router column order; `rounds.run_id` is this training's run id.
 
     start_step: the first authority step number (steps must grow per run id and purpose).
     The item budget is per call: a second call over the same calibration items spends it
-    again, which the clients' persisted ItemUseLimiter refuses."""
+    again, which the clients' persisted ItemUseLimiter and the key authority refuse."""
     config = config or RouterTrainingConfig()
     x, o = _check_inputs(router, features, objective_ids)
     k, p = router.config.num_clients, parameter_count(router.config)
+    clients = list(rounds.clients)
     if len(clients) != k or len(set(clients)) != k:
-        raise RouterTrainingError(f"need {k} distinct client ids in router column order, got {list(clients)}")
-    server = _Server(pub, server_signer, registry, list(clients), authority_public_key, decrypt, run_id,
-                     Blinder(pub, release or ReleaseConfig()), router.config.w_min)
+        raise RouterTrainingError(f"need {k} distinct client ids in router column order, got {clients}")
+    if router.config.w_min < rounds.w_min:
+        raise RouterTrainingError(f"the router's floor {router.config.w_min} is below the authority's {rounds.w_min}")
     optimizer = _Optimizer(router, config)
     result = RouterTrainingResult(router)
+    run_id = rounds.run_id
     for offset, items in enumerate(batch_schedule(len(x), config, p, k)):
         step, record = start_step + offset, StepRecord(start_step + offset, items)
         result.history.append(record)
         b = len(items)
         weights = router.weights(x[items], o[items])
         nonce = new_nonce()
-        replies, why = server.collect(get_encrypted_margins(step, nonce, items.copy()),
-                                      Expected(run_id, step, nonce, "reward", b))
+        replies, why = _every_client(rounds, get_encrypted_margins(rounds.fields(step, nonce), items.copy()),
+                                     Expected(run_id, step, nonce, "reward", b))  # fmt: skip
         if replies is None:
             record.skipped = f"margin round: {why}"
             continue
-        record.fused_margins = server.release(replies, weights, "reward", step, nonce, b)
+        record.fused_margins = rounds.release(replies, weights, "reward", step, nonce, calibration_digests(items))
         record.loss = bt_loss(record.fused_margins)
         coefficients = bt_coefficients(record.fused_margins)
         nonce = new_nonce()
         query = GradientQuery(step, nonce, router.state(), items.copy(), x[items], o[items], coefficients,
                               config.gradient_scale)
-        replies, why = server.collect(get_encrypted_gradients(step, nonce, query),
-                                      Expected(run_id, step, nonce, "router_gradient", p))
+        replies, why = _every_client(rounds, get_encrypted_gradients(rounds.fields(step, nonce), query),
+                                     Expected(run_id, step, nonce, "router_gradient", p))  # fmt: skip
         if replies is None:
             record.skipped = f"gradient round: {why}"
             continue
-        record.gradient = server.release(replies, None, "router_gradient", step, nonce, p) / config.gradient_scale
+        record.gradient = rounds.release(replies, None, "router_gradient", step, nonce) / config.gradient_scale
         optimizer.step(record.gradient)
     return result
 

@@ -1,8 +1,9 @@
-"""The server's half of one secure scoring round (DESIGN.md, "One GRPO step", items 2-5).
+"""The server's side of GRPO scoring rounds (DESIGN.md, "One GRPO step", items 2-5).
 
 `SecureSession.fused_rewards(items, weights)`:
 
-1. asks every client to score the N items (fresh nonce, a run-scoped step number);
+1. asks every client to score the N items (fresh nonce, a run-scoped step number, the round
+   key of its masks: `server.secure_round`);
 2. keeps the replies that verify (signature, run, step, nonce, purpose, count);
    a client that does not answer within `reply_timeout`, answers with an error or
    with a reply that does not verify is left out of this round, and the router's
@@ -10,11 +11,11 @@
 3. with fewer than `k_min` clients present, the round is skipped: nothing is asked
    of the authority, a signed `step_skipped` entry goes into the ledger and the
    rewards are None (TRL then gives those completions zero advantage);
-4. otherwise fuses sum_k W[:, k] ct_k, blinds it, has the key authority decrypt it
-   and removes the blinding.
+4. otherwise has the key authority fuse the replies with W (one row per prompt: it refuses a
+   prompt whose row changed within the run) and removes the masks from its answer.
 
 The server never holds a client's plaintext score: what it receives from a client
-is a signed ciphertext, and from the authority the blinded fused values.
+is a signed ciphertext of masked scores, and from the authority masked fused values.
 
 Step numbers: the authority refuses a step it has already released for a run and
 purpose, and TRL's `global_step` repeats after a resume. So the session numbers
@@ -33,28 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from secure_mor.audits.ledger import KIND_STEP_SKIPPED, Ledger, no_privacy_cost_event
-from secure_mor.crypto.blinding import Blinder
 from secure_mor.crypto.context import PublicContext
-from secure_mor.crypto.fusion import fuse, renormalise
+from secure_mor.crypto.fusion import renormalise
 from secure_mor.crypto.params import ReleaseConfig
 from secure_mor.crypto.signing import Signer
-from secure_mor.crypto.wire import (
-    ClientReply,
-    Expected,
-    PayloadError,
-    build_request,
-    new_nonce,
-    parse_reply,
-    parse_response,
-)
-from secure_mor.protocol import AUTHORITY_PARTY, Payload
+from secure_mor.crypto.wire import Expected, new_nonce
+from secure_mor.protocol import AUTHORITY_PARTY, Payload, prompt_digests
+from secure_mor.server.secure_round import RoundRefused, SecureRound
 from secure_mor.server.transport import NodeFailure, Transport
 
 STATE_FILE = "state.json"
-
-
-class RoundRefused(RuntimeError):
-    """The key authority refused a round or answered with something that does not verify."""
 
 
 @dataclass
@@ -63,9 +52,9 @@ class RoundTimings:
 
     scoring_round_trip: float = 0.0  # request to the clients until their replies are in
     client_compute: float = 0.0  # clients' scoring + encryption + signing, summed over clients (they report it)
-    server_crypto: float = 0.0  # verification, fusion, blinding, request, response check
+    server_crypto: float = 0.0  # verification, masks, request, response check
     authority_round_trip: float = 0.0  # request to the key authority until its answer is in
-    authority_compute: float = 0.0  # the authority's checks, decryption, flooding, signing (it reports it)
+    authority_compute: float = 0.0  # the authority's checks, fusion, decryption, flooding, signing (it reports it)
     rounds: int = 0
     skipped: int = 0
 
@@ -86,15 +75,16 @@ class SecureSession:
     run_id: str
     state_dir: Path
     ledger: Ledger
+    w_min: float  # the key authority's floor (announced at setup)
     k_min: int = 2
-    w_min: float = 0.02
     reply_timeout: float | None = 120.0
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     timings: RoundTimings = field(default_factory=RoundTimings)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
-        self.blinder = Blinder(self.pub, self.release)
+        self.rounds = SecureRound(self.pub, self.signer, self.registry, self.clients, self.authority_key,
+                                  self.run_id, self.w_min, self._ask_authority, self.release)  # fmt: skip
 
     # ------------------------------------------------------------ run-scoped step numbers
 
@@ -115,60 +105,37 @@ class SecureSession:
 
     # ------------------------------------------------------------ one round
 
-    def verified(self, replies: Mapping[str, Payload | NodeFailure], expected: Expected) -> dict[str, ClientReply]:
-        """The replies that verify, by client; the rest are noted and dropped."""
-        out: dict[str, ClientReply] = {}
-        self.problems: list[str] = []
-        for party, reply in replies.items():
-            if isinstance(reply, NodeFailure):
-                self.problems.append(f"{party}: {reply.reason}")
-                continue
-            try:
-                parsed = parse_reply(bytes(reply["reply"]), self.pub, self.registry, expected)
-            except (PayloadError, KeyError) as err:
-                self.problems.append(f"{party}: {err}")
-                continue
-            if parsed.client_id != party or party not in self.clients:
-                self.problems.append(f"{party}: reply signed by {parsed.client_id!r}")
-                continue
-            out[party] = parsed
-            self.timings.client_compute += float(reply.get("seconds", 0.0))
-        return out
-
-    def skip(self, purpose: str, step: int, present: Sequence[str], n: int) -> None:
+    def skip(self, purpose: str, step: int, present: list[str], n: int, problems: list[str]) -> None:
         self.timings.skipped += 1
         self.ledger.append(
             self.signer, KIND_STEP_SKIPPED, mechanism=no_privacy_cost_event(), epsilon=0.0, delta=0.0,
             accountant="none (nothing released)", total_epsilon=0.0,
             details={"run_id": self.run_id, "step": step, "purpose": purpose, "count": n, "present": sorted(present),
-                     "k_min": self.k_min, "reason": "; ".join(self.problems) or "too few clients answered"},
-        )
+                     "k_min": self.k_min, "reason": "; ".join(problems) or "too few clients answered"},
+        )  # fmt: skip
 
-    def decrypt(self, replies: Sequence[ClientReply], weights: np.ndarray | None, purpose: str, step: int,
-                nonce: str, n: int) -> np.ndarray:
-        """Fuse (weights) or sum (None), blind, have the authority decrypt, unblind."""
-        started = time.perf_counter()
-        fused = fuse(self.pub.context, [r.ciphertexts for r in replies], weights, w_min=self.w_min)
-        blinded, mask = self.blinder.blind(fused)
-        request = build_request(
-            self.signer, self.pub, run_id=self.run_id, step=step, nonce=nonce, purpose=purpose, n_scores=n,
-            statements=[r.statement.raw for r in replies], weights=weights, fused=blinded,
-        )
+    def _ask_authority(self, request: bytes) -> bytes:
         asked = time.perf_counter()
         answer = self.transport.ask([AUTHORITY_PARTY], "decrypt", {"request": request}, timeout=self.reply_timeout)
-        answered = time.perf_counter()
+        self.timings.authority_round_trip += time.perf_counter() - asked
         reply = answer.get(AUTHORITY_PARTY)
         if reply is None or isinstance(reply, NodeFailure):
-            raise RoundRefused(f"the key authority did not release {purpose} step {step}: "
-                               f"{reply.reason if reply else 'no answer'}")
-        try:
-            values = Blinder.unblind(parse_response(bytes(reply["response"]), self.authority_key, request), mask)
-        except PayloadError as err:
-            raise RoundRefused(f"the key authority's response does not verify: {err}") from err
-        self.timings.authority_round_trip += answered - asked
+            raise RoundRefused(f"the key authority did not release: {reply.reason if reply else 'no answer'}")
         self.timings.authority_compute += float(reply.get("seconds", 0.0))
-        self.timings.server_crypto += (asked - started) + (time.perf_counter() - answered)
-        return values
+        return bytes(reply["response"])
+
+    def _replies(self, answers: Mapping[str, Payload | NodeFailure]) -> tuple[dict[str, bytes], list[str]]:
+        """The reply bytes of the clients that answered, and what went wrong with the others."""
+        replies, failures = {}, []
+        for party, answer in answers.items():
+            if isinstance(answer, NodeFailure):
+                failures.append(f"{party}: {answer.reason}")
+            elif "reply" not in answer:
+                failures.append(f"{party}: no reply in its answer")
+            else:
+                replies[party] = bytes(answer["reply"])
+                self.timings.client_compute += float(answer.get("seconds", 0.0))
+        return replies, failures
 
     def fused_rewards(self, request: Payload, weights: np.ndarray) -> np.ndarray | None:
         """One scoring round over the items of `request` (secure_mor.protocol.score_request),
@@ -176,19 +143,22 @@ class SecureSession:
         n = len(request["questions"])
         step, nonce = self.reserve_step("reward"), new_nonce()
         started = time.perf_counter()
-        replies = self.transport.ask(list(self.clients), "score",
-                                     {**request, "run_id": self.run_id, "step": step, "nonce": nonce},
-                                     timeout=self.reply_timeout)
+        answers = self.transport.ask(list(self.clients), "score", {**request, **self.rounds.fields(step, nonce)},
+                                     timeout=self.reply_timeout)  # fmt: skip
         checked = time.perf_counter()
-        good = self.verified(replies, Expected(self.run_id, step, nonce, "reward", n))
         self.timings.scoring_round_trip += checked - started
-        self.timings.server_crypto += time.perf_counter() - checked
         self.timings.rounds += 1
-        present = [c for c in self.clients if c in good]
-        if len(present) < self.k_min:
-            self.skip("reward", step, present, n)
+        replies, failures = self._replies(answers)
+        good, refused = self.rounds.verify(replies, Expected(self.run_id, step, nonce, "reward", n))
+        if len(good) < self.k_min:
+            self.timings.server_crypto += time.perf_counter() - checked
+            self.skip("reward", step, list(good), n, failures + refused)
             return None
         w = np.asarray(weights, dtype=np.float64)
-        if len(present) < len(self.clients):
+        if len(good) < len(self.clients):
             w = renormalise(w, [c in good for c in self.clients])
-        return self.decrypt([good[c] for c in present], w, "reward", step, nonce, n)
+        items = prompt_digests(request["images"], request["image_index"], request["questions"])
+        waited = self.timings.authority_round_trip
+        values = self.rounds.release(list(good.values()), w, "reward", step, nonce, items)
+        self.timings.server_crypto += time.perf_counter() - checked - (self.timings.authority_round_trip - waited)
+        return values

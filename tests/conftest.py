@@ -1,12 +1,16 @@
 """Shared fixtures. Nothing in the suite may reach a model hub."""
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Two BLAS threads on a shared 2-core machine slow small linear algebra down tenfold.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Passphrases the nodes store (the key authority's, in a simulation) go to a directory of this session.
+_SECRETS = tempfile.TemporaryDirectory(prefix="secure-mor-secrets-")
+os.environ.setdefault("SECURE_MOR_SECRETS_DIR", _SECRETS.name)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -21,9 +22,11 @@ from secure_mor.audits.ledger import (
     dp_sgd_event,
     no_privacy_cost_event,
     non_private_event,
+    signed_part,
+    verify_ledger,
 )
 from secure_mor.audits.recompute import UNBOUNDED_EPSILON, RecomputeError, event_from_json, recompute
-from secure_mor.crypto.signing import Signer, save_signer
+from secure_mor.crypto.signing import Signer, canonical_json, load_signer, read_registry, save_signer
 
 DELTA = 1e-5
 RUNS = [(1.0, 0.125, 16), (1.5, 0.1, 20)]  # (noise multiplier, sample rate, steps) of client-0
@@ -111,8 +114,11 @@ def test_unbounded_epsilon_is_what_clients_log():
 def test_verify_honest_ledger_then_tampering_names_the_line(tmp_path, claims):
     path = build(tmp_path, claims)
     result = invoke("verify", path)  # keys default to LEDGER's dir / keys
-    assert result.exit_code == 0, result.output
-    assert "OK" in result.output and "5 entries" in result.output
+    assert result.exit_code == 3, result.output  # verified, but nothing anchors it
+    assert "OK" in result.output and "5 entries" in result.output and "UNANCHORED lines 1-5" in result.output
+    head = result.output.split("head ")[1].split()[0]
+    result = invoke("verify", path, "--head", head)
+    assert result.exit_code == 0 and "UNANCHORED" not in result.output, result.output
 
     lines = path.read_bytes().split(b"\n")
     at = lines[1].index(b'"time":') + len(b'"time":') + 1  # second digit: stays valid JSON
@@ -132,6 +138,49 @@ def test_verify_detects_truncation_with_head_and_missing_keys(tmp_path, claims):
     assert result.exit_code == 1 and "line 5" in result.output and "truncated" in result.output
     result = invoke("verify", path, "--keys", tmp_path / "nowhere")
     assert result.exit_code == 1 and "no key directory" in result.output
+
+
+def _results(tmp_path: Path, ledger: Ledger, rounds: int = 2) -> None:
+    head = ledger.head()
+    record = {"entries": head.entries, "head": head.head if head.entries else None}
+    (tmp_path / "align" / "mor").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "align" / "mor" / "results.json").write_text(
+        json.dumps({"ledger": record, "grpo": {"rounds": rounds, "skipped_rounds": 0}, "router": None})
+    )
+
+
+def test_verify_is_anchored_by_the_runs_results_and_catches_a_party_rewriting_its_last_entry(tmp_path, claims):
+    path = build(tmp_path, claims)
+    _results(tmp_path, Ledger(path))
+    result = invoke("verify", path)
+    assert result.exit_code == 0 and "UNANCHORED" not in result.output, result.output
+    # the server owns the last line: it re-signs it with another delta; the chain and its signature hold
+    lines = path.read_bytes().split(b"\n")[:-1]
+    last = json.loads(lines[-1])
+    last["delta"] = 0.0
+    key = load_signer("server", tmp_path / "keys")
+    last["signature"] = key.sign(signed_part(last)).hex()
+    path.write_bytes(b"\n".join([*lines[:-1], canonical_json(last)]) + b"\n")
+    assert verify_ledger(path, read_registry(tmp_path / "keys")).ok  # without an anchor it would pass
+    result = invoke("verify", path)
+    assert result.exit_code == 1 and "line 5 is not the anchored head" in result.output, result.output
+    # more lines than results.json records: those are unanchored, and said so
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    Ledger(path).append(key, KIND_REWARD_RELEASE, mechanism=no_privacy_cost_event(), epsilon=0.0, delta=0.0,
+                        accountant="none", total_epsilon=0.0)  # fmt: skip
+    result = invoke("verify", path)
+    assert result.exit_code == 3 and "UNANCHORED lines 6-6" in result.output, result.output
+
+
+def test_an_empty_ledger_of_a_run_that_released_fails(tmp_path, claims):
+    path = build(tmp_path, claims)
+    _results(tmp_path, Ledger(path))
+    path.write_bytes(b"")
+    result = invoke("verify", path)
+    assert result.exit_code == 1 and "line 5 is not the anchored head" in result.output, result.output
+    _results(tmp_path, Ledger(path))  # a results.json that reports rounds but records no head
+    result = invoke("verify", path)
+    assert result.exit_code == 1 and "reports releases but records no ledger head" in result.output, result.output
 
 
 def test_recompute_honest_ledger_agrees(tmp_path, claims):
@@ -156,7 +205,7 @@ def test_recompute_honest_ledger_agrees(tmp_path, claims):
 
 def test_recompute_flags_a_validly_signed_but_wrong_claim(tmp_path, claims):
     path = build(tmp_path, claims, doctor=claims["c0"][1] / 2)  # under-report line 2
-    assert invoke("verify", path).exit_code == 0  # the signatures are fine...
+    assert "OK" in invoke("verify", path).output  # the signatures are fine...
     result = invoke("recompute", path)  # ...the arithmetic is not
     assert result.exit_code == 1
     assert "line 2 (client-0): under-claimed" in result.output

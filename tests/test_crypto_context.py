@@ -66,8 +66,8 @@ def test_insecure_or_malformed_parameter_sets_are_refused(params: CkksParams) ->
 def test_release_config_statistical_distance() -> None:
     config = ReleaseConfig()
     config.validate()
-    assert config.statistical_distance(1) == pytest.approx(20 / 2**33)
-    assert config.statistical_distance(4096) < 1e-5
+    assert config.statistical_distance(1, 1) == pytest.approx(10 / 2**32)
+    assert config.statistical_distance(4096, 3) < 3e-5
     with pytest.raises(ParameterError):
         ReleaseConfig(mask_bits=10).validate()
 

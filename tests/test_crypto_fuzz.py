@@ -4,6 +4,7 @@ or be accepted. The default suite runs ~1,400 examples; `-m slow` runs ten times
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority, PolicyError
-from secure_mor.crypto.blinding import Blinder
+from secure_mor.crypto.blinding import MaskKey
 from secure_mor.crypto.context import (
     ContextError,
     KeyStoreError,
@@ -27,7 +28,6 @@ from secure_mor.crypto.context import (
     public_context_of,
     save_secret_context,
 )
-from secure_mor.crypto.fusion import fuse
 from secure_mor.crypto.signing import Signer
 from secure_mor.crypto.wire import (
     MAGIC_REPLY,
@@ -40,7 +40,6 @@ from secure_mor.crypto.wire import (
     parse_reply,
     parse_request,
     parse_response,
-    parse_statement,
     seal_reply,
 )
 
@@ -56,7 +55,6 @@ class Corpus:
     registry: dict[str, str]
     server: Signer
     reply: bytes
-    statement: bytes
     request: bytes
     response: bytes
     ciphertext: bytes
@@ -80,45 +78,32 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
         state_dir=tmp,
         policy=AuthorityPolicy(),
     )
-    n, weights = 5000, np.full((5000, 2), 0.5)
+    n, weights, mask_key = 5000, np.full((5000, 2), 0.5), MaskKey()
+    items = [hashlib.sha256(str(i).encode()).digest() for i in range(n)]
 
     def step(number: int) -> tuple[list[bytes], bytes]:
         nonce = new_nonce()
         payloads = [
-            seal_reply(
-                c, pub, run_id="r", step=number, nonce=nonce, purpose="reward", scores=np.ones(n), value_bound=10.0
-            )
+            seal_reply(c, pub, run_id="r", step=number, nonce=nonce, purpose="reward", scores=np.ones(n),
+                       mask_key=mask_key.public_hex, items=items)
             for c in clients
-        ]
-        replies = [parse_reply(p, pub, registry) for p in payloads]
-        fused, _ = Blinder(pub).blind(fuse(pub.context, [r.ciphertexts for r in replies], weights))
-        return payloads, build_request(
-            server,
-            pub,
-            run_id="r",
-            step=number,
-            nonce=nonce,
-            purpose="reward",
-            n_scores=n,
-            statements=[r.statement.raw for r in replies],
-            weights=weights,
-            fused=fused,
-        )
+        ]  # fmt: skip
+        return payloads, build_request(server, pub, run_id="r", step=number, nonce=nonce, purpose="reward",
+                                       n_scores=n, replies=payloads, weights=weights, items=items)  # fmt: skip
 
     _, answered = step(1)
     response = authority.decrypt(answered)
     payloads, request = step(2)  # valid and never submitted: mutations of it must all be refused
-    statement = parse_reply(payloads[0], pub, registry)
+    reply = parse_reply(payloads[0], pub, registry)
     return Corpus(
         pub,
         authority,
         registry,
         server,
         payloads[0],
-        statement.statement.raw,
         request,
         response,
-        statement.ciphertexts[0].serialize(),
+        reply.ciphertexts[0].serialize(),
         save_secret_context(secret, tmp / "authority.ckks", "pw", ScryptParams(n=2**10)),
         answered,
     )
@@ -190,15 +175,8 @@ def _refused(error: type[Exception] | tuple[type[Exception], ...], parse: Callab
 @pytest.mark.parametrize("scale", SIZES)
 def test_fuzz_client_reply(corpus: Corpus, scale: int) -> None:
     parse = _refused(PayloadError, lambda d: parse_reply(d, corpus.pub, corpus.registry))
-    _fuzz(random_messages(MAGIC_REPLY), 150 * scale, parse)
-    _fuzz(mutations(corpus.reply), 300 * scale, parse)
-
-
-@pytest.mark.parametrize("scale", SIZES)
-def test_fuzz_statement(corpus: Corpus, scale: int) -> None:
-    parse = _refused(PayloadError, lambda d: parse_statement(d, corpus.registry, corpus.pub.fingerprint))
-    _fuzz(random_messages(MAGIC_REPLY), 100 * scale, parse)
-    _fuzz(mutations(corpus.statement), 150 * scale, parse)
+    _fuzz(random_messages(MAGIC_REPLY), 250 * scale, parse)
+    _fuzz(mutations(corpus.reply), 450 * scale, parse)
 
 
 @pytest.mark.parametrize("scale", SIZES)

@@ -1,7 +1,11 @@
-"""One GRPO step's cryptography: packing, signed replies, fusion, blinding, the key authority."""
+"""One GRPO step's cryptography: packing, signed masked replies, the key authority's own
+fusion, its policy, and the attacks it must refuse (crafted ciphertexts, two W rows for one
+item, replies of another step, mismatched items)."""
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import tenseal as ts
 from secure_mor.audits.ledger import KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, Ledger, verify_ledger
 from secure_mor.crypto import authority as authority_module
 from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority, PolicyError, measure_decryption_error
-from secure_mor.crypto.blinding import Blinder
+from secure_mor.crypto.blinding import MaskKey
 from secure_mor.crypto.context import (
     PublicContext,
     ScryptParams,
@@ -22,7 +26,6 @@ from secure_mor.crypto.context import (
 )
 from secure_mor.crypto.fusion import (
     WeightError,
-    fuse,
     insecure_plaintext_fusion,
     renormalise,
     validate_weights,
@@ -37,12 +40,13 @@ from secure_mor.crypto.wire import (
     WireLimits,
     _frame,
     build_request,
+    items_digest,
     new_nonce,
     parse_reply,
     parse_response,
-    parse_statement,
     seal_reply,
 )
+from secure_mor.server.secure_round import RoundRefused, SecureRound
 
 R = 10.0
 RUN = "run-1"
@@ -58,6 +62,11 @@ def pub(secret: ts.Context) -> PublicContext:
     return public_context_of(secret)
 
 
+def digests(n: int, tag: str = "item") -> list[bytes]:
+    """n distinct item digests (stand-ins for the prompts' digests)."""
+    return [hashlib.sha256(f"{tag} {i}".encode()).digest() for i in range(n)]
+
+
 @dataclass
 class World:
     """Three clients, a server and a key authority sharing one CKKS context."""
@@ -69,7 +78,7 @@ class World:
     state_dir: Path
     step: int = 0
     nonce: str = field(default_factory=new_nonce)
-    n: int = 0
+    mask_key: MaskKey = field(default_factory=MaskKey)
 
     @property
     def registry(self) -> dict[str, str]:
@@ -82,61 +91,40 @@ class World:
     def expected(self, n: int, purpose: str = "reward") -> Expected:
         return Expected(RUN, self.step, self.nonce, purpose, n)
 
-    def payloads(self, scores: list[np.ndarray], purpose: str = "reward", clients=None) -> list[bytes]:
-        self.n = len(scores[0])
+    def payloads(self, scores, purpose="reward", clients=None, items=None) -> list[bytes]:
+        """What the clients send: masked with the round key, committing to the items (reward)."""
+        if items is None and purpose == "reward":
+            items = digests(len(scores[0]))
         return [
-            seal_reply(
-                c, self.pub, run_id=RUN, step=self.step, nonce=self.nonce, purpose=purpose, scores=s, value_bound=R
-            )
+            seal_reply(c, self.pub, run_id=RUN, step=self.step, nonce=self.nonce, purpose=purpose, scores=s,
+                       mask_key=self.mask_key.public_hex, items=items)
             for c, s in zip(clients or self.clients, scores, strict=True)
-        ]
+        ]  # fmt: skip
 
     def replies(self, payloads: list[bytes], purpose: str = "reward") -> list[ClientReply]:
-        return [parse_reply(p, self.pub, self.registry, self.expected(self.n, purpose)) for p in payloads]
+        n = parse_reply(payloads[0], self.pub, self.registry).statement.n_scores
+        return [parse_reply(p, self.pub, self.registry, self.expected(n, purpose)) for p in payloads]
 
-    def build(
-        self,
-        statements: list[bytes],
-        weights: np.ndarray | None,
-        fused: list[ts.CKKSVector],
-        purpose: str = "reward",
-        nonce: str | None = None,
-        payloads: list[bytes] | None = None,
-    ) -> bytes:
-        return build_request(
-            self.server,
-            self.pub,
-            run_id=RUN,
-            step=self.step,
-            nonce=nonce or self.nonce,
-            purpose=purpose,
-            n_scores=self.n,
-            statements=statements,
-            weights=weights,
-            fused=fused,
-            client_payloads=payloads,
-        )
+    def rounds(self) -> SecureRound:
+        """The server's side, as GRPO scoring and router training use it."""
+        return SecureRound(self.pub, self.server, self.registry, [c.party for c in self.clients],
+                           self.authority.signer.public_key_hex, RUN, self.authority.policy.w_min,
+                           self.authority.decrypt, mask_key=self.mask_key)  # fmt: skip
 
-    def request(
-        self, payloads: list[bytes], weights: np.ndarray | None, purpose: str = "reward", rederive: bool = False
-    ) -> tuple[bytes, np.ndarray | None]:
-        """What the server does: verify replies, fuse, blind (unless re-derive), ask."""
+    def release(self, payloads, weights, purpose="reward", items=None) -> np.ndarray:
         replies = self.replies(payloads, purpose)
-        fused = fuse(self.pub.context, [r.ciphertexts for r in replies], weights, w_min=0.01)
-        mask = None
-        if not rederive:
-            fused, mask = Blinder(self.pub).blind(fused)
-        statements = [r.statement.raw for r in replies]
-        return self.build(statements, weights, fused, purpose, payloads=payloads if rederive else None), mask
+        n = replies[0].statement.n_scores
+        if items is None and purpose == "reward":
+            items = digests(n)
+        return self.rounds().release(replies, weights, purpose, self.step, self.nonce, items)
 
-    def release(self, request: bytes, mask: np.ndarray | None) -> np.ndarray:
-        response = self.authority.decrypt(request)
-        values = parse_response(response, self.authority.signer.public_key_hex, request)
-        return values if mask is None else Blinder.unblind(values, mask)
-
-
-def _statement_len(payload: bytes) -> int:
-    return 9 + int.from_bytes(payload[5:9], "big") + 64
+    def build(self, replies: list[bytes], weights, purpose="reward", items=None, nonce=None, n=None) -> bytes:
+        """A decryption request as a (possibly deviating) server would sign it."""
+        n = n or parse_reply(replies[0], self.pub, self.registry).statement.n_scores
+        if items is None and weights is not None:
+            items = digests(n)
+        return build_request(self.server, self.pub, run_id=RUN, step=self.step, nonce=nonce or self.nonce,
+                             purpose=purpose, n_scores=n, replies=replies, weights=weights, items=items)  # fmt: skip
 
 
 def _make_authority(
@@ -167,6 +155,20 @@ def world(secret: ts.Context, pub: PublicContext, tmp_path: Path) -> World:
     clients = [Signer.generate(f"client-{i}") for i in range(3)]
     authority = _make_authority(secret, server, clients, tmp_path, Ledger(tmp_path / "ledger.jsonl"))
     return World(pub, authority, server, clients, tmp_path)
+
+
+@pytest.fixture
+def decryptions(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """Every value vector the key authority decrypts, as it decrypts it (before flooding)."""
+    seen: list[np.ndarray] = []
+    decrypt = authority_module.decrypt_fused
+
+    def spy(secret, fused):
+        seen.append(decrypt(secret, fused))
+        return seen[-1]
+
+    monkeypatch.setattr(authority_module, "decrypt_fused", spy)
+    return seen
 
 
 def _weights(rng: np.random.Generator, n: int, k: int, w_min: float = 0.02) -> np.ndarray:
@@ -221,8 +223,7 @@ def test_missing_client_renormalisation(world: World) -> None:
     kept = renormalise(weights, present)
     assert np.allclose(kept.sum(axis=1), 1.0) and np.all(kept >= weights[:, [0, 2]])
     scores = [rng.uniform(-R, R, n) for _ in range(2)]
-    payloads = world.payloads(scores, clients=[world.clients[0], world.clients[2]])
-    released = world.release(*world.request(payloads, kept))
+    released = world.release(world.payloads(scores, clients=[world.clients[0], world.clients[2]]), kept)
     assert np.max(np.abs(released - insecure_plaintext_fusion(scores, kept))) < 1e-4
     with pytest.raises(WeightError, match="no client"):
         renormalise(weights, [False] * 3)
@@ -230,18 +231,26 @@ def test_missing_client_renormalisation(world: World) -> None:
         renormalise(np.tile([1.0, 0.0, 0.0], (2, 1)), [False, True, True])
 
 
-# ---------------------------------------------------------------- signed replies
+# ---------------------------------------------------------------- signed, masked replies
 
 
-def test_reply_round_trip_and_statement(world: World) -> None:
+def test_reply_round_trip_masks_and_statement(world: World, secret: ts.Context) -> None:
     scores = np.linspace(-2 * R, 2 * R, 5000)  # clipped to [-R, R] by the client
     (payload,) = world.payloads([scores], clients=[world.clients[0]])
     reply = parse_reply(payload, world.pub, world.registry, world.expected(5000))
-    assert reply.client_id == "client-0" and len(reply.ciphertexts) == 2
+    assert reply.client_id == "client-0" and len(reply.ciphertexts) == 2 and reply.raw == payload
     assert all(not v.context().is_private() for v in reply.ciphertexts)
-    statement = parse_statement(reply.statement.raw, world.registry, world.pub.fingerprint, world.expected(5000))
-    assert statement == reply.statement and len(statement.raw) < 1000
-    assert payload.startswith(statement.raw)
+    statement = reply.statement
+    assert payload.startswith(statement.raw) and len(statement.raw) < 1000
+    assert statement.items == items_digest(digests(5000))
+    # The ciphertexts hold clip(score) + mask, and only the server's round key re-derives the mask.
+    secret_view = ts.ckks_vector_from(secret, reply.ciphertexts[0].serialize())
+    held = np.asarray(secret_view.decrypt())
+    mask = world.mask_key.mask(statement.blinding, statement.mask_context, 5000, ReleaseConfig().mask_bound)
+    assert np.max(np.abs(held)) > 1e6
+    assert np.max(np.abs(held - mask[:4096] - np.clip(scores[:4096], -R, R))) < 1e-5
+    other = MaskKey().mask(statement.blinding, statement.mask_context, 5000, ReleaseConfig().mask_bound)
+    assert np.min(np.abs(other - mask)) > 0 and np.corrcoef(other, mask)[0, 1] < 0.1
 
 
 def test_forged_reply_signature_is_refused(world: World) -> None:
@@ -281,18 +290,16 @@ def test_reply_for_another_step_or_nonce_is_refused(world: World) -> None:
 
 def test_foreign_context_is_refused(world: World) -> None:
     foreign = public_context_of(create_secret_context())
-    payload = seal_reply(
-        world.clients[0],
-        foreign,
-        run_id=RUN,
-        step=0,
-        nonce=world.nonce,
-        purpose="reward",
-        scores=np.zeros(10),
-        value_bound=R,
-    )
+    payload = seal_reply(world.clients[0], foreign, run_id=RUN, step=0, nonce=world.nonce, purpose="reward",
+                         scores=np.zeros(10), mask_key=world.mask_key.public_hex)  # fmt: skip
     with pytest.raises(PayloadError, match="foreign context"):
         parse_reply(payload, world.pub, world.registry)
+
+
+def _header(world: World, n: int, **fields) -> dict:
+    return {"blinding": "ab" * 32, "client_id": world.clients[0].party, "context": world.pub.fingerprint,
+            "items": None, "n_scores": n, "nonce": world.nonce, "purpose": "reward", "run_id": RUN, "step": 0,
+            **fields}  # fmt: skip
 
 
 def test_oversized_and_wrongly_sized_replies_are_refused(world: World) -> None:
@@ -303,28 +310,19 @@ def test_oversized_and_wrongly_sized_replies_are_refused(world: World) -> None:
         parse_reply(payload, world.pub, world.registry, limits=WireLimits(max_header_bytes=100))
     client = world.clients[0]
     vectors = encrypt_packed(world.pub.context, np.zeros(10))
-    header = {
-        "client_id": client.party,
-        "context": world.pub.fingerprint,
-        "n_scores": 20,
-        "nonce": world.nonce,
-        "purpose": "reward",
-        "run_id": RUN,
-        "step": 0,
-    }
-    short = _frame(client, b"SMRC", header, [v.serialize() for v in vectors])  # claims 20 values, holds 10
+    short = _frame(client, b"SMRC", _header(world, 20), [v.serialize() for v in vectors])  # claims 20, holds 10
     with pytest.raises(PayloadError, match="holds 10 values"):
         parse_reply(short, world.pub, world.registry)
-    two = _frame(client, b"SMRC", {**header, "n_scores": 10}, [vectors[0].serialize()] * 2)
+    two = _frame(client, b"SMRC", _header(world, 10), [vectors[0].serialize()] * 2)
     with pytest.raises(PayloadError, match="expected 1 body sections"):
         parse_reply(two, world.pub, world.registry)
-    garbage = _frame(client, b"SMRC", {**header, "n_scores": 10}, [b"\x00" * 1000])  # signed garbage
+    garbage = _frame(client, b"SMRC", _header(world, 10), [b"\x00" * 1000])  # signed garbage
     with pytest.raises(PayloadError, match="does not deserialize"):
         parse_reply(garbage, world.pub, world.registry)
 
 
 def _signed_raw(signer: Signer, raw_header: bytes, body: bytes = b"") -> bytes:
-    signed = b"SMRC\x01" + len(raw_header).to_bytes(4, "big") + raw_header
+    signed = b"SMRC\x02" + len(raw_header).to_bytes(4, "big") + raw_header
     return signed + signer.sign(signed) + body
 
 
@@ -347,16 +345,7 @@ def test_malformed_signed_headers_are_refused(world: World, raw_header: bytes, r
 
 
 def test_mistyped_header_fields_are_refused(world: World) -> None:
-    header = {
-        "client_id": "client-0",
-        "context": world.pub.fingerprint,
-        "n_scores": 1,
-        "nonce": world.nonce,
-        "purpose": "reward",
-        "run_id": RUN,
-        "sections": [],
-        "step": 0,
-    }
+    header = {**_header(world, 1), "sections": []}
     for key, value in [
         ("step", True),
         ("step", -1),
@@ -366,150 +355,127 @@ def test_mistyped_header_fields_are_refused(world: World) -> None:
         ("client_id", "../etc"),
         ("sections", [[1, "nothex"]]),
         ("n_scores", 1.0),
+        ("blinding", "00"),
+        ("items", "not a digest"),
     ]:
         raw = canonical_json({**header, key: value})
         with pytest.raises(PayloadError, match=f"field '{key}'"):
             parse_reply(_signed_raw(world.clients[0], raw), world.pub, world.registry)
 
 
-# ---------------------------------------------------------------- key authority
+def test_an_unusable_round_key_is_refused_by_the_client(world: World) -> None:
+    for key in ("00" * 32, "not hex", "ab" * 16):  # a low-order point, garbage, a short key
+        with pytest.raises(ValueError, match="round's mask key"):
+            seal_reply(world.clients[0], world.pub, run_id=RUN, step=0, nonce=world.nonce, purpose="reward",
+                       scores=np.ones(3), mask_key=key)  # fmt: skip
 
 
-def test_blinded_release_precision_and_ledger(world: World) -> None:
+# ---------------------------------------------------------------- the key authority
+
+
+def test_release_precision_masking_and_ledger(world: World, decryptions: list[np.ndarray]) -> None:
     rng = np.random.default_rng(2)
     n = 5000
     scores = [rng.uniform(-R, R, n) for _ in range(3)]
     scores[0][:10] = R
     scores[1][:10] = -R
     weights = _weights(rng, n, 3)
-    request, mask = world.request(world.payloads(scores), weights)
-    raw = parse_response(world.authority.decrypt(request), world.authority.signer.public_key_hex, request)
-    assert np.array_equal(raw * 2**17, np.rint(raw * 2**17))  # rounded to the documented grid
-    assert np.max(np.abs(raw)) > 1e6  # the authority only saw masked values
-    error = Blinder.unblind(raw, mask) - insecure_plaintext_fusion(scores, weights)
+    released = world.release(world.payloads(scores), weights)
+    (seen,) = decryptions
+    assert np.max(np.abs(seen)) > 1e6  # the authority only ever decrypted masked values
+    error = released - insecure_plaintext_fusion(scores, weights)
     assert np.max(np.abs(error)) < 1e-4
     assert 2e-6 < np.std(error) < 3e-5  # flooded, not raw
     (entry,) = Ledger(world.state_dir / "ledger.jsonl").entries()
     assert entry["kind"] == KIND_REWARD_RELEASE and entry["epsilon"] == 0.0
-    assert entry["details"]["contributors"] == ["client-0", "client-1", "client-2"]
-    assert entry["details"]["count"] == n and entry["details"]["precision"] == 2.0**-17
-    assert entry["details"]["mode"] == "blinded" and entry["accountant"] == "none (post-processing)"
+    details = entry["details"]
+    assert details["contributors"] == ["client-0", "client-1", "client-2"]
+    assert details["count"] == n and details["precision"] == 2.0**-17 and details["items_sha256"]
+    assert details["max_weight"] == weights.max() and details["score_half_width"] > 0
+    assert entry["accountant"] == "none (post-processing)"
     assert verify_ledger(world.state_dir / "ledger.jsonl", {"authority": _AUTHORITY_KEY.public_key_hex}).ok
 
 
-def test_rederive_release_and_router_gradient_sum(world: World) -> None:
+def test_router_gradient_sum(world: World) -> None:
     rng = np.random.default_rng(3)
     scores = [rng.uniform(-R, R, 700) for _ in range(3)]
-    weights = _weights(rng, 700, 3)
-    released = world.release(*world.request(world.payloads(scores), weights, rederive=True))
-    assert np.max(np.abs(released - insecure_plaintext_fusion(scores, weights))) < 1e-4
-    world.next_step()
-    payloads = world.payloads(scores, purpose="router_gradient")
-    released = world.release(*world.request(payloads, None, purpose="router_gradient"))
+    released = world.release(world.payloads(scores, purpose="router_gradient"), None, "router_gradient")
     assert np.max(np.abs(released - insecure_plaintext_fusion(scores, None))) < 1e-4
     kinds = [e["kind"] for e in Ledger(world.state_dir / "ledger.jsonl").entries()]
-    assert kinds == [KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE]
+    assert kinds == [KIND_ROUTER_GRADIENT_RELEASE]
 
 
 def test_replayed_nonce_is_refused_even_after_restart(world: World, secret: ts.Context) -> None:
     scores = [np.ones(50)] * 3
-    request, mask = world.request(world.payloads(scores), np.full((50, 3), 1 / 3))
-    world.release(request, mask)
+    request = world.build(world.payloads(scores), np.full((50, 3), 1 / 3))
+    world.authority.decrypt(request)
     with pytest.raises(PolicyError, match="replayed nonce"):
         world.authority.decrypt(request)
     key = save_secret_context(secret, world.state_dir / "authority.ckks", "pw", ScryptParams(n=2**12))
-    restarted = KeyAuthority.open(
-        key,
-        "pw",
-        world.authority.signer,
-        clients=world.registry,
-        server_public_key=world.server.public_key_hex,
-        state_dir=world.state_dir,
-    )
+    restarted = KeyAuthority.open(key, "pw", world.authority.signer, clients=world.registry,
+                                  server_public_key=world.server.public_key_hex, state_dir=world.state_dir)
     with pytest.raises(PolicyError, match="replayed nonce"):
         restarted.decrypt(request)
     world.nonce = new_nonce()  # a fresh nonce for the same step: stale
-    request, _ = world.request(world.payloads(scores), np.full((50, 3), 1 / 3))
     with pytest.raises(PolicyError, match="stale step"):
-        restarted.decrypt(request)
+        restarted.decrypt(world.build(world.payloads(scores), np.full((50, 3), 1 / 3)))
 
 
 def test_too_few_or_duplicate_contributors_are_refused(world: World, secret: ts.Context) -> None:
     payloads = world.payloads([np.ones(20)] * 2, clients=world.clients[:2])
     strict = _make_authority(secret, world.server, world.clients, world.state_dir / "strict", k_min=3)
-    request, _ = world.request(payloads, np.full((20, 2), 0.5))
     with pytest.raises(PolicyError, match="too few contributors: 2 < k_min=3"):
-        strict.decrypt(request)
-    request, _ = world.request([payloads[0], payloads[0]], np.full((20, 2), 0.5))
+        strict.decrypt(world.build(payloads, np.full((20, 2), 0.5)))
     with pytest.raises(PolicyError, match="duplicate contributors"):
-        world.authority.decrypt(request)
+        world.authority.decrypt(world.build([payloads[0], payloads[0]], np.full((20, 2), 0.5)))
 
 
-def test_invalid_weights_are_refused(world: World) -> None:
-    replies = world.replies(world.payloads([np.ones(20)] * 3))
-    statements = [r.statement.raw for r in replies]
-    fused = fuse(world.pub.context, [r.ciphertexts for r in replies], np.full((20, 3), 1 / 3))
+def test_invalid_weights_or_items_are_refused(world: World) -> None:
+    payloads = world.payloads([np.ones(20)] * 3)
     for weights, reason in [
         (np.tile([0.995, 0.0025, 0.0025], (20, 1)), "below the floor"),
+        (np.tile([0.97, 0.015, 0.015], (20, 1)), "below the floor"),  # the authority's 0.02, not 0.01
         (np.full((20, 3), 0.4), "sum to 1"),
         (np.where(np.eye(20, 3) > 0, np.inf, 1 / 3), "NaN or infinity"),
     ]:
         with pytest.raises(PolicyError, match=reason):
-            world.authority.decrypt(world.build(statements, weights, fused))
+            world.authority.decrypt(world.build(payloads, weights))
     with pytest.raises(PolicyError, match="needs the router weights"):
-        world.authority.decrypt(world.build(statements, None, replies[0].ciphertexts))
-    gradient = world.replies(world.payloads([np.ones(20)] * 3, purpose="router_gradient"), "router_gradient")
-    statements = [r.statement.raw for r in gradient]
-    request = world.build(statements, np.full((20, 3), 1 / 3), fused, "router_gradient")
+        world.authority.decrypt(world.build(payloads, None))
+    with pytest.raises(PolicyError, match="commits to other items"):
+        world.authority.decrypt(world.build(payloads, np.full((20, 3), 1 / 3), items=digests(20, "other")))
+    gradient = world.payloads([np.ones(20)] * 3, purpose="router_gradient")
     with pytest.raises(PolicyError, match="takes no weights"):
-        world.authority.decrypt(request)
-
-
-def test_forged_or_mismatched_statements_are_refused(world: World) -> None:
-    payloads = world.payloads([np.ones(20)] * 3)
-    forged = bytearray(payloads[2])
-    forged[_statement_len(payloads[2]) - 1] ^= 1  # last signature byte
-    replies = world.replies(payloads)
-    statements = [r.statement.raw for r in replies]
-    weights = np.full((20, 3), 1 / 3)
-    fused = fuse(world.pub.context, [r.ciphertexts for r in replies], weights)
-    with pytest.raises(PolicyError, match="statement 2 does not verify: signature"):
-        forged_statement = bytes(forged[: _statement_len(payloads[2])])
-        world.authority.decrypt(world.build([*statements[:2], forged_statement], weights, fused))
-    with pytest.raises(PolicyError, match="statement 0 does not verify: .*nonce"):
-        world.authority.decrypt(world.build(statements, weights, fused, nonce=new_nonce()))
+        world.authority.decrypt(world.build(gradient, np.full((20, 3), 1 / 3), "router_gradient"))
+    itemised = world.payloads([np.ones(20)] * 3, purpose="router_gradient", items=digests(20))
+    with pytest.raises(PolicyError, match="takes no weights or items"):
+        world.authority.decrypt(world.build(itemised, None, "router_gradient"))
 
 
 def test_requests_from_outsiders_or_other_contexts_are_refused(world: World) -> None:
     payloads = world.payloads([np.ones(20)] * 3)
-    world.server = Signer.generate("server")  # not the key the authority knows
-    request, _ = world.request(payloads, np.full((20, 3), 1 / 3))
+    server, world.server = world.server, Signer.generate("server")  # not the key the authority knows
     with pytest.raises(PayloadError, match="signature of the server"):
-        world.authority.decrypt(request)
-    world.pub = public_context_of(create_secret_context())
-    vectors = encrypt_packed(world.pub.context, np.ones(20))
-    request = world.build([p[: _statement_len(p)] for p in payloads], np.full((20, 3), 1 / 3), vectors)
+        world.authority.decrypt(world.build(payloads, np.full((20, 3), 1 / 3)))
+    world.server = server
+    foreign = public_context_of(create_secret_context())
+    world.pub, pub = foreign, world.pub
+    payloads = world.payloads([np.ones(20)] * 3)
+    world.pub = pub
+    request = build_request(world.server, foreign, run_id=RUN, step=0, nonce=world.nonce, purpose="reward",
+                            n_scores=20, replies=payloads, weights=np.full((20, 3), 1 / 3), items=digests(20))
     with pytest.raises(PayloadError, match="foreign context"):
         world.authority.decrypt(request)
 
 
-def test_rederive_refuses_a_submission_that_is_not_the_fusion(world: World) -> None:
-    scores = [np.full(30, 1.0), np.full(30, 2.0), np.full(30, 3.0)]
-    payloads = world.payloads(scores)
-    replies = world.replies(payloads)
-    claimed = np.full((30, 3), 1 / 3)
-    mostly_first = np.tile([0.98, 0.01, 0.01], (30, 1))
-    fused = fuse(world.pub.context, [r.ciphertexts for r in replies], mostly_first)
-    request = world.build([r.statement.raw for r in replies], claimed, fused, payloads=payloads)
-    with pytest.raises(PolicyError, match=r"not sum_k W ct_k"):
-        world.authority.decrypt(request)
-
-
-def test_out_of_range_decryption_is_not_released(world: World) -> None:
-    replies = world.replies(world.payloads([np.ones(20)] * 3))
-    weights = np.full((20, 3), 1 / 3)
-    crafted = fuse(world.pub.context, [encrypt_packed(world.pub.context, np.full(20, 1e12))] * 3, weights)
-    request = world.build([r.statement.raw for r in replies], weights, crafted)
+def test_a_client_out_of_range_is_not_released(world: World) -> None:
+    """A client that encrypts values beyond R + M (it skipped the clipping): nothing is released."""
+    client = world.clients[0]
+    vectors = encrypt_packed(world.pub.context, np.full(20, 2.0**40))
+    header = _header(world, 20, items=items_digest(digests(20)), blinding=MaskKey().public_hex)
+    big = _frame(client, b"SMRC", header, [v.serialize() for v in vectors])
+    others = world.payloads([np.ones(20)] * 2, clients=world.clients[1:])
+    request = world.build([big, *others], np.full((20, 3), 1 / 3), n=20)
     with pytest.raises(PolicyError, match="out of range"):
         world.authority.decrypt(request)
     with pytest.raises(PolicyError, match="replayed"):  # the nonce was burned before decryption
@@ -517,7 +483,7 @@ def test_out_of_range_decryption_is_not_released(world: World) -> None:
 
 
 def test_response_is_bound_to_its_request_and_the_authority(world: World) -> None:
-    request, _ = world.request(world.payloads([np.ones(20)] * 3), np.full((20, 3), 1 / 3))
+    request = world.build(world.payloads([np.ones(20)] * 3), np.full((20, 3), 1 / 3))
     response = world.authority.decrypt(request)
     with pytest.raises(PayloadError, match="different request"):
         parse_response(response, _AUTHORITY_KEY.public_key_hex, request + b"x")
@@ -525,7 +491,16 @@ def test_response_is_bound_to_its_request_and_the_authority(world: World) -> Non
         parse_response(response, Signer.generate("authority").public_key_hex, request)
 
 
-# ---------------------------------------------------------------- noise flooding and blinding
+def test_the_server_refuses_a_release_that_does_not_unmask(world: World) -> None:
+    """Replies masked for another round key (a stale key, a mix-up) cannot be unmasked: refused."""
+    scores = [np.ones(20)] * 3
+    payloads = world.payloads(scores)
+    world.mask_key = MaskKey()
+    with pytest.raises(RoundRefused, match="does not unmask"):
+        world.release(payloads, np.full((20, 3), 1 / 3))
+
+
+# ---------------------------------------------------------------- noise flooding and masking
 
 
 def test_flooding_dominates_the_measured_decryption_error() -> None:
@@ -538,33 +513,166 @@ def test_flooding_dominates_the_measured_decryption_error() -> None:
     assert fresh.max_abs < 1e-7
 
 
-def test_blinded_view_is_independent_of_the_rewards(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_what_the_authority_decrypts_is_independent_of_the_rewards(world: World, decryptions) -> None:
     stats = pytest.importorskip("scipy.stats")
-    seen: list[np.ndarray] = []  # exactly what the authority decrypts, before flooding
-    flood = authority_module.flood_and_round
-
-    def spy(values: np.ndarray, config: ReleaseConfig) -> np.ndarray:
-        seen.append(values.copy())
-        return flood(values, config)
-
-    monkeypatch.setattr(authority_module, "flood_and_round", spy)
     n, trials = 2048, 5
     constant = [np.full(n, R)] * 2  # fused value R everywhere
     ramp = [np.linspace(-R, R, n)] * 2  # fused values spread over [-R, R]
     views = {}
     for name, scores in (("constant", constant), ("ramp", ramp)):
-        start = len(seen)
+        start = len(decryptions)
         for _ in range(trials):
             world.next_step()
-            payloads = world.payloads(scores, clients=world.clients[:2])
-            world.release(*world.request(payloads, np.full((n, 2), 0.5)))
-        views[name] = np.concatenate(seen[start:])
+            world.release(world.payloads(scores, clients=world.clients[:2], items=digests(n, f"{name} {world.step}")),
+                          np.full((n, 2), 0.5), items=digests(n, f"{name} {world.step}"))  # fmt: skip
+        views[name] = np.concatenate(decryptions[start:])
     a, b = views["constant"], views["ramp"]
     assert stats.ks_2samp(a, b).pvalue > 1e-4
-    # What the authority saw is uncorrelated with the rewards and centred like the mask.
+    # What the authority saw is uncorrelated with the rewards and centred like the masks.
     rewards = np.tile(ramp[0], trials)
     assert abs(np.corrcoef(b, rewards)[0, 1]) < 5 / np.sqrt(len(b))
-    spread = ReleaseConfig().mask_bound / np.sqrt(3 * len(a))
+    spread = ReleaseConfig().mask_bound / np.sqrt(6 * len(a))  # the mean of two masks, each uniform on +-M
     assert abs(a.mean()) < 5 * spread and abs(b.mean()) < 5 * spread
-    # Control: without the mask the same test tells the two reward vectors apart at once.
+    # Control: without the masks the same test tells the two reward vectors apart at once.
     assert stats.ks_2samp(np.full(len(a), R), rewards).pvalue < 1e-10
+
+
+# ---------------------------------------------------------------- attacks (all through the public API)
+
+
+def _crafted_vector(ctx: ts.Context, c0: int, c1: int, n: int) -> ts.CKKSVector:
+    """The CKKS 'ciphertext' (c0, c1) with constant polynomials, at the fresh level and scale:
+    (0, Delta) decrypts to Delta * s, i.e. the canonical embedding of the secret key s."""
+    template = ts.ckks_vector(ctx, [0.0] * n)
+    ct = template.ciphertext()[0]
+    degree, count = ct.poly_modulus_degree(), ct.coeff_modulus_size()
+    primes = [m.value() for m in ctx.seal_context().data.get_context_data(ct.parms_id()).parms().coeff_modulus()]
+    polys = [np.concatenate([np.full(degree, value % q, dtype="<u8") for q in primes]) for value in (c0, c1)]
+    coefficients = np.concatenate(polys).tobytes()  # NTT form of a constant polynomial: the constant
+
+    def seal_header(size: int) -> bytes:  # SEAL 4.x serialization header, no compression
+        return struct.pack("<HBBBBHQ", 0xA15E, 16, 4, 3, 0, 0, size)
+
+    data = seal_header(24 + len(coefficients)) + struct.pack("<Q", 2 * degree * count) + coefficients
+    members = struct.pack("<4Q", *ct.parms_id()) + b"\x01" + struct.pack("<QQQdQ", 2, degree, count, ct.scale, 1)
+    seal = seal_header(16 + len(members) + len(data)) + members + data
+    return ts.ckks_vector_from(ctx, _replace_field(template.serialize(), 2, seal))
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        value, shift, i = value | (data[i] & 0x7F) << shift, shift + 7, i + 1
+        if not data[i - 1] & 0x80:
+            return value, i
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value >> 7 else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _replace_field(message: bytes, number: int, payload: bytes) -> bytes:
+    """A protobuf message (TenSEAL's CKKSVector: the SEAL ciphertext is field 2) with one
+    length-delimited field's bytes replaced."""
+    out, i = bytearray(), 0
+    while i < len(message):
+        tag, j = _varint(message, i)
+        kind = tag & 7
+        if kind == 2:
+            length, k = _varint(message, j)
+            end = k + length
+            out += message[i:end] if tag >> 3 != number else message[i:j] + _encode_varint(len(payload)) + payload
+        else:
+            end = j + 8 if kind == 1 else _varint(message, j)[1]  # fixed64 (the scale) or a varint
+            out += message[i:end]
+        i = end
+    return bytes(out)
+
+
+def test_attack_the_crafted_key_recovery_ciphertext_is_never_decrypted(
+    world: World, secret: ts.Context, decryptions: list[np.ndarray]
+) -> None:
+    """(c0, c1) = (0, Delta) decrypts to the secret key's canonical embedding (within +-192): one such
+    decryption would give the server the key. The request has no place for a ciphertext of the
+    server's, and a client's reply carrying it does not verify."""
+    crafted = _crafted_vector(world.pub.context, 0, int(world.pub.context.global_scale), 20)
+    key_view = np.asarray(ts.ckks_vector_from(secret, crafted.serialize()).decrypt())
+    assert 10 < np.max(np.abs(key_view)) < 300  # it is the key: small, inside any range check
+    payloads = world.payloads([np.ones(20)] * 3)
+    weights = np.full((20, 3), 1 / 3)
+    statement_length = len(parse_reply(payloads[0], world.pub, world.registry).statement.raw)
+    # 1. in place of client-0's ciphertext, under client-0's signed statement
+    swapped = payloads[0][:statement_length] + crafted.serialize()
+    with pytest.raises(PolicyError, match="client reply 0 does not verify: .*body is|digest"):
+        world.authority.decrypt(world.build([swapped, *payloads[1:]], weights, n=20))
+    # 2. as a reply the server signs in client-0's name, or in its own
+    header = _header(world, 20, items=items_digest(digests(20)), blinding=MaskKey().public_hex)
+    for signer in (world.server, Signer("client-0", world.server.private_key)):
+        forged = _frame(signer, b"SMRC", {**header, "client_id": signer.party}, [crafted.serialize()])
+        with pytest.raises(PolicyError, match="unknown client|signature of client"):
+            world.authority.decrypt(world.build([forged, *payloads[1:]], weights, n=20))
+    # 3. the old request layout, signed by the server: a "fused" ciphertext of its own after the replies
+    header = {"context": world.pub.fingerprint, "contributors": 3, "n_scores": 20, "nonce": world.nonce,
+              "purpose": "reward", "run_id": RUN, "step": world.step, "weights": [20, 3]}  # fmt: skip
+    described = [np.ascontiguousarray(weights, "<f8").tobytes(), b"".join(digests(20))]
+    legacy = _frame(world.server, b"SMRQ", header, [*described, *payloads, crafted.serialize()])
+    with pytest.raises(PayloadError, match="expected 5 body sections, header lists 6"):
+        world.authority.decrypt(legacy)
+    assert decryptions == []  # nothing at all was decrypted
+    # The honest request of the same round still goes through (nothing above burned its nonce).
+    assert np.max(np.abs(world.release(payloads, weights) - 1.0)) < 1e-4
+
+
+def test_attack_one_item_under_two_w_rows_is_refused(world: World, decryptions) -> None:
+    """Placing one item (here: one prompt) in two rows with different W rows gives the server two
+    equations in its scores; K such rows give every client's score. Refused, within a release and
+    against earlier releases of the run."""
+    n = 6
+    items = digests(n)
+    twice = [*items[:5], items[0]]  # item 0 appears again as row 5
+    payloads = world.payloads([np.arange(n, dtype=float)] * 3, items=twice)
+    weights = np.full((n, 3), 1 / 3)
+    weights[5] = [0.5, 0.3, 0.2]
+    with pytest.raises(PolicyError, match="item 5 .* another W row"):
+        world.authority.decrypt(world.build(payloads, weights, items=twice))
+    weights[5] = 1 / 3  # the same row twice: allowed (an answer repeated by the policy)
+    world.next_step()
+    world.release(world.payloads([np.arange(n, dtype=float)] * 3, items=twice), weights, items=twice)
+    # A later round of the run: prompt 0 under another row is refused; under its own row it is fine.
+    world.next_step()
+    again = [items[0], *digests(n - 1, "new")]
+    later = np.full((n, 3), 1 / 3)
+    later[0] = [0.6, 0.2, 0.2]
+    with pytest.raises(PolicyError, match="item 0 .* another W row"):
+        world.authority.decrypt(world.build(world.payloads([np.ones(n)] * 3, items=again), later, items=again))
+    world.next_step()
+    later[0] = 1 / 3
+    world.release(world.payloads([np.ones(n)] * 3, items=again), later, items=again)
+    # ... also with a client missing: renormalised over two clients, the row is another row
+    world.next_step()
+    two = world.payloads([np.ones(n)] * 2, clients=world.clients[:2], items=again)
+    with pytest.raises(PolicyError, match="item 0 .* another W row"):
+        world.authority.decrypt(world.build(two, np.full((n, 2), 0.5), items=again))
+    assert len(decryptions) == 2  # only the two allowed releases
+
+
+def test_attack_a_ciphertext_from_another_step_is_refused(world: World, decryptions) -> None:
+    """The server replays a client's reply of the previous round (or of another purpose) in a fresh
+    round: the authority checks every reply against the request's run, step, nonce and purpose."""
+    old = world.payloads([np.ones(10)] * 3)
+    world.release(old, np.full((10, 3), 1 / 3))
+    world.next_step()
+    fresh = world.payloads([np.ones(10)] * 3, items=digests(10))
+    with pytest.raises(PolicyError, match="client reply 1 does not verify: .*step=0, expected 1"):
+        world.authority.decrypt(world.build([fresh[0], old[1], fresh[2]], np.full((10, 3), 1 / 3)))
+    world.next_step()
+    gradient = world.payloads([np.ones(10)] * 3, purpose="router_gradient")
+    rewards = world.payloads([np.ones(10)] * 3)
+    with pytest.raises(PolicyError, match="client reply 2 does not verify: .*purpose='router_gradient'"):
+        world.authority.decrypt(world.build([*rewards[:2], gradient[2]], np.full((10, 3), 1 / 3)))
+    assert len(decryptions) == 1

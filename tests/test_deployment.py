@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from secure_mor.audits.ledger import KIND_REWARD_RELEASE, KIND_STEP_SKIPPED, Ledger, verify_ledger
-from secure_mor.crypto.pki import PkiError, init_pki, node_keys
-from secure_mor.crypto.signing import Signer, read_registry, save_signer
+from secure_mor.crypto.pki import AUTH_KEY, PkiError, init_pki, party_keys, read_registry_signed, register_party
+from secure_mor.crypto.signing import Signer, load_signer, publish_public_key, read_registry, save_signer
 from secure_mor.data import directory_digest
 from secure_mor.deployment import TINY_RUN, LocalDeployment
 from secure_mor.federation import FederationError
@@ -61,37 +61,56 @@ def _wait_for_grpo_step(deployment: LocalDeployment, step: int, timeout: float =
     raise TimeoutError(f"GRPO step {step} not reached after {timeout:.0f} s")
 
 
-def test_pki_makes_what_flower_and_tls_expect_with_private_keys_0600(tmp_path):
+def test_each_party_makes_its_keys_and_the_operator_sees_only_public_halves(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
     from flwr.cli.supernode.register import try_load_public_key
 
-    pki = init_pki(tmp_path, hosts=("link.example.org", "127.0.0.1"))
-    node_keys(tmp_path, "client-0")
+    pki = init_pki(tmp_path / "pki", hosts=("link.example.org", "127.0.0.1"))
+    party = tmp_path / "client-0" / "keys"  # on the institution's machine
+    public = party_keys(party, "client-0", "its passphrase")
+    register_party(pki.directory, "client-0", party)
     cert = x509.load_pem_x509_certificate(pki.superlink_cert.read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["link.example.org"]
     assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()))
     assert try_load_public_key(pki.auth_public_key("client-0"))  # what `flwr supernode register` reads
-    assert load_ssh_private_key(pki.auth_key("client-0").read_bytes(), None).curve.name == "secp384r1"
-    for key in (pki.ca_key, pki.superlink_key, pki.auth_key("client-0"), pki.signing_key("client-0")):
+    assert load_ssh_private_key((party / AUTH_KEY).read_bytes(), None).curve.name == "secp384r1"
+    for key in (pki.ca_key, pki.superlink_key, party / AUTH_KEY, party / "client-0.key"):
         assert key.stat().st_mode & 0o777 == 0o600, key
-    assert read_registry(pki.registry)["client-0"] == (pki.node_dir("client-0") / "client-0.pub").read_text().strip()
+    assert party.stat().st_mode & 0o777 == 0o700 and b"ENCRYPTED" in (party / "client-0.key").read_bytes()
+    assert sorted(p.name for p in public) == ["client-0.pub", "supernode-auth.pub"]
+    # the operator holds no private key of the party
+    held = {p.name for p in pki.directory.rglob("*") if p.is_file()}
+    assert "client-0.key" not in held and AUTH_KEY not in held
+    signed = read_registry_signed(pki.registry, pki.ca_cert)
+    assert signed["client-0"] == load_signer("client-0", party, "its passphrase").public_key_hex
     with pytest.raises(PkiError):
-        init_pki(tmp_path)
+        init_pki(pki.directory)
     with pytest.raises(PkiError):
-        node_keys(tmp_path, "client-0")
+        party_keys(party, "client-0", "again")
+    with pytest.raises(PkiError, match="registered already"):
+        register_party(pki.directory, "client-0", party)
+    # a key slipped into the registry without the CA's signature is not trusted
+    publish_public_key(Signer.generate("client-1"), pki.registry)
+    with pytest.raises(PkiError, match="'client-1' .* not signed by the operator's CA"):
+        read_registry_signed(pki.registry, pki.ca_cert)
 
 
 def test_the_server_trusts_only_the_registry_keys(tmp_path):
-    node_keys(tmp_path, "client-0")
-    keys = read_registry(tmp_path / "registry")
-    assert trusted_keys(tmp_path / "registry", ["client-0"], keys) == keys
+    pki = init_pki(tmp_path / "pki")
+    party_keys(tmp_path / "client-0", "client-0", "its passphrase")
+    register_party(pki.directory, "client-0", tmp_path / "client-0")
+    keys = read_registry(pki.registry)
+    assert trusted_keys(pki.registry, ["client-0"], keys, pki.ca_cert) == keys
     with pytest.raises(AlignError, match="presents a key"):
-        trusted_keys(tmp_path / "registry", ["client-0"], {"client-0": Signer.generate("client-0").public_key_hex})
+        trusted_keys(pki.registry, ["client-0"], {"client-0": Signer.generate("client-0").public_key_hex})
     with pytest.raises(AlignError, match="not in the registry"):
-        trusted_keys(tmp_path / "registry", ["client-0", "client-1"], {**keys, "client-1": "00"})
+        trusted_keys(pki.registry, ["client-0", "client-1"], {**keys, "client-1": "00"})
+    (pki.registry / "client-0.pub").write_text(Signer.generate("client-0").public_key_hex)  # swapped by someone
+    with pytest.raises(AlignError, match="refused by the key registry: .*not signed"):
+        trusted_keys(pki.registry, ["client-0"], keys, pki.ca_cert)
 
 
 def test_the_superlink_refuses_unregistered_nodes_and_plaintext(tmp_path):
@@ -99,8 +118,8 @@ def test_the_superlink_refuses_unregistered_nodes_and_plaintext(tmp_path):
     try:
         deployment.prepare()
         deployment.start_superlink()
-        node_keys(deployment.pki.directory, "stranger")  # a well-formed key the operator never registered
-        stranger = deployment.start_node("client-0", auth_key=deployment.pki.auth_key("stranger"), max_retries=2)
+        party_keys(tmp_path / "stranger", "stranger", "x")  # a well-formed key the operator never registered
+        stranger = deployment.start_node("client-0", auth_key=tmp_path / "stranger" / AUTH_KEY, max_retries=2)
         plaintext = deployment.start_node("authority", authenticate=False, tls=False, max_retries=2)
         assert stranger.wait(timeout=120) != 0 and plaintext.wait(timeout=120) != 0
         assert "No SuperNode found with the given public key" in deployment.log("superlink")
@@ -145,8 +164,10 @@ def test_secure_alignment_on_the_deployment_runtime_survives_lost_client_nodes_a
     assert results["config"]["registry"] == str(deployment.registry("server"))
     assert results["grpo"]["steps"] == 3 and results["grpo"]["rounds"] == 3 and results["router"]["steps"] == 2
     assert {c["arch"] for c in results["clients"].values()} == {"cnn-gru", "vit-xattn", "minilm-head"}
-    # each institution kept its state on its own disk, and only there
+    # each institution kept its state on its own disk, and only there; no passphrase beside a key
     assert (deployment.state_dir("authority") / "authority" / "secret.key").exists()
+    assert not [p for p in tmp_path.rglob("*passphrase*") if "secrets" not in p.parts]
+    assert not [p for p in deployment.pki.directory.rglob("*.key") if p.name not in ("ca.key", "superlink.key")]
     assert not (deployment.run_dir / "authority").exists() and not (deployment.run_dir / "clients").exists()
     for k in range(3):
         own = deployment.state_dir(f"client-{k}") / "clients" / f"client-{k}"
@@ -181,8 +202,10 @@ def test_a_payload_key_not_in_the_registry_is_refused(tmp_path):
     deployment = LocalDeployment(tmp_path, num_clients=2)
     try:
         deployment.start()
-        # client-1's node signs with a key of its own making, not the one the operator registered
-        save_signer(Signer.generate("client-1"), deployment.state_dir("client-1") / "clients" / "client-1" / "keys")
+        # client-1's node signs with another key than the one the operator registered
+        (deployment.key_dir("client-1") / "client-1.key").unlink()
+        passphrase = deployment.secret("client-1", "signing-key")
+        save_signer(Signer.generate("client-1"), deployment.key_dir("client-1"), passphrase)
         with pytest.raises(FederationError, match="refused by the key registry"):
             deployment.run(TINY_RUN, timeout=1200)
     finally:

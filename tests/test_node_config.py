@@ -1,9 +1,11 @@
 """What a SuperNode's node config points a node at: a client's own preference data (`data-dir`)
-and an operator-issued signing key (`key-dir`), never one the node makes itself."""
+and the signing key the institution made beforehand, encrypted (`key-dir`), never one the node
+makes itself; and where the key authority's passphrase may not be: beside its key."""
 
 from __future__ import annotations
 
 import json
+import stat
 
 import pytest
 
@@ -11,7 +13,16 @@ from secure_mor.clients.node import ClientNode
 from secure_mor.config import DataSpec
 from secure_mor.crypto.authority_node import AuthorityNode
 from secure_mor.crypto.context import context_fingerprint, create_secret_context, export_public_context
-from secure_mor.crypto.signing import Signer, save_signer
+from secure_mor.crypto.pki import party_keys
+from secure_mor.crypto.signing import (
+    KEY_PASSPHRASE_ENV,
+    SECRETS_DIR_ENV,
+    SignatureError,
+    Signer,
+    load_signer,
+    publish_public_key,
+    save_signer,
+)
 from secure_mor.data import DatasetError, directory_digest, load_preference_pairs, save_preference_pairs
 from secure_mor.protocol import ProtocolError
 
@@ -27,13 +38,16 @@ def _set_up(node: ClientNode, spec: DataSpec) -> None:
     node.setup({"context": context, "fingerprint": context_fingerprint(context), "data_spec": spec_json})
 
 
-def test_a_client_node_trains_on_its_data_dir_and_signs_with_its_key_dir(tmp_path, data):
+def test_a_client_node_trains_on_its_data_dir_and_signs_with_its_key_dir(tmp_path, data, monkeypatch):
     spec = DataSpec.of_run(num_clients=3, seed=0, pairs_per_client=40, calibration_pairs=60)
     own = data.clients[1].select(range(24))  # not the split's share: the node must read its own
     save_preference_pairs(own, tmp_path / "data")
-    signer = Signer.generate("client-1")
-    save_signer(signer, tmp_path / "keys")
+    party_keys(tmp_path / "keys", "client-1", "its own passphrase")  # the institution makes its keys
+    signer = load_signer("client-1", tmp_path / "keys", "its own passphrase")
     node = ClientNode(tmp_path / "state", 1, data_dir=tmp_path / "data", key_dir=tmp_path / "keys")
+    with pytest.raises(ProtocolError, match="encrypted: set SECURE_MOR_KEY_PASSPHRASE"):
+        node.identify({})
+    monkeypatch.setenv(KEY_PASSPHRASE_ENV, "its own passphrase")
 
     assert node.identify({})["public_key"] == signer.public_key_hex
     _set_up(node, spec)
@@ -47,7 +61,7 @@ def test_a_client_node_trains_on_its_data_dir_and_signs_with_its_key_dir(tmp_pat
     assert reply["total_epsilon"] <= 4.0
 
 
-def test_a_missing_operator_key_or_bad_data_is_refused_before_any_work(tmp_path, data):
+def test_a_missing_or_unencrypted_key_or_bad_data_is_refused_before_any_work(tmp_path, data, monkeypatch):
     node = ClientNode(tmp_path / "state", 0, key_dir=tmp_path / "no-keys")
     with pytest.raises(ProtocolError, match="no signing key client-0.key in key-dir"):
         node.identify({})
@@ -55,6 +69,10 @@ def test_a_missing_operator_key_or_bad_data_is_refused_before_any_work(tmp_path,
     authority = AuthorityNode(tmp_path / "authority", key_dir=tmp_path / "no-keys")
     with pytest.raises(ProtocolError, match="no signing key authority.key in key-dir"):
         authority.handle("identify", {})
+    save_signer(Signer.generate("client-0"), tmp_path / "plain")  # a key-dir's key must be encrypted
+    monkeypatch.setenv(KEY_PASSPHRASE_ENV, "a passphrase")
+    with pytest.raises(SignatureError, match="wrong passphrase or damaged key"):
+        ClientNode(tmp_path / "state", 0, key_dir=tmp_path / "plain").identify({})
 
     with pytest.raises(DatasetError, match="no preference data"):
         load_preference_pairs(tmp_path / "nothing")
@@ -63,3 +81,24 @@ def test_a_missing_operator_key_or_bad_data_is_refused_before_any_work(tmp_path,
     data.clients[0].remove_columns("rejected_text").save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DatasetError, match=r"missing \['rejected_text'\]"):
         load_preference_pairs(tmp_path / "bad")
+
+
+def test_the_authoritys_passphrase_is_never_beside_its_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("SECURE_MOR_AUTHORITY_PASSPHRASE", raising=False)
+    monkeypatch.setenv(SECRETS_DIR_ENV, str(tmp_path / "secrets"))
+    state = tmp_path / "state"
+    authority = AuthorityNode(state)
+    publish_public_key(Signer.generate("server"), state / "keys")
+    authority.handle("setup", {})
+    assert (state / "authority" / "secret.key").exists()
+    stored = list((tmp_path / "secrets").iterdir())
+    assert len(stored) == 1 and stat.S_IMODE((tmp_path / "secrets").stat().st_mode) == 0o700
+    assert not any(p.name.endswith("passphrase") for p in state.rglob("*"))  # nothing beside the key
+    assert AuthorityNode(state).handle("setup", {})["fingerprint"]  # a restart opens it again
+    monkeypatch.setenv(SECRETS_DIR_ENV, str(state / "secrets"))  # a secrets directory inside the state: refused
+    with pytest.raises(ValueError, match="lies inside"):
+        AuthorityNode(state).authority()
+    monkeypatch.setenv(SECRETS_DIR_ENV, str(tmp_path / "secrets"))
+    (state / "authority" / "passphrase").write_text("the old layout")
+    with pytest.raises(ProtocolError, match="lies beside the key it protects"):
+        AuthorityNode(state).authority()

@@ -23,15 +23,18 @@ from secure_mor.audits.ledger import (
 from secure_mor.clients.node import ClientNode
 from secure_mor.config import DataSpec, RunDir
 from secure_mor.crypto.authority_node import AuthorityNode
+from secure_mor.crypto.blinding import MaskKey
 from secure_mor.crypto.fusion import renormalise
+from secure_mor.crypto.params import DEFAULT_W_MIN
 from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
 from secure_mor.crypto.wire import parse_reply, parse_response
 from secure_mor.data import normalize_text
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY, score_request
 from secure_mor.server.grpo import GRPOSettings, run_grpo
-from secure_mor.server.pipeline import AlignConfig, FederatedReward, align, connect
+from secure_mor.server.pipeline import AlignConfig, AlignError, FederatedReward, align, connect
 from secure_mor.server.router_training import RouterTrainingConfig
+from secure_mor.server.secure_round import RoundRefused
 from secure_mor.server.session import SecureSession
 from secure_mor.server.transport import LocalTransport, payload_for
 
@@ -101,6 +104,7 @@ def test_tiny_alignment_writes_results_and_a_verifiable_ledger(tiny_run):
     for c in results["clients"].values():
         assert 0 < c["total_epsilon"] <= 4.0 and c["budget_epsilon"] == 4.0 and not c["reused"]
         assert set(c["preference_accuracy"]) == {"color", "shape", "presence"}
+    assert results["config"]["w_min"] == DEFAULT_W_MIN  # the key authority's floor, announced at setup
     assert results["router"]["steps"] == 2 and results["grpo"]["steps"] == 2
     assert results["grpo"]["rounds"] == 2 and results["grpo"]["skipped_rounds"] == 0
     assert (run / "align" / "mor" / "grpo_log.json").exists()
@@ -127,10 +131,11 @@ def test_the_server_never_holds_a_client_plaintext_score(tiny_run):
     request = score_request(*_items(run, 8))
     node = ClientNode(run, 0)
     scores = node._client().score([(i, q, a) for i, q, a in zip(*_items(run, 8), strict=True)])
-    reply = node.handle("score", {**request, "run_id": "probe", "step": 0, "nonce": "0" * 32})["reply"]
+    fields = {"run_id": "probe", "step": 0, "nonce": "0" * 32, "mask_key": MaskKey().public_hex}
+    reply = node.handle("score", {**request, **fields})["reply"]
     for value in scores:
         assert np.float32(value).tobytes() not in reply and np.float64(value).tobytes() not in reply
-    # What the key authority decrypted for the server was blinded: far outside [-R, R].
+    # What the key authority released to the server was masked at the source: far outside [-R, R].
     decrypted = [
         (sent["request"], reply["response"])
         for (p, a, reply), sent in zip(transport.received, transport.sent, strict=True)
@@ -158,6 +163,7 @@ def _session(run: Path, transport, federation, run_id: str, **kw) -> SecureSessi
         run_id=run_id,
         state_dir=run / "sessions" / run_id,
         ledger=Ledger(run / "ledger.jsonl"),
+        w_min=federation.w_min,
         **kw,
     )
 
@@ -198,6 +204,18 @@ def test_dropouts_late_replies_and_k_min(tiny_run):
     assert skipped["kind"] == KIND_STEP_SKIPPED and skipped["party"] == SERVER_PARTY
     assert skipped["details"]["present"] == ["client-0"] and skipped["details"]["run_id"] == "below-k-min"
     assert verify_ledger(run / "ledger.jsonl", read_registry(run / "keys")).ok
+
+
+def test_the_key_authoritys_w_min_is_the_one_floor(tiny_run):
+    run, _, _ = tiny_run
+    nodes = {**nodes_of(run), AUTHORITY_PARTY: AuthorityNode(run, w_min=0.05)}
+    federation = connect(LocalTransport(nodes), RunDir(run), RunDir(run).data_spec(), CLIENTS)
+    assert federation.w_min == 0.05
+    session = _session(run, LocalTransport(nodes), federation, "floor")
+    request = score_request(*_items(run, 4))
+    with pytest.raises(RoundRefused, match="below the floor w_min=0.05"):
+        session.fused_rewards(request, np.tile([0.96, 0.02, 0.02], (4, 1)))
+    assert len(session.fused_rewards(request, np.tile([0.9, 0.05, 0.05], (4, 1)))) == 4
 
 
 class Crash(Exception):
@@ -307,4 +325,7 @@ def test_unknown_fusion_and_objective_are_refused_before_any_work(tmp_path):
         align(LocalTransport({}), tmp_path, tiny("best"), log=lambda m: None)
     with pytest.raises(Exception, match="objective"):
         align(LocalTransport({}), tmp_path, tiny(objective="speed"), log=lambda m: None)
+    for fusion in ("single:1", "oracle"):  # in a deployment, only when the run config allows it
+        with pytest.raises(AlignError, match="reveals one client's scores.*allow-single-client=true"):
+            align(LocalTransport({}), tmp_path, tiny(fusion, registry=str(tmp_path / "registry")), log=lambda m: None)
     assert not (tmp_path / "policy").exists()

@@ -28,7 +28,7 @@ from secure_mor.audits.ledger import (
 )
 from secure_mor.audits.recompute import event_from_json
 from secure_mor.cli import app
-from secure_mor.crypto.signing import Signer, save_signer
+from secure_mor.crypto.signing import Signer, load_signer, save_signer
 
 DELTA = 1e-5
 DP_RUN = (1.0, 0.125, 16)  # noise multiplier, sample rate, steps
@@ -164,8 +164,28 @@ def test_tampered_ledger_fails_with_line_and_reason(tmp_path):
     assert result.exit_code == 1, result.output
     page = (tmp_path / "out" / "report.html").read_text()
     assert '<div class="verdict fail"><div class="status">FAIL</div>' in page
-    assert "line 1: signature by &#x27;client-0&#x27; does not verify (entry altered)" in page
+    assert "line 1: signature by &#x27;client-0&#x27; does not verify (line altered or re-chained)" in page
     assert "FAIL" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_lines_after_the_recorded_head_are_unanchored_and_a_lost_ledger_fails(tmp_path):
+    run = build_run(tmp_path)
+    lines = (run / "ledger.jsonl").read_bytes().split(b"\n")
+    (run / "ledger.jsonl").write_bytes(lines[0] + b"\n")
+    result = report(run)  # the ledger now lacks lines 2-3 that results.json anchors
+    assert result.exit_code == 1 and "line 3 is not the anchored head" in (run / "report" / "report.html").read_text()
+    (run / "ledger.jsonl").unlink()
+    result = report(run)
+    page = (run / "report" / "report.html").read_text()
+    assert result.exit_code == 1 and "no ledger.jsonl, but results.json records releases" in page
+    build_run(tmp_path / "again")
+    run = tmp_path / "again" / "run"
+    authority = load_signer("authority", run / "keys")  # a release after results.json was written
+    Ledger(run / "ledger.jsonl").append(authority, KIND_REWARD_RELEASE, mechanism=no_privacy_cost_event(), epsilon=0.0,
+                                        delta=0.0, accountant="none", total_epsilon=0.0)  # fmt: skip
+    result = report(run)
+    page = (run / "report" / "report.html").read_text()
+    assert result.exit_code == 3 and "UNANCHORED: lines 4-4 are covered by no recorded head" in page, result.output
 
 
 @pytest.mark.parametrize("line", [b'{"seq": NaN, "party": "client-0"}', b"[" * 100_000 + b"]" * 100_000, b"\xff{"])

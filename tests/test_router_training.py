@@ -16,6 +16,7 @@ from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority
 from secure_mor.crypto.context import PublicContext, create_secret_context, public_context_of
 from secure_mor.crypto.signing import Signer
 from secure_mor.crypto.wire import parse_reply, seal_reply
+from secure_mor.protocol import calibration_digests
 from secure_mor.routing import (
     GradientQuery,
     ItemUseLimiter,
@@ -36,6 +37,7 @@ from secure_mor.server.router_training import (
     train_router_plaintext,
     train_router_securely,
 )
+from secure_mor.server.secure_round import SecureRound
 
 torch.set_num_threads(1)
 R = 10.0
@@ -81,33 +83,18 @@ class SimulatedClient:
     column: int
     margins: np.ndarray  # private: its clipped margin for every calibration pair
     limiter: ItemUseLimiter = field(default_factory=ItemUseLimiter)
-    run_id: str = ""
 
-    def margin_reply(self, step: int, nonce: str, items: np.ndarray) -> bytes:
-        self.limiter.admit(step, items.tolist())
-        return seal_reply(
-            self.signer,
-            self.pub,
-            run_id=self.run_id,
-            step=step,
-            nonce=nonce,
-            purpose="reward",
-            scores=self.margins[items],
-            value_bound=R,
-        )
+    def seal(self, fields: dict, purpose: str, values: np.ndarray, items=None) -> bytes:
+        return seal_reply(self.signer, self.pub, run_id=fields["run_id"], step=fields["step"], nonce=fields["nonce"],
+                          purpose=purpose, scores=values, mask_key=fields["mask_key"], items=items)  # fmt: skip
 
-    def gradient_reply(self, step: int, nonce: str, query: GradientQuery) -> bytes:
+    def margin_reply(self, fields: dict, items: np.ndarray) -> bytes:
+        self.limiter.admit(fields["step"], items.tolist())
+        return self.seal(fields, "reward", self.margins[items], calibration_digests(items.tolist()))
+
+    def gradient_reply(self, fields: dict, query: GradientQuery) -> bytes:
         values = answer_gradient_query(query, self.margins, self.column, value_bound=R, limiter=self.limiter)
-        return seal_reply(
-            self.signer,
-            self.pub,
-            run_id=self.run_id,
-            step=step,
-            nonce=nonce,
-            purpose="router_gradient",
-            scores=values,
-            value_bound=R,
-        )
+        return self.seal(fields, "router_gradient", values)
 
 
 @dataclass
@@ -120,15 +107,15 @@ class Federation:
     received: list[bytes] = field(default_factory=list)  # everything the server-side function got
     queries: list[GradientQuery] = field(default_factory=list)
 
-    def margins(self, step: int, nonce: str, items: np.ndarray) -> list[bytes]:
-        replies = [c.margin_reply(step, nonce, items) for c in self.clients]
-        self.received += replies
+    def margins(self, fields: dict, items: np.ndarray) -> dict[str, bytes]:
+        replies = {c.signer.party: c.margin_reply(fields, items) for c in self.clients}
+        self.received += replies.values()
         return replies
 
-    def gradients(self, step: int, nonce: str, query: GradientQuery) -> list[bytes]:
+    def gradients(self, fields: dict, query: GradientQuery) -> dict[str, bytes]:
         self.queries.append(query)
-        replies = [c.gradient_reply(step, nonce, query) for c in self.clients]
-        self.received += replies
+        replies = {c.signer.party: c.gradient_reply(fields, query) for c in self.clients}
+        self.received += replies.values()
         return replies
 
     def decrypt(self, request: bytes) -> bytes:
@@ -146,23 +133,12 @@ class Federation:
         margins=None,
         gradients=None,
     ):
-        for c in self.clients:
-            c.run_id = run_id
-        return train_router_securely(
-            router,
-            x,
-            o,
-            clients=[c.signer.party for c in self.clients],
-            registry={c.signer.party: c.signer.public_key_hex for c in self.clients},
-            pub=self.pub,
-            server_signer=self.server,
-            authority_public_key=self.authority.signer.public_key_hex,
-            get_encrypted_margins=margins or self.margins,
-            get_encrypted_gradients=gradients or self.gradients,
-            decrypt=self.decrypt,
-            run_id=run_id,
-            config=config,
-        )
+        rounds = SecureRound(
+            self.pub, self.server, {c.signer.party: c.signer.public_key_hex for c in self.clients},
+            [c.signer.party for c in self.clients], self.authority.signer.public_key_hex, run_id, W_MIN, self.decrypt,
+        )  # fmt: skip
+        return train_router_securely(router, x, o, rounds=rounds, get_encrypted_margins=margins or self.margins,
+                                     get_encrypted_gradients=gradients or self.gradients, config=config)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +263,7 @@ def test_server_receives_only_ciphertexts_and_fused_releases(secure_run) -> None
     assert [e["kind"] for e in entries] == [KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE] * 30
     assert all(e["details"]["contributors"] == ["client-0", "client-1", "client-2"] for e in entries)
     assert {e["details"]["count"] for e in entries} == {128, p}
-    assert all(e["details"]["mode"] == "blinded" for e in entries)
+    assert all(e["details"]["items_sha256"] for e in entries if e["kind"] == KIND_REWARD_RELEASE)
     registry_keys = {federation.authority.signer.party: federation.authority.signer.public_key_hex}
     assert verify_ledger(federation.ledger_path, registry_keys).ok
     # Each calibration item took part in one step only (default release budget).
@@ -316,23 +292,17 @@ def test_dropped_or_forged_replies_skip_the_step(secret: ts.Context, tmp_path: P
     federation = make_federation(secret, d, tmp_path)
     impostor = Signer.generate("client-2")
 
-    def margins(step: int, nonce: str, items: np.ndarray) -> list[bytes]:
-        replies = federation.margins(step, nonce, items)
-        return replies[:2] if step == 1 else replies  # client-2 drops out of step 1
+    def margins(fields: dict, items: np.ndarray) -> dict[str, bytes]:
+        replies = federation.margins(fields, items)
+        if fields["step"] == 1:  # client-2 drops out of step 1
+            del replies["client-2"]
+        return replies
 
-    def gradients(step: int, nonce: str, query: GradientQuery) -> list[bytes]:
-        replies = federation.gradients(step, nonce, query)
-        if step == 3:  # an outsider replaces client-2's gradient term
-            replies[2] = seal_reply(
-                impostor,
-                federation.pub,
-                run_id="run-3:router",
-                step=step,
-                nonce=nonce,
-                purpose="router_gradient",
-                scores=np.ones(len(query.state.theta)),
-                value_bound=R,
-            )
+    def gradients(fields: dict, query: GradientQuery) -> dict[str, bytes]:
+        replies = federation.gradients(fields, query)
+        if fields["step"] == 3:  # an outsider replaces client-2's gradient term
+            outsider = SimulatedClient(impostor, federation.pub, 2, np.zeros(len(x)))
+            replies["client-2"] = outsider.seal(fields, "router_gradient", np.ones(len(query.state.theta)))
         return replies
 
     router = make_router(x, ("correctness",))

@@ -1,0 +1,117 @@
+"""The server's half of one secure release, for GRPO scoring (server.session) and router training
+(server.router_training) alike (DESIGN.md, "One GRPO step", items 2-5):
+
+1. `fields(step, nonce)`: what every client request of a round carries besides its items: the
+   run id, step and nonce the reply must name, and the server's round key from which each client
+   derives its mask (crypto.blinding);
+2. `verify(replies, expected)`: the replies that verify (signature, run, step, nonce, purpose,
+   count, signed by the party that was asked, a router column), and why the others were refused;
+3. `release(replies, weights, purpose, step, nonce, items)`: asks the key authority to fuse the
+   verified replies themselves with W (or to sum them, weights None), checks its signed answer,
+   and removes the masks: sum_k W[:, k] m_k (or sum_k m_k). A result outside what the fusion of
+   clipped scores can be (masks that did not match) is refused, not returned.
+
+What the callers decide for themselves: scoring tolerates missing clients (rows renormalised,
+`k_min`), router training needs every client. The key authority applies its own policy to both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from secure_mor.crypto.blinding import MaskKey
+from secure_mor.crypto.context import PublicContext
+from secure_mor.crypto.fusion import WeightError, validate_weights
+from secure_mor.crypto.params import ReleaseConfig
+from secure_mor.crypto.signing import Signer
+from secure_mor.crypto.wire import (
+    ClientReply,
+    Expected,
+    PayloadError,
+    build_request,
+    parse_reply,
+    parse_response,
+)
+from secure_mor.protocol import Payload
+
+Decrypt = Callable[[bytes], bytes]  # a decryption request to the key authority -> its signed response
+RANGE_SLACK = 1e-3  # the release's own error (< 1e-4) and the masks' float64 rounding
+
+
+class RoundRefused(RuntimeError):
+    """The key authority refused a round or answered with something that does not verify."""
+
+
+@dataclass
+class SecureRound:
+    """The server's keys and trust for the releases of one run id."""
+
+    pub: PublicContext
+    signer: Signer
+    registry: Mapping[str, str]  # client party -> Ed25519 public key hex
+    clients: Sequence[str]  # router column order
+    authority_key: str
+    run_id: str
+    w_min: float  # the key authority's floor (it announces it at setup)
+    decrypt: Decrypt
+    release_config: ReleaseConfig = field(default_factory=ReleaseConfig)
+    mask_key: MaskKey = field(default_factory=MaskKey)
+
+    def fields(self, step: int, nonce: str) -> Payload:
+        return {"run_id": self.run_id, "step": step, "nonce": nonce, "mask_key": self.mask_key.public_hex}
+
+    def verify(
+        self, replies: Mapping[str, bytes], expected: Expected
+    ) -> tuple[dict[str, ClientReply], list[str]]:
+        """{party: verified reply} in router column order, and the problems of the others."""
+        good: dict[str, ClientReply] = {}
+        problems: list[str] = []
+        for party, raw in replies.items():
+            try:
+                reply = parse_reply(bytes(raw), self.pub, self.registry, expected)
+            except (PayloadError, TypeError) as err:
+                problems.append(f"{party}: {err}")
+                continue
+            if reply.client_id != party or party not in self.clients:
+                problems.append(f"{party}: reply signed by {reply.client_id!r}")
+                continue
+            good[party] = reply
+        return {c: good[c] for c in self.clients if c in good}, problems
+
+    def release(
+        self,
+        replies: Sequence[ClientReply],
+        weights: np.ndarray | None,
+        purpose: str,
+        step: int,
+        nonce: str,
+        items: Sequence[bytes] | None = None,
+    ) -> np.ndarray:
+        """The authority's fusion (weights) or sum (None) of the replies, masks removed."""
+        n = replies[0].statement.n_scores
+        if weights is not None:
+            try:  # the authority's floor, checked here too: a refusal costs a round trip and a nonce
+                weights = validate_weights(weights, n, len(replies), self.w_min)
+            except WeightError as err:
+                raise RoundRefused(f"{purpose} step {step}: {err}") from err
+        request = build_request(
+            self.signer, self.pub, run_id=self.run_id, step=step, nonce=nonce, purpose=purpose, n_scores=n,
+            replies=[r.raw for r in replies], weights=weights, items=items,
+        )  # fmt: skip
+        try:
+            released = parse_response(self.decrypt(request), self.authority_key, request)
+        except PayloadError as err:
+            raise RoundRefused(f"the key authority's response does not verify: {err}") from err
+        masks = np.stack([self._mask(r) for r in replies], axis=1)
+        values = released - (masks.sum(axis=1) if weights is None else np.sum(masks * weights, axis=1))
+        bound = self.release_config.value_bound * (len(replies) if weights is None else 1) + RANGE_SLACK
+        if not np.all(np.abs(values) <= bound):
+            raise RoundRefused(f"{purpose} step {step}: the release does not unmask to values within +-{bound:g}")
+        return values
+
+    def _mask(self, reply: ClientReply) -> np.ndarray:
+        s = reply.statement
+        return self.mask_key.mask(s.blinding, s.mask_context, s.n_scores, self.release_config.mask_bound)
