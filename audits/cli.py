@@ -180,9 +180,10 @@ def empirical_cmd(
     Trains once on the client's pairs plus a random half of m mislabelled canary pairs, guesses which
     canaries were in from their margins, and reports the epsilon that the right guesses refute: a
     lower bound on the training's true epsilon (an audit can refute a claim, never prove it)."""
-    from secure_mor.audits.empirical import EmpiricalAuditConfig, run_empirical_audit, write_result
+    from secure_mor.audits.empirical import EmpiricalAuditConfig, write_result
     from secure_mor.clients.models import DEFAULT_ARCHS, architecture
     from secure_mor.data import DatasetError
+    from secure_mor.experiments.audit import run_empirical_audit  # the training run: the clients' own code
 
     console = _console()
     try:
@@ -211,7 +212,7 @@ def empirical_cmd(
             bar.update(task, completed=step, total=total, description=f"{label} loss {loss:.3f}")
 
         try:
-            result = run_empirical_audit(config, progress)
+            result = run_empirical_audit(config, out if (out / "data.json").exists() else None, progress)
         except (ValueError, DatasetError) as err:
             console.print(f"[bold red]error:[/] {err}", highlight=False)
             raise typer.Exit(2) from None

@@ -12,8 +12,8 @@ too large for a given epsilon refutes that epsilon. The largest epsilon refuted
 at the stated confidence is the empirical lower bound. It is only a lower
 bound: an audit can refute a claim, never prove one.
 
-Canaries. The privacy unit is one preference pair (one dataset row), so a
-canary is one whole pair. Canaries are *mislabelled* pairs on images that no
+Canaries. The privacy unit is one annotation (one dataset row), so a canary
+is one whole annotation, here with one rejected answer. Canaries are *mislabelled* pairs on images that no
 client holds (the server's public SFT slice): chosen = a wrong answer of the
 question's family, rejected = the true answer, in the client's annotation
 style. A model that did not see a canary learns the task from the regular
@@ -22,10 +22,14 @@ memorises a canary it saw pushes that margin up. The score is the margin, and
 it separates included from excluded canaries as far as the training lets the
 model memorise single pairs, which is what DP-SGD must prevent.
 
-The text vocabulary (cnn-gru's word tokenizer) is built from the regular pairs
-and *all* m canaries, so that it does not depend on which canaries were
-included: the audit measures DP-SGD, and the vocabulary is outside its
+The text vocabulary (cnn-gru's word tokenizer) is built from the regular
+annotations and *all* m canaries, so that it does not depend on which canaries
+were included: the audit measures DP-SGD, and the vocabulary is outside its
 guarantee (see `clients.text`).
+
+This module is the auditor's: the bound, the configuration and the result. The
+training run it audits is driven by `secure_mor.experiments.audit` (it runs the
+clients' own training code).
 """
 
 from __future__ import annotations
@@ -33,8 +37,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,10 +45,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.stats import binom
 
-if TYPE_CHECKING:  # torch and datasets are imported only when an audit runs
+if TYPE_CHECKING:  # datasets is imported only when canaries are made
     from datasets import Dataset
-
-    from secure_mor.clients.training import ProgressFn
 
 SCHEMA = "secure-mor/empirical-audit/v1"
 DEFAULT_CONFIDENCE = 0.95
@@ -219,8 +219,9 @@ class EmpiricalAuditResult:
 def mislabelled_canaries(
     rows: Dataset, answers: dict[str, list[str]], count: int, family: str, style: str, seed: int
 ) -> Dataset:
-    """`count` canary pairs from the questions of `family` in `rows` (image, question,
-    answer, family): chosen = a wrong answer of the same family, rejected = the true one."""
+    """`count` canaries (annotations with one rejected answer) from the questions of `family` in
+    `rows` (image, question, answer, family): chosen = a wrong answer of the same family,
+    rejected = the true one."""
     from secure_mor.data import column, make_preference_pairs
 
     candidates = [i for i, f in enumerate(column(rows, "family")) if f == family]
@@ -228,73 +229,10 @@ def mislabelled_canaries(
         raise ValueError(f"{count} canaries requested but only {len(candidates)} {family} questions to draw from")
     picked = rows.select(sorted(random.Random(f"canaries/{seed}").sample(candidates, count)))
     honest = make_preference_pairs(picked, answers, style=style, seed=seed)
-    return honest.rename_columns(
-        {"chosen": "rejected", "rejected": "chosen", "chosen_text": "rejected_text", "rejected_text": "chosen_text"}
-    )
-
-
-def run_empirical_audit(config: EmpiricalAuditConfig, progress: ProgressFn | None = None) -> EmpiricalAuditResult:
-    """Build the client's data and the canaries, train once, score, guess, bound.
-    `progress(step, total, loss)` is called after each training step."""
-    import torch
-    from datasets import concatenate_datasets
-
-    from secure_mor.audits.ledger import Budget
-    from secure_mor.clients.models import architecture
-    from secure_mor.clients.training import (
-        PrivacyState,
-        default_train_config,
-        encode_pairs,
-        pair_margins,
-        train_reward_model,
-    )
-    from secure_mor.data import SplitConfig, build_federated_data, default_clients
-
-    start = time.perf_counter()
-    clients = default_clients(max(3, config.client + 1))
-    data = build_federated_data(SplitConfig(clients=clients, pairs_per_client=config.pairs, seed=config.seed))
-    regular = data.clients[config.client]
-    own = clients[config.client]
-    canaries = mislabelled_canaries(data.sft, data.answers, config.canaries, own.family, own.style, config.seed)
-    included = np.random.default_rng(config.seed).random(config.canaries) < 0.5
-    train_rows = concatenate_datasets([regular, canaries.select(np.flatnonzero(included).tolist())])
-
-    arch = architecture(config.arch)
-    texts = [t for rows in (regular, canaries) for c in ("question", "chosen_text", "rejected_text") for t in rows[c]]
-    encoder = arch.build_encoder(texts)
-    train_config = default_train_config(config.arch, config.epsilon, delta=config.delta, seed=config.seed,
-                                        **config.train)  # fmt: skip
-    torch.manual_seed(train_config.seed)  # the initialisation, as train_client draws it
-    model = arch.build_model(encoder)
-    privacy = PrivacyState(Budget(config.epsilon, config.delta))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Opacus' secure-RNG and RDP-order hints
-        result = train_reward_model(model, encode_pairs(train_rows, encoder), train_config, privacy, progress)
-
-    image, question, answers = encode_pairs(canaries, encoder).tensors
-    with torch.no_grad():
-        scores = pair_margins(model, image, question, answers).tolist()
-    per_try = 1 - (1 - config.confidence) / len(config.guesses)
-    outcomes = []
-    for r in config.guesses:
-        correct = count_correct(scores, included, r)
-        outcomes.append(GuessOutcome(r, correct, epsilon_lower_bound(correct, r, config.canaries, config.delta,
-                                                                     per_try)))  # fmt: skip
-    mechanism = None
-    if result.mechanism is not None:
-        sigma, rate, steps = result.mechanism
-        mechanism = {"noise_multiplier": sigma, "sample_rate": rate, "steps": steps}
-    return EmpiricalAuditResult(
-        config=config,
-        epsilon_claimed=result.epsilon,
-        included=int(included.sum()),
-        outcomes=outcomes,
-        mechanism=mechanism,
-        train_config=asdict(train_config),
-        scores=[float(s) for s in scores],
-        included_mask=[bool(b) for b in included],
-        seconds=time.perf_counter() - start,
-    )
+    true_answers = column(honest, "chosen_text")
+    wrong = [texts[0] for texts in column(honest, "rejected_texts")]
+    return honest.remove_columns(["chosen_text", "rejected_texts"]).add_column("chosen_text", wrong).add_column(
+        "rejected_texts", [[t] for t in true_answers], feature=honest.features["rejected_texts"])
 
 
 def result_path(run_dir: Path, config: EmpiricalAuditConfig) -> Path:

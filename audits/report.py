@@ -826,6 +826,16 @@ def results_section(run: RunFiles) -> list[Block]:
                     for where, r in run.results
                 ],
             ),
+            Heading("Style: share of full-sentence answers (the `sentences` objective), SFT → aligned", 3),
+            Table(
+                ["results.json", "objective", "sentences"],
+                [
+                    [where, _num(_get(r, "config", "objective")),
+                     f"{_num(_get(r, 'accuracy', 'sft', 'overall', 'sentences'))} → "
+                     f"{_num(_get(r, 'accuracy', 'aligned', 'overall', 'sentences'))}"]
+                    for where, r in run.results
+                ],
+            ),
         ]
         blocks += [
             Heading("GRPO on the fused reward", 3),
@@ -835,8 +845,9 @@ def results_section(run: RunFiles) -> list[Block]:
                     "optimizer steps",
                     "scoring rounds",
                     "skipped rounds",
-                    "reward first",
-                    "reward last",
+                    "reward, first quarter of rounds",
+                    "reward, last quarter",
+                    "held-out accuracy during GRPO",
                     "reward min",
                     "reward max",
                     "resumed from",
@@ -847,8 +858,11 @@ def results_section(run: RunFiles) -> list[Block]:
                         _num(_get(r, "grpo", "steps")),
                         _num(_get(r, "grpo", "rounds")),
                         _num(_get(r, "grpo", "skipped_rounds")),
-                        _num(_get(r, "grpo", "reward_first")),
-                        _num(_get(r, "grpo", "reward_last")),
+                        _num(_get(r, "grpo", "reward_first_quarter")),
+                        _num(_get(r, "grpo", "reward_last_quarter")),
+                        _short(" → ".join(f"{_num(p.get('accuracy'))} (step {_num(p.get('step'))})"
+                                          for p in _get(r, "grpo", "held_out_curve") or [] if isinstance(p, dict)),
+                               120),
                         _num(min(rw, default=None)),
                         _num(max(rw, default=None)),
                         _num(_get(r, "grpo", "resumed_from")),
@@ -879,7 +893,8 @@ def results_section(run: RunFiles) -> list[Block]:
         if routers := [(where, r["router"]) for where, r in run.results if isinstance(r.get("router"), dict)]:
             clients = ", ".join(_ordered(p for _, r in run.results for p in _get(r, "clients") or {}))
             blocks += [
-                Heading("Router (fusion mor): mean weight per client, by objective and family", 3),
+                Heading("Router (fusion mor): mean weight per client on held-out prompts, by objective and family",
+                        3),
                 Table(
                     ["results.json", "steps", "skipped", "final loss", "objective", "family", f"weights of {clients}"],
                     [
@@ -893,7 +908,7 @@ def results_section(run: RunFiles) -> list[Block]:
                             _short(weights, 60),
                         ]
                         for where, router in routers
-                        for objective, by_family in (router.get("mean_weights") or {}).items()
+                        for objective, by_family in (router.get("held_out_weights") or {}).items()
                         if isinstance(by_family, dict)
                         for family, weights in by_family.items()
                     ],
@@ -925,6 +940,7 @@ def clients_blocks(run: RunFiles) -> list[Block]:
     for party, client, metrics in run.clients:
         runs = [r for r in metrics.get("runs") or [] if isinstance(r, dict)]
         held_out = metrics.get("held_out") if isinstance(metrics.get("held_out"), dict) else {}
+        top1 = held_out.get("top1") if isinstance(held_out.get("top1"), dict) else {}
         rows.append(
             [
                 party,
@@ -941,14 +957,15 @@ def clients_blocks(run: RunFiles) -> list[Block]:
                 )
                 or "-",
                 _eps(runs[-1].get("total_epsilon") if runs else None),
-                ", ".join(f"{f} {_num(v)}" for f, v in held_out.items()) or "-",
+                ", ".join(f"{f} {_num(v)}" for f, v in top1.items()) or "-",
             ]
         )
     if not rows:
         for party, c in next((r["clients"] for _, r in run.results if isinstance(r.get("clients"), dict)), {}).items():
             c = c if isinstance(c, dict) else {}
-            accuracy = c.get("preference_accuracy") if isinstance(c.get("preference_accuracy"), dict) else {}
-            accuracies = ", ".join(f"{f} {_num(v)}" for f, v in accuracy.items())
+            measures = c.get("reward_model") if isinstance(c.get("reward_model"), dict) else {}
+            top1 = measures.get("top1") if isinstance(measures.get("top1"), dict) else {}
+            accuracies = ", ".join(f"{f} {_num(v)}" for f, v in top1.items())
             rows.append(
                 [
                     party,
@@ -978,7 +995,7 @@ def clients_blocks(run: RunFiles) -> list[Block]:
                 "runs",
                 "DP-SGD mechanism",
                 "epsilon spent",
-                "held-out preference accuracy",
+                "held-out top-1 among all answers, per family",
             ],
             rows,
         ),

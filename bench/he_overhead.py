@@ -148,9 +148,9 @@ def main() -> None:
     run = RunDir(root)
     config = AlignConfig(
         fusion="uniform",
-        sft=SFTSettings(examples=960, epochs=1.0),
+        sft=SFTSettings(examples=960, epochs=1.0, vision_epochs=1),
         pairs_per_client=200,
-        client_training={"epochs": 5},
+        client_training={"epochs": 5, "public_epochs": 1},
         eval_per_family=8,
     )
     nodes = {**{c: ClientNode(root, k) for k, c in enumerate(CLIENTS)}, AUTHORITY_PARTY: AuthorityNode(root)}

@@ -160,9 +160,10 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="run directory")],
     client: Annotated[list[int] | None, typer.Option(help="client id(s); default: all in the run")] = None,
 ) -> None:
-    """Preference accuracy of each client on held-out pairs of every family."""
+    """Each client's reward model on the held-out set, per family: top-1 among all the family's answers
+    (what GRPO needs), how often its best answer changes with the image, and pairwise accuracy."""
     from secure_mor.clients.client import RewardClient
-    from secure_mor.clients.evaluation import accuracy_table, held_out_pairs
+    from secure_mor.clients.evaluation import accuracy_table
     from secure_mor.data import build_federated_data
 
     ids = client or sorted(int(p.name.split("-")[1]) for p in (out / "clients").glob("client-*"))
@@ -176,8 +177,7 @@ def evaluate(
         if key not in data_by_split:
             with console.status("building the federated split"):
                 data_by_split[key] = build_federated_data(split_config(json.loads(key)))
-        held_out = held_out_pairs(data_by_split[key], trained.config.style)
-        accuracy = trained.evaluate(held_out)
+        accuracy = trained.evaluate(data_by_split[key], seed=trained.config.split.get("seed", 0))
         metrics = trained.metrics()
         metrics["evaluation"] = accuracy
         trained.save_metrics(metrics)

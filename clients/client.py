@@ -134,6 +134,7 @@ class RewardClient:
         self.encoder = encoder
         self.privacy = privacy
         self.key_dir = Path(key_dir) if key_dir else self.directory / "keys"  # the signing key's directory
+        self.public_warm_start: dict[str, Any] | None = None  # set by warm_start, recorded by the next train
 
     @property
     def directory(self) -> Path:
@@ -148,14 +149,16 @@ class RewardClient:
         return (client_dir(run_dir, client_id) / "model.safetensors").exists()
 
     @classmethod
-    def new(cls, run_dir: Path, config: ClientConfig, annotations: Dataset, key_dir: Path | None = None
-            ) -> RewardClient:
-        """A fresh client in memory; its text encoder is built from its own annotations' texts.
+    def new(cls, run_dir: Path, config: ClientConfig, annotations: Dataset, key_dir: Path | None = None,
+            public: Dataset | None = None) -> RewardClient:
+        """A fresh client in memory; its text encoder is built from its own annotations' texts (and
+        those of the `public` annotations it will warm-start on).
         Nothing is written until a training run succeeds."""
         if cls.exists(run_dir, config.client_id):
             raise ClientError(f"{config.party} already exists in {run_dir}: load it instead")
         arch = architecture(config.arch)
-        texts = [*annotations["question"], *annotations["chosen_text"], *(t for ts in annotations["rejected_texts"] for t in ts)]
+        texts = [t for rows in (annotations, public) if rows is not None
+                 for t in [*rows["question"], *rows["chosen_text"], *(x for xs in rows["rejected_texts"] for x in xs)]]
         encoder = arch.build_encoder(texts)
         privacy = PrivacyState(Budget(config.budget_epsilon, config.budget_delta))
         return cls(run_dir, config, arch.build_model(encoder), encoder, privacy, key_dir)
@@ -196,6 +199,7 @@ class RewardClient:
         signer = self.signer(passphrase)
         self.directory.mkdir(parents=True, exist_ok=True)
         model_bytes = save_tensors({k: v.contiguous() for k, v in self.model.state_dict().items()})
+        warm = self.public_warm_start
         details = {
             "client_id": self.config.client_id,
             "arch": self.config.arch,
@@ -207,6 +211,7 @@ class RewardClient:
             "max_grad_norm": config.max_grad_norm,
             "grad_sample_mode": config.grad_sample_mode,
             "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
+            **({"public_warm_start": warm} if warm else {}),
         }
         if result.mechanism is None:
             self.privacy.non_private = True
@@ -232,8 +237,27 @@ class RewardClient:
         _write_atomic(self.directory / "text_encoder.json", json.dumps(self.encoder.to_json()).encode())
         _write_atomic(self.directory / "client.json", json.dumps(self.config.to_json(), indent=2).encode())
         metrics = self.metrics()
+        if warm:
+            metrics["public_warm_start"] = warm
+            self.public_warm_start = None
         metrics.setdefault("runs", []).append(result.to_json())
         self.save_metrics(metrics)
+        return result
+
+    def warm_start(self, public: Dataset, seed: int = 0, epochs: int | None = None,
+                   progress: ProgressFn | None = None) -> TrainResult:
+        """Non-private training on public annotations (`data.public_annotations`) before any private
+        run. It spends no budget (public data), so nothing goes to the privacy state or the ledger;
+        metrics.json records it, and the first DP run's ledger entry says the model started from it."""
+        from secure_mor.clients.training import PUBLIC_WARM_START
+
+        if self.privacy.history or self.privacy.non_private:
+            raise ClientError(f"{self.party} has trained on private data already: a warm start comes first")
+        settings = {**PUBLIC_WARM_START, **({} if epochs is None else {"epochs": epochs})}
+        config = TrainConfig(epsilon=math.inf, seed=seed, **settings)
+        untouched = PrivacyState(self.privacy.budget)  # the client's own state is not touched
+        result = train_reward_model(self.model, encode_annotations(public, self.encoder), config, untouched, progress)
+        self.public_warm_start = {"annotations": len(public), **settings, "seconds": round(result.seconds, 1)}
         return result
 
     def score(self, items: Sequence[ScoreItem]) -> np.ndarray:
@@ -245,7 +269,7 @@ class RewardClient:
         held-out set (`clients.evaluation`); spends no budget."""
         from secure_mor.clients.evaluation import evaluate_model  # needs datasets; scoring does not
 
-        return evaluate_model(self.model, self.encoder, data, self.config.style, seed)
+        return evaluate_model(self.model, self.encoder, data, self.config.style, seed, self.config.reward_clip)
 
     def metrics(self) -> dict[str, Any]:
         path = self.directory / "metrics.json"
@@ -264,9 +288,13 @@ def train_client(
     passphrase: str | None = None,
     progress: ProgressFn | None = None,
     key_dir: Path | None = None,
+    public: Dataset | None = None,
+    public_epochs: int | None = None,
 ) -> tuple[RewardClient, TrainResult]:
     """Load the client (its stored config must agree with `config`) or create it, then train.
-    A new client's initial parameters are drawn with the run's seed (reproducible runs)."""
+    A new client's initial parameters are drawn with the run's seed (reproducible runs), and with
+    `public` annotations it first warm-starts on them (`RewardClient.warm_start`, `public_epochs`
+    passes; None: the default)."""
     if RewardClient.exists(run_dir, config.client_id):
         client = RewardClient.load(run_dir, config.client_id, key_dir)
         if client.config != config:
@@ -276,5 +304,7 @@ def train_client(
             )
     else:
         torch.manual_seed(train_config.seed)
-        client = RewardClient.new(run_dir, config, annotations, key_dir)
+        client = RewardClient.new(run_dir, config, annotations, key_dir, public)
+        if public is not None:
+            client.warm_start(public, train_config.seed, public_epochs)
     return client, client.train(annotations, train_config, passphrase, progress)

@@ -4,8 +4,9 @@ Two measures, both on the test split (`FederatedData.evaluation`, stratified per
 family) and both post-processing of the trained model (no budget, no training data):
 
 * `top1` (the one GRPO needs): for every held-out question, the model scores every
-  answer of the question's family in both styles (8 colours x 2, ...); it is right when
-  the best-scored candidate states the true answer. A policy trained on this reward
+  answer of the question's family in both styles (8 colours x 2, ...), clipped as the
+  client releases them; it is right when the best-scored candidate states the true
+  answer (ties count as a random pick among the tied). A policy trained on this reward
   is pulled toward the argmax, so an answer prior (the same argmax whatever the image)
   scores at chance here: 1/8 for colour, 1/3 for shape, and for presence whatever a
   question-only guess gets (0.82 on easy-VQA: most presence questions ask about an
@@ -59,54 +60,65 @@ def preference_accuracy(model: nn.Module, encoder: TextEncoder, pairs: Dataset, 
 
 
 @torch.no_grad()
-def best_answers(
+def answer_rewards(
     model: nn.Module, encoder: TextEncoder, images: torch.Tensor, questions: Sequence[str], answers: Sequence[str],
-    family: str, batch_size: int = 128,
-) -> list[str]:
-    """For each (image, question), the family answer whose best-scored candidate (in either style)
-    scores highest."""
-    candidates = [(a, s) for a in answers for s in ANSWER_STYLES]
-    texts = encoder.encode([styled_answer(a, family, s) for a, s in candidates])
+    family: str, clip: float | None, batch_size: int = 128,
+) -> np.ndarray:
+    """[N, A]: for each (image, question) and family answer, the reward of its best-scored candidate
+    (the answer in either style), clipped to [-clip, clip] as the client releases it (None: raw)."""
+    candidates = [styled_answer(a, family, s) for a in answers for s in ANSWER_STYLES]
+    texts = encoder.encode(candidates)
     model.eval()
-    out: list[str] = []
+    out = []
     for start in range(0, len(questions), batch_size):
         image = images[start : start + batch_size]
         question = trim_padding(encoder.encode(list(questions[start : start + batch_size])))
         batch = trim_padding(texts.unsqueeze(0).expand(len(image), *texts.shape).contiguous())
         rewards = model(image, question, batch)
-        out += [candidates[i][0] for i in rewards.argmax(-1).tolist()]
-    return out
+        out.append((rewards if clip is None else rewards.clamp(-clip, clip)).numpy())
+    return np.concatenate(out).reshape(len(questions), len(answers), len(ANSWER_STYLES)).max(-1)
+
+
+def _top1(rewards: np.ndarray, truth: np.ndarray) -> float:
+    """Mean chance that the best-rewarded answer is the true one, ties broken at random (a reward that
+    is the same for every answer, as clipping can make it, tells GRPO nothing)."""
+    best = rewards == rewards.max(-1, keepdims=True)
+    return float(np.mean(best[np.arange(len(truth)), truth] / best.sum(-1)))
 
 
 def ranking_metrics(
-    model: nn.Module, encoder: TextEncoder, rows: Dataset, answers: Mapping[str, Sequence[str]], seed: int = 0
+    model: nn.Module, encoder: TextEncoder, rows: Dataset, answers: Mapping[str, Sequence[str]], seed: int = 0,
+    clip: float | None = None,
 ) -> dict[str, dict[str, float]]:
-    """`top1` and `image_dependence` (module docstring) per family of the VQA `rows`."""
+    """`top1` and `image_dependence` (module docstring) per family of the VQA `rows`, on rewards
+    clipped to [-clip, clip] (the client's release; None: raw)."""
     rng = np.random.default_rng(seed)
     families = np.asarray(column(rows, "family"))
     out: dict[str, dict[str, float]] = {"top1": {}, "image_dependence": {}}
     for family in [f for f in FAMILIES if (families == f).any()]:
         part = rows.select(np.flatnonzero(families == family))
         images = images_to_tensor(part["image"])
-        questions, truth = column(part, "question"), column(part, "answer")
-        best = best_answers(model, encoder, images, questions, answers[family], family)
-        swapped = best_answers(model, encoder, images[np.roll(rng.permutation(len(part)), 1)], questions,
-                               answers[family], family) if len(part) > 1 else best
-        out["top1"][family] = float(np.mean([b == t for b, t in zip(best, truth, strict=True)]))
-        out["image_dependence"][family] = float(np.mean([b != s for b, s in zip(best, swapped, strict=True)]))
+        questions = column(part, "question")
+        truth = np.array([list(answers[family]).index(t) for t in column(part, "answer")])
+        rewards = answer_rewards(model, encoder, images, questions, answers[family], family, clip)
+        swap = np.roll(rng.permutation(len(part)), 1) if len(part) > 1 else np.arange(len(part))
+        swapped = answer_rewards(model, encoder, images[swap], questions, answers[family], family, clip)
+        out["top1"][family] = _top1(rewards, truth)
+        out["image_dependence"][family] = float(np.mean(rewards.argmax(-1) != swapped.argmax(-1)))
     return out
 
 
-def evaluate_model(model: nn.Module, encoder: TextEncoder, data: FederatedData, style: str, seed: int = 0
-                   ) -> dict[str, dict[str, float]]:
+def evaluate_model(model: nn.Module, encoder: TextEncoder, data: FederatedData, style: str, seed: int = 0,
+                   clip: float | None = None) -> dict[str, dict[str, float]]:
     """Every measure (module docstring) per family: {"top1": {family: value}, "image_dependence": ...,
-    "pairwise": ...}."""
+    "pairwise": ...}; the ranking measures on rewards clipped as the client releases them."""
     held_out = held_out_pairs(data, style, seed)
     pairwise = {family: preference_accuracy(model, encoder, pairs) for family, pairs in held_out.items()}
-    return {**ranking_metrics(model, encoder, data.evaluation, data.answers, seed), "pairwise": pairwise}
+    return {**ranking_metrics(model, encoder, data.evaluation, data.answers, seed, clip), "pairwise": pairwise}
 
 
-def accuracy_table(rows: Sequence[tuple[str, str, Mapping[str, Any]]], title: str = "Reward models (held out)") -> Table:
+def accuracy_table(rows: Sequence[tuple[str, str, Mapping[str, Any]]], title: str = "Reward models (held out)"
+                   ) -> Table:
     """A rich table; each row is (label, the client's own family, `evaluate_model`'s result).
     Per family: top-1 / image dependence / pairwise; own-family cells are bold."""
     table = Table(title=title, caption="per family: top-1 among all answers / image dependence / pairwise accuracy")

@@ -203,7 +203,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: self-attention, optional cross-attention, MLP."""
+    """Pre-norm transformer block: self-attention, optional cross-attention, MLP.
+
+    `prefix` (states [..., P, dim]) are extra keys and values for the self-attention, read but
+    not updated: text that later tokens attend to without paying for it again."""
 
     def __init__(self, dim: int, heads: int, cross: bool = False) -> None:
         super().__init__()
@@ -213,10 +216,14 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attn(h, h, mask)
+        keys, keys_mask = h, mask
+        if prefix is not None and prefix_mask is not None and mask is not None:
+            keys, keys_mask = torch.cat([self.norm1(prefix), h], -2), torch.cat([prefix_mask, mask], -1)
+        x = x + self.attn(h, keys, keys_mask)
         if self.cross is not None and context is not None:
             x = x + self.cross(self.norm2(x), context)
         return x + self.mlp(self.norm3(x))
@@ -268,17 +275,18 @@ class VitCrossAttentionReward(nn.Module):
         c, q_len = answers.shape[1], question.shape[-1]
         patches = self.patch(_pixels(image)).flatten(1, 2)
         patches = self.image_block(patches + sinusoids(torch.arange(patches.shape[1]), self.dim))
-        # Each candidate is read together with its question: question chars, then answer
-        # chars at positions from `question_len` on, however much padding was trimmed.
-        questions = question.unsqueeze(1).expand(-1, c, -1)
-        tokens = torch.cat([questions, answers], dim=-1)
-        positions = torch.cat([torch.arange(q_len), self.question_len + torch.arange(answers.shape[-1])])
-        x = self.char(tokens) + sinusoids(positions, self.dim)
-        x = self.text_block(x, tokens != PAD, patches.unsqueeze(1))
-        image_features = shape_features(image).unsqueeze(1).expand(-1, c, -1)
-        inputs = torch.cat([image_features, self._pool(x[..., :q_len, :], questions)], -1)  # [B, C, features]
-        context = torch.cat([inputs, torch.relu(self.mix(inputs))], -1)
-        return self.head(context, self._pool(x[..., q_len:, :], answers))
+        # The question is read once per row; each candidate's answer chars (at positions from
+        # `question_len` on, however much padding was trimmed) attend to the question's states
+        # and to their own chars only, never to another candidate's.
+        q_mask = question != PAD
+        q = self.text_block(self.char(question) + sinusoids(torch.arange(q_len), self.dim), q_mask, patches)
+        a_mask = answers != PAD
+        a = self.char(answers) + sinusoids(self.question_len + torch.arange(answers.shape[-1]), self.dim)
+        a = self.text_block(a, a_mask, patches.unsqueeze(1), prefix=q.unsqueeze(1).expand(-1, c, -1, -1),
+                            prefix_mask=q_mask.unsqueeze(1).expand(-1, c, -1))
+        inputs = torch.cat([shape_features(image), self._pool(q, question)], -1).unsqueeze(1).expand(-1, c, -1)
+        context = torch.cat([inputs, torch.relu(self.mix(inputs))], -1)  # [B, C, features + dim]
+        return self.head(context, self._pool(a, answers))
 
 
 # -------------------------------------------------------------- minilm-head
@@ -333,7 +341,9 @@ def _vit(encoder: TextEncoder) -> nn.Module:
 
 
 def _minilm_encoder(texts: Sequence[str]) -> TextEncoder:
-    return MiniLMEncoder()
+    # 128 of MiniLM's 384 dimensions: own-family (presence) top-1 at epsilon 4 was 0.69 / 0.76 / 0.775
+    # with 32 / 64 / 128 (seed 0); fewer inputs mean less DP noise, but 32 lost the question's meaning.
+    return MiniLMEncoder(dim=128)
 
 
 def _minilm_head(encoder: TextEncoder) -> nn.Module:

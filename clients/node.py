@@ -61,7 +61,7 @@ NODE_FILE = "node.json"
 CONTEXT_FILE = "public_context.bin"
 LIMITER_FILE = "router_item_uses.json"
 MARGINS_FILE = "calibration_margins.npy"  # of the current reward model; removed when it is retrained
-TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "max_grad_norm")  # what a train request may set
+TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "max_grad_norm")  # what a train request may set (and public_epochs)
 
 _DATA_CACHE: dict[str, FederatedData] = {}
 
@@ -175,7 +175,7 @@ class ClientNode:
         already trained with the same budget answers with its stored metrics and spends nothing."""
         from secure_mor.clients.client import train_client
         from secure_mor.clients.training import default_train_config
-        from secure_mor.data import directory_digest, load_annotations
+        from secure_mor.data import directory_digest, load_annotations, public_annotations
 
         epsilon, delta = float(payload["epsilon"]), float(payload["delta"])
         spec = self._spec()
@@ -207,7 +207,10 @@ class ClientNode:
         else:
             overrides = {k: payload[k] for k in TRAIN_OVERRIDES if k in payload}
             train_config = default_train_config(config.arch, epsilon, delta=delta, seed=spec.split.seed, **overrides)
-            client, _ = train_client(self.state_dir, config, annotations, train_config, key_dir=self._key_dir())
+            public_epochs = payload.get("public_epochs")  # None: the default; 0: no public warm start
+            public = public_annotations(data, config.style, seed=spec.split.seed) if public_epochs != 0 else None
+            client, _ = train_client(self.state_dir, config, annotations, train_config, key_dir=self._key_dir(),
+                                     public=public, public_epochs=public_epochs)
             self._loaded, self._margins, reused = client, None, False
             (self.directory / MARGINS_FILE).unlink(missing_ok=True)
             release_freed_memory()  # DP-SGD's per-pair gradients are gone; give their pages back

@@ -45,7 +45,7 @@ DatasetOption = Annotated[
 SeedOption = Annotated[int, typer.Option(help="Seed of the split and of training.")]
 ClientsOption = Annotated[int, typer.Option("--clients", help="Number of clients (institutions).")]
 SkewOption = Annotated[float, typer.Option(help="Fraction of each client's questions from its own family.")]
-PairsOption = Annotated[int, typer.Option(help="Preference pairs per client.")]
+PairsOption = Annotated[int, typer.Option(help="Annotations per client (one question each: the privacy unit).")]
 
 
 def _progress() -> Progress:
@@ -154,9 +154,9 @@ def data_export(
     skew: SkewOption = 0.8,
     pairs_per_client: PairsOption = 800,
 ) -> None:
-    """Client K's share of the split as its own preference pairs, where its SuperNode reads them:
+    """Client K's share of the split as its own annotations, where its SuperNode reads them:
     to try a deployment with data that stands in for an institution's annotations."""
-    from secure_mor.data import save_preference_pairs
+    from secure_mor.data import save_annotations
 
     _quiet_libraries()
     if out.exists():
@@ -164,8 +164,8 @@ def data_export(
     data = _load_data(_data_spec(dataset, seed, clients, skew, pairs_per_client))
     if not 0 <= client < len(data.clients):
         raise _fail(f"client {client} is not in a split of {len(data.clients)} clients")
-    save_preference_pairs(data.clients[client], out)
-    console.print(f"client-{client}: {len(data.clients[client])} preference pairs written to {out}")
+    save_annotations(data.clients[client], out)
+    console.print(f"client-{client}: {len(data.clients[client])} annotations written to {out}")
 
 
 # ---------------------------------------------------------------- policy
@@ -292,9 +292,11 @@ def _run_align(out: Path, run_config: dict[str, Any], timeout: float) -> dict[st
     """One configuration through Flower's simulation runtime, with a progress bar drawn from
     the job's progress file; returns its results.json."""
     from secure_mor.federation import FederationError, run_local_simulation
+    from secure_mor.server.pipeline import AlignConfig
 
     out = out.resolve()
-    label = str(run_config["fusion"]).replace(":", "-")
+    label = AlignConfig(fusion=str(run_config.get("fusion", "mor")),
+                        objective=str(run_config.get("objective", "correctness"))).label
     progress_file = out / "align" / label / "progress.json"
     with _progress() as progress:
         task = progress.add_task("starting Flower (simulation runtime)", total=None)
@@ -317,34 +319,50 @@ def _run_align(out: Path, run_config: dict[str, Any], timeout: float) -> dict[st
 
 
 def print_results(results: dict[str, Any]) -> None:
-    table = Table(title=f"held-out accuracy: SFT vs aligned ({results['config']['fusion']})")
-    for name in ("family", "SFT", "aligned"):
+    c = results["config"]
+    table = Table(title=f"held-out accuracy: SFT vs aligned (fusion {c['fusion']}, objective {c['objective']})")
+    for name in ("family", "SFT", "aligned", "SFT sentences", "aligned sentences"):
         table.add_column(name, justify="left" if name == "family" else "right")
     sft, aligned = results["accuracy"]["sft"], results["accuracy"]["aligned"]
     for family in list(sft["per_family"]) + ["overall"]:
         before = sft["overall"] if family == "overall" else sft["per_family"][family]
         after = aligned["overall"] if family == "overall" else aligned["per_family"][family]
-        table.add_row(family, f"{before['accuracy']:.3f}", f"{after['accuracy']:.3f}")
+        table.add_row(family, f"{before['accuracy']:.3f}", f"{after['accuracy']:.3f}",
+                      f"{before['sentences']:.2f}", f"{after['sentences']:.2f}")
     console.print(table)
-    clients = Table(title="clients")
-    for name in ("client", "arch", "family", "epsilon spent", "own-family pref. acc."):
-        clients.add_column(name)
-    for party, c in results["clients"].items():
-        spent = "inf (non-private)" if c["total_epsilon"] is None else f"{c['total_epsilon']:.3f}"
-        clients.add_row(party, c["arch"], c["family"], spent, f"{c['preference_accuracy'].get(c['family'], 0):.3f}")
-    console.print(clients)
+    if results.get("clients"):
+        clients = Table(title="clients' reward models (held out, own family)",
+                        caption="top-1: the best-scored of all the family's answers is right (what GRPO needs)")
+        for name in ("client", "arch", "family", "epsilon spent", "top-1", "image dependence", "pairwise"):
+            clients.add_column(name)
+        for party, m in results["clients"].items():
+            spent = "inf (non-private)" if m["total_epsilon"] is None else f"{m['total_epsilon']:.3f}"
+            own = {measure: values.get(m["family"]) for measure, values in m["reward_model"].items()}
+            clients.add_row(party, m["arch"], m["family"], spent,
+                            *(f"{own[k]:.3f}" if own.get(k) is not None else "-"
+                              for k in ("top1", "image_dependence", "pairwise")))
+        console.print(clients)
+    if results.get("router"):
+        console.print(f"router (held-out prompts, objective {c['objective']}): mean weights per family "
+                      f"{results['router']['held_out_weights'][c['objective']]}")
     grpo = results["grpo"]
+    rounds = f", {grpo['rounds']} scoring rounds ({grpo['skipped_rounds']} skipped)" if "rounds" in grpo else ""
     console.print(
-        f"GRPO: {grpo['steps']} steps, {grpo['rounds']} scoring rounds ({grpo['skipped_rounds']} skipped), "
-        f"mean fused reward {grpo['reward_first']} -> {grpo['reward_last']}; ledger {results['ledger']['entries']} "
-        f"entries, head {results['ledger']['head']}"
+        f"GRPO: {grpo['steps']} steps{rounds}, mean reward {_num(grpo['reward_first_quarter'])} (first quarter of "
+        f"the rounds) -> {_num(grpo['reward_last_quarter'])} (last quarter)"
+        + (f"; ledger {results['ledger']['entries']} entries, head {results['ledger']['head']}"
+           if results.get("ledger") else "")
     )
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 @app.command("align")
 def align(
     out: OutOption = Path("runs/align"),
-    fusion: Annotated[str, typer.Option(help="mor | uniform | single:K | oracle (evaluation only)")] = "mor",
+    fusion: Annotated[str, typer.Option(help="mor | uniform | single:K | by-family (evaluation only)")] = "mor",
     epsilon: Annotated[float, typer.Option(help="each client's DP budget epsilon (inf: non-private)")] = 4.0,
     seed: SeedOption = 0,
     objective: Annotated[str, typer.Option(help="alignment objective: correctness | sentences")] = "correctness",
@@ -398,41 +416,76 @@ def demo(
 @app.command("ablate")
 def ablate(
     out: OutOption = Path("runs/ablate"),
-    epsilons: Annotated[str, typer.Option(help="client budgets, comma-separated; inf = non-private")] = "inf,8,4,2,1",
-    fusions: Annotated[str, typer.Option(help="comma-separated: mor, uniform, single:K, oracle")] = (
+    epsilons: Annotated[str, typer.Option(help="client budgets, comma-separated; inf = non-private")] = "inf,4",
+    fusions: Annotated[str, typer.Option(help="comma-separated: mor, uniform, single:K, by-family")] = (
         "mor,uniform,single:0,single:1,single:2"
     ),
+    objectives: Annotated[str, typer.Option(help="comma-separated: correctness, sentences")] = "correctness,sentences",
     seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
-    steps: Annotated[int, typer.Option(help="GRPO optimizer steps per cell")] = 40,
+    steps: Annotated[int | None, typer.Option(help="GRPO optimizer steps per cell [the main job's]")] = None,
     workers: Annotated[int, typer.Option(help="(seed, epsilon) groups run in parallel")] = 1,
+    oracle: Annotated[bool, typer.Option(help="the oracle diagnostic per (seed, objective)")] = True,
     empirical: Annotated[
         bool, typer.Option(help="one-run empirical privacy audit of client-0's training per (seed, epsilon)")
     ] = True,
 ) -> None:
-    """DP ablation sweep (epsilon x fusion x seed) through the real pipeline; CSV and plots in OUT."""
+    """DP ablation sweep (epsilon x fusion x objective x seed, and the oracle) through the real pipeline;
+    CSV, summary.md and plots in OUT."""
     _quiet_libraries()
     from dataclasses import replace as _replace
 
-    from secure_mor.audits.ablate import AblationGrid, run_ablation
+    from secure_mor.experiments.ablate import AblationGrid, run_ablation
     from secure_mor.server.pipeline import AlignConfig
 
     try:
         grid = AblationGrid(
             epsilons=tuple(float(e) for e in epsilons.split(",")),
             fusions=tuple(f.strip() for f in fusions.split(",")),
+            objectives=tuple(o.strip() for o in objectives.split(",")),
             seeds=tuple(int(s) for s in seeds.split(",")),
+            oracle=oracle,
         )
     except ValueError as err:
         raise _fail(f"bad grid: {err}") from err
-    overrides = {"grpo": _replace(AlignConfig().grpo, max_steps=steps)}
+    overrides = {} if steps is None else {"grpo": _replace(AlignConfig().grpo, max_steps=steps)}
     started = time.perf_counter()
     groups = len(grid.seeds) * len(grid.epsilons)
     with _progress() as progress:
-        task = progress.add_task(f"{groups} (seed, epsilon) groups x {len(grid.fusions)} fusions", total=groups)
+        task = progress.add_task(f"{groups} (seed, epsilon) groups x {len(grid.fusions)} fusions x "
+                                 f"{len(grid.objectives)} objectives", total=groups)
         path = run_ablation(out, grid, overrides, workers, lambda done, _: progress.update(task, completed=done),
                             audit={} if empirical else None)  # fmt: skip
-    plots = ["policy_accuracy.png", "reward_models.png"] + (["empirical_epsilon.png"] if empirical else [])
+    plots = ["summary.md", "policy_accuracy.png", "style.png", "reward_models.png", "router_weights.png"]
+    plots += ["empirical_epsilon.png"] if empirical else []
     console.print(f"done in {time.perf_counter() - started:.0f} s: {path}, " + ", ".join(str(out / p) for p in plots))
+
+
+@app.command("oracle")
+def oracle(
+    out: OutOption = Path("runs/demo"),
+    seed: SeedOption = 0,
+    objective: Annotated[str, typer.Option(help="alignment objective: correctness | sentences")] = "correctness",
+    steps: Annotated[int | None, typer.Option(help="GRPO optimizer steps [the main job's]")] = None,
+) -> None:
+    """Diagnostic, not a fusion: GRPO from the run's SFT policy on a reward that reads the true answers.
+    If it does not lift held-out accuracy, no learned reward can. No client, router or key authority
+    takes part. Writes RUN/align/oracle[-OBJECTIVE]/results.json."""
+    _quiet_libraries()
+    from dataclasses import replace as _replace
+
+    from secure_mor.experiments.oracle import run_oracle
+    from secure_mor.server.pipeline import AlignConfig, AlignError
+
+    config = AlignConfig(seed=seed, objective=objective)
+    if steps is not None:
+        config = _replace(config, grpo=_replace(config.grpo, max_steps=steps))
+    with _progress() as progress:
+        task = progress.add_task("oracle diagnostic", total=None)
+        try:
+            results = run_oracle(out, config, log=lambda m: progress.update(task, description=m))
+        except AlignError as err:
+            raise _fail(str(err)) from err
+    print_results(results)
 
 
 @app.command("report")

@@ -210,6 +210,7 @@ _SENTENCES = {
 
 
 _OTHER_STYLE = {"word": "sentence", "sentence": "word"}
+_NON_ANSWERS = ("", ".", "?", ",")  # what a policy's sample may hold instead of an answer
 
 
 def styled_answer(answer: str, family: str, style: str) -> str:
@@ -255,6 +256,7 @@ def make_annotations(
     noise_rate: float = 0.0,
     other_style_rate: float = 0.0,
     wrong_type: int = 2,
+    non_answers: int = 2,
     seed: int = 0,
 ) -> Dataset:
     """One annotation per question: the answer the annotator ranks first (`chosen_text`) and
@@ -263,12 +265,14 @@ def make_annotations(
 
     The rejected answers are every other answer of the question's family (a reward model that
     saw one random wrong answer per question learns answer priors: measured, its argmax was
-    the same answer for 74-100 % of images), `wrong_type` answers of other families (a
-    policy's samples make such mistakes, and a reward model that never saw one is exploited
-    by them), and, in a row written in the annotator's own `style`, the true answer in the
-    other style (an annotator prefers answers in its own style). With probability
-    `other_style_rate` a row is written in the other style (no style preference in it), and
-    with probability `noise_rate` the annotator ranks a wrong answer of the family first.
+    the same answer for 74-100 % of images), `wrong_type` answers of other families and
+    `non_answers` texts that answer nothing (empty, punctuation, a word of the question): a
+    policy's samples make such mistakes, and a reward model that never saw one is exploited by
+    them (measured: GRPO on models trained without non-answers learnt to answer "."). In a row
+    written in the annotator's own `style`, the true answer in the other style ranks below
+    too (an annotator prefers answers in its own style). With probability `other_style_rate`
+    a row is written in the other style (no style preference in it), and with probability
+    `noise_rate` the annotator ranks a wrong answer of the family first.
     """
     if not 0.0 <= noise_rate < 0.5:
         raise ValueError(f"noise_rate must be in [0, 0.5), got {noise_rate}")
@@ -277,7 +281,8 @@ def make_annotations(
     rng = random.Random(seed)
     other_style = _OTHER_STYLE[style]
     chosen, rejected, flipped = [], [], []
-    for answer, family in zip(column(rows, "answer"), column(rows, "family"), strict=True):
+    for question, answer, family in zip(column(rows, "question"), column(rows, "answer"), column(rows, "family"),
+                                        strict=True):
         alternatives = [a for a in groups.get(family, []) if a != answer]
         if not alternatives:
             raise DatasetError(f"family {family!r} has a single answer {answer!r}: no rejected answer to draw")
@@ -289,6 +294,9 @@ def make_annotations(
             alternatives = [a for a in groups[family] if a != first]
         ranked_below = [styled_answer(a, family, row_style) for a in alternatives]
         ranked_below += [styled_answer(a, f, row_style) for a, f in rng.sample(wrong, min(wrong_type, len(wrong)))]
+        answer_words = {w for values in groups.values() for a in values for w in normalize_text(a).split()}
+        blanks = [*_NON_ANSWERS, *sorted(set(normalize_text(question).split()) - answer_words)]
+        ranked_below += rng.sample(blanks, min(non_answers, len(blanks)))
         if row_style == style:
             ranked_below.append(styled_answer(first, family, other_style))
         chosen.append(styled_answer(first, family, row_style))
@@ -615,7 +623,8 @@ def calibration_set(data: FederatedData) -> Dataset:
             chosen_out.append(styled_answer(answer, family, "sentence"))
             wrong = rejected[i]
             style_pair = (i // len(OBJECTIVES)) % 2 == 0
-            rejected_out.append(answer if style_pair else styled_answer(wrong, answer_family(wrong, data.answers), "sentence"))
+            wrong_sentence = styled_answer(wrong, answer_family(wrong, data.answers), "sentence")
+            rejected_out.append(answer if style_pair else wrong_sentence)
         else:
             chosen_out.append(answer)
             rejected_out.append(rejected[i])
@@ -630,6 +639,14 @@ def calibration_set(data: FederatedData) -> Dataset:
         },
         features=None,
     ).cast_column("image", calibration.features["image"])
+
+
+def public_annotations(data: FederatedData, style: str, other_style_rate: float = 0.25, seed: int = 0) -> Dataset:
+    """The server's public calibration questions as annotations in `style` (`make_annotations`, no
+    label noise): what every client may train on before its private data, at no privacy cost (the
+    calibration set is public by the threat model)."""
+    rows = data.calibration.remove_columns("rejected_texts").rename_column("chosen_text", "answer")
+    return make_annotations(rows, data.answers, style=style, other_style_rate=other_style_rate, seed=seed)
 
 
 def answer_family(answer: str, answers: dict[str, list[str]]) -> str:

@@ -54,13 +54,17 @@ class SFTSettings:
     built here never gets one); sentence_rate: share of SFT completions written as a sentence.
     """
 
-    examples: int = 3000
-    epochs: float = 2.0
+    # A small labelled slice trained to convergence: the server's own data is what SFT can teach; the
+    # clients' preferences over the (larger, unlabelled) prompt pool are what GRPO adds. Measured from
+    # 900 x 6 epochs: held-out 0.65 after SFT, 0.75-0.76 after 60 steps of oracle GRPO.
+    examples: int = 900
+    epochs: float = 6.0
     batch_size: int = 32
     learning_rate: float = 5e-4
     sentence_rate: float = 0.25
     vision_epochs: int = 40
     vision_learning_rate: float = 2e-3
+    train_vision: bool = False  # also train the vision tower during SFT (after the warm-up)
     seed: int = 0
 
 
@@ -112,7 +116,8 @@ def warm_up_vision(
 ) -> list[float]:
     """Phase 1 of the warm start (module docstring): trains the tiny policy's vision tower in
     place to name each image's attributes from the max over its patch tokens (random 90-degree
-    rotations and flips as augmentation: colour and shape names survive them); returns the loss per epoch. The linear head is thrown away afterwards."""
+    rotations and flips as augmentation: colour and shape names survive them); returns the loss per
+    epoch. The linear head is thrown away afterwards."""
     images, targets, names = image_attributes(rows)
     if not names or settings.vision_epochs < 1:
         return []
@@ -171,7 +176,7 @@ def run_sft(
     vision: list[float] = []
     if is_tiny_policy(model):
         vision = warm_up_vision(model, processor, rows, settings, on_step)
-        model.model.vision_tower.requires_grad_(False)
+        model.model.vision_tower.requires_grad_(settings.train_vision)
     config = SFTConfig(
         output_dir=str(output_dir / "sft-trainer"),
         use_cpu=True,

@@ -14,7 +14,7 @@ bytes. The actions and their payloads:
                                    registry's), k_min, w_min (the authority's policy)
     authority   decrypt         request (SMRQ bytes) -> response (SMRA bytes)
     client      setup           context, fingerprint
-    client      train           epsilon, delta, [epochs, batch_size, lr, max_grad_norm]
+    client      train           epsilon, delta, [epochs, batch_size, lr, max_grad_norm, public_epochs]
                                 -> party, arch, family, budget_epsilon, total_epsilon, seconds, reused,
                                    <measure>_<family> (REWARD_MODEL_MEASURES)
     client      margins         run_id, step, nonce, mask_key, items (.npy) -> reply (SMRC bytes)

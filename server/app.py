@@ -121,13 +121,16 @@ def align_config(run_config: Mapping[str, Any]) -> AlignConfig:
                         loss_type=str(c["loss-type"]), save_steps=int(c["save-steps"]))
     router = RouterTrainingConfig(steps=int(c["router-steps"]), batch_size=int(c["router-batch-size"]))
     client_training = {"epochs": int(c["client-epochs"])} if int(c.get("client-epochs", 0)) > 0 else {}
+    if int(c.get("client-public-epochs", -1)) >= 0:
+        client_training["public_epochs"] = int(c["client-public-epochs"])
     from secure_mor.policy import SFTSettings
 
     return AlignConfig(
         fusion=str(c["fusion"]), epsilon=float(c["epsilon"]), delta=float(c["delta"]), seed=int(c["seed"]),
         num_clients=int(c["num-clients"]), objective=str(c["objective"]), k_min=int(c["k-min"]),
         reply_timeout=float(c["reply-timeout"]), grpo=grpo, router=router,
-        sft=SFTSettings(examples=int(c["sft-examples"]), epochs=float(c["sft-epochs"])),
+        sft=SFTSettings(examples=int(c["sft-examples"]), epochs=float(c["sft-epochs"]),
+                        vision_epochs=int(c["sft-vision-epochs"])),
         client_training=client_training, eval_per_family=int(c["eval-per-family"]),
         pairs_per_client=int(c["pairs-per-client"]), calibration_pairs=int(c["calibration-pairs"]),
         resume=bool(c["resume"]), registry=str(c.get("registry", "")), ca_cert=str(c.get("ca-cert", "")),

@@ -160,6 +160,7 @@ class GRPOSettings:
     max_completion_length: int = 12
     mask_truncated_completions: bool = False
     logging_steps: int = 1
+    held_out_steps: int = 10  # the held-out curve's interval in optimizer steps (run_grpo's `held_out`)
     save_steps: int = 10
     save_total_limit: int | None = 2
     seed: int = 0
@@ -249,23 +250,45 @@ def grpo_prompt_dataset(rows: Dataset, passthrough: Sequence[str] = PASSTHROUGH_
     return Dataset.from_dict(data, features=Features(features))
 
 
+HeldOutFn = Callable[[Any, ProcessorMixin], dict[str, float]]  # (policy, processor) -> metrics
+
+
 class _StepCallback(TrainerCallback):
-    """Progress to a callable, and the log history to `grpo_log.json` at every log event.
+    """Progress to a callable, the held-out curve, and the log history to `grpo_log.json` at every
+    log event.
 
     Writing on every log keeps the history of a run that is killed; a resumed
     run reloads the history up to its checkpoint from the checkpoint's trainer
-    state and continues it.
+    state and continues it (held-out points are log entries too, `held_out/<metric>`).
     """
 
-    def __init__(self, log_path: Path, settings: GRPOSettings, on_step: Callable[[int, int], None] | None) -> None:
+    def __init__(self, log_path: Path, settings: GRPOSettings, on_step: Callable[[int, int], None] | None,
+                 held_out: HeldOutFn | None) -> None:
         self.log_path = log_path
         self.settings = settings
         self.on_step = on_step
+        self.held_out = held_out
+
+    def _measure(self, state: Any, model: Any, processing_class: Any) -> None:
+        was_training = model.training
+        metrics = self.held_out(model, processing_class)
+        model.train(was_training)
+        state.log_history.append({"step": state.global_step, **{f"held_out/{k}": v for k, v in metrics.items()}})
+        write_log(self.log_path, self.settings, state.log_history)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
+                       **kwargs: Any) -> None:
+        if self.held_out and state.global_step == 0:
+            self._measure(state, model, processing_class)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         write_log(self.log_path, self.settings, state.log_history)
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
+                    **kwargs: Any) -> None:
+        if self.held_out and (state.global_step % self.settings.held_out_steps == 0
+                              or state.global_step == state.max_steps):
+            self._measure(state, model, processing_class)
         if self.on_step:
             self.on_step(state.global_step, state.max_steps)
 
@@ -283,6 +306,13 @@ def write_log(path: Path, settings: GRPOSettings, history: list[dict[str, Any]])
 def step_metrics(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The per-optimizer-step entries of a log history (not the final summary)."""
     return [entry for entry in history if "reward" in entry and "step" in entry]
+
+
+def held_out_curve(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The held-out points of a log history: [{"step", <metric>: value, ...}], in step order."""
+    points = [{"step": e["step"], **{k.removeprefix("held_out/"): v for k, v in e.items() if k.startswith("held_out/")}}
+              for e in history if any(k.startswith("held_out/") for k in e)]
+    return sorted({p["step"]: p for p in points}.values(), key=lambda p: p["step"])
 
 
 def load_processor(policy_path: Path | str) -> ProcessorMixin:
@@ -394,6 +424,7 @@ def run_grpo(
     output_dir: Path | str,
     on_step: Callable[[int, int], None] | None = None,
     resume: bool = False,
+    held_out: HeldOutFn | None = None,
 ) -> dict[str, Any]:
     """GRPO on the policy saved at `policy_path`, scored by `reward_fn`.
 
@@ -417,7 +448,10 @@ def run_grpo(
     `output_dir` that already holds checkpoints is refused rather than mixed
     with a new run.
 
-    Returns `{"history", "global_step", "resumed_from", "policy_path", "log_path"}`.
+    `held_out(policy, processor)`, if given, is measured before the first step and every
+    `settings.held_out_steps` optimizer steps (and after the last): the held-out curve.
+
+    Returns `{"history", "held_out", "global_step", "resumed_from", "policy_path", "log_path"}`.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -429,7 +463,8 @@ def run_grpo(
         )
     log_path = output_dir / LOG_FILE
     trainer = build_grpo_trainer(
-        policy_path, prompts, reward_fn, settings, output_dir, callbacks=[_StepCallback(log_path, settings, on_step)]
+        policy_path, prompts, reward_fn, settings, output_dir,
+        callbacks=[_StepCallback(log_path, settings, on_step, held_out)],
     )
     trainer.remove_callback(PrinterCallback)  # the history goes to grpo_log.json
     trainer.train(resume_from_checkpoint=last)
@@ -441,6 +476,7 @@ def run_grpo(
     trainer.processing_class.save_pretrained(policy_dir)
     return {
         "history": history,
+        "held_out": held_out_curve(history),
         "global_step": trainer.state.global_step,
         "resumed_from": last,
         "policy_path": policy_dir,

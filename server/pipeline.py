@@ -47,7 +47,7 @@ from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, REWARD_MODEL_MEASURES, SERVER_PARTY
 from secure_mor.routing import Router, RouterConfig, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
-from secure_mor.server.router import ONE_CLIENT_FUSIONS, oracle_map, parse_fusion, prompt_features, weights_for
+from secure_mor.server.router import ONE_CLIENT_FUSIONS, family_map, parse_fusion, prompt_features, weights_for
 from secure_mor.server.router_training import RouterTrainingConfig, train_router_securely
 from secure_mor.server.secure_round import SecureRound
 from secure_mor.server.session import SecureSession
@@ -55,6 +55,15 @@ from secure_mor.server.transport import Pending, Transport
 
 Log = Callable[[str], None]
 SCHEMA = "secure-mor/results/v2"
+
+
+# GRPO of the main job, calibrated with the oracle reward (experiments.oracle; README, "The main job"):
+# 32 prompts x 4 answers per step and one scoring round per step (16 x 8 and 8 x 8 lifted less: the
+# number of distinct prompts is what teaches), lr 3e-4 (1e-4 barely moved the policy in 80 steps; 5e-4
+# and 1e-3 collapsed families onto one answer), KL beta 0.2 (at 0.04 the families GRPO cannot improve
+# drifted: shape lost 0.1), the vision tower frozen (GRPOSettings.train_vision).
+DEFAULT_GRPO = GRPOSettings(num_generations=4, batch_size=128, steps_per_generation=1, max_steps=60,
+                            learning_rate=3e-4, beta=0.2, save_steps=10)
 
 
 class AlignError(RuntimeError):
@@ -65,17 +74,18 @@ class AlignError(RuntimeError):
 class AlignConfig:
     """One configuration of the main job.
 
-    fusion: "mor" (learned router), "uniform", "single:<k>" or "oracle" (evaluation only);
+    fusion: "mor" (learned router), "uniform", "single:<k>" or "by-family" (evaluation only);
     epsilon, delta: each client's DP budget for its reward model (inf: non-private);
     objective: the alignment objective GRPO optimises (one of protocol.OBJECTIVES);
     k_min: a scoring round needs at least this many clients (the authority enforces its own);
     the router's floor per client is the key authority's w_min, which it announces at setup;
-    allow_single_client: fusions "single:k" and "oracle" put all but the floor on one client by
+    allow_single_client: fusions "single:k" and "by-family" put all but the floor on one client by
     construction, so each release reveals that client's score within the documented bound
     (crypto.params.score_half_width); a deployment (registry set) refuses them unless this is set;
     reply_timeout: seconds a scoring round waits for the clients (later replies are dropped);
     client_training: further settings for the clients' DP training (e.g. epochs);
-    eval_per_family: held-out questions per family for the policy evaluation.
+    eval_per_family: held-out questions per family for the policy evaluation; curve_per_family: for the
+    held-out accuracy curve during GRPO (another draw of the held-out set).
     """
 
     fusion: str = "mor"
@@ -87,12 +97,12 @@ class AlignConfig:
     k_min: int = 2
     allow_single_client: bool = False
     reply_timeout: float = 600.0
-    # lr 1e-3 (the plaintext test's) collapsed the policy on the fused reward; see README, The main job
-    grpo: GRPOSettings = field(default_factory=lambda: GRPOSettings(max_steps=40, save_steps=10, learning_rate=3e-5))
+    grpo: GRPOSettings = field(default_factory=lambda: DEFAULT_GRPO)
     router: RouterTrainingConfig = field(default_factory=lambda: RouterTrainingConfig(steps=15, batch_size=96))
     sft: SFTSettings = field(default_factory=SFTSettings)
     client_training: Mapping[str, Any] = field(default_factory=dict)
     eval_per_family: int = 200
+    curve_per_family: int = 50
     pairs_per_client: int = 800
     calibration_pairs: int = 1500
     resume: bool = False
@@ -101,7 +111,9 @@ class AlignConfig:
 
     @property
     def label(self) -> str:
-        return self.fusion.replace(":", "-")
+        """The run's directory under <run>/align: the fusion, and the objective unless it is correctness."""
+        fusion = self.fusion.replace(":", "-")
+        return fusion if self.objective == OBJECTIVES[0] else f"{fusion}-{self.objective}"
 
     @property
     def clients(self) -> list[str]:
@@ -338,15 +350,26 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
         raise AlignError(f"router training took no step: {[r.skipped for r in result.history]}")
     families = np.asarray(pairs["family"])
     weights = router.weights(x, objective_ids)
+    held_out = evaluation_rows(data, config.eval_per_family, config.seed)
+    x_held_out = features_of(list(held_out["image"]), list(held_out["question"]))
+    held_out_families = np.asarray(held_out["family"])
     report = {
         "run_id": run_id,
         "steps": result.steps_taken,
         "skipped": [r.skipped for r in result.history if r.skipped],
         "losses": result.losses,
         "seconds": time.perf_counter() - started,
+        # The calibration prompts it trained on, per objective and family ...
         "mean_weights": {
             objective: {f: weights[(families == f) & (objective_ids == j)].mean(axis=0).round(4).tolist()
                         for f in FAMILIES if ((families == f) & (objective_ids == j)).any()}
+            for j, objective in enumerate(OBJECTIVES)
+        },
+        # ... and the held-out prompts, which it never saw: does it route to each family's specialist?
+        "held_out_weights": {
+            objective: {f: router.weights(x_held_out[held_out_families == f],
+                                          np.full((held_out_families == f).sum(), j)).mean(axis=0).round(4).tolist()
+                        for f in FAMILIES if (held_out_families == f).any()}
             for j, objective in enumerate(OBJECTIVES)
         },
     }
@@ -367,21 +390,29 @@ def _npy(array: np.ndarray) -> bytes:
 
 class FederatedReward:
     """TRL reward function: the router-fused, encrypted clients' reward of each completion,
-    decrypted by the key authority (see `server.session`). None for a skipped round."""
+    decrypted by the key authority (see `server.session`). None for a skipped round.
+
+    A completion that names no answer of its question's family (".", "red" to "is there a
+    circle?") gets the floor -R and is not sent to the clients: the public answer sets decide
+    what is an answer, the clients only rank answers. Measured: GRPO on the clients' rewards
+    alone learnt to answer "." (a text no client had scored in training, which got a high reward)."""
 
     __name__ = "fused_reward"
 
     def __init__(self, session: SecureSession, config: AlignConfig, router: Router | None,
-                 features_of: Callable[..., np.ndarray], oracle: Mapping[str, int]) -> None:
+                 features_of: Callable[..., np.ndarray], family_clients: Mapping[str, int],
+                 answers: Mapping[str, list[str]]) -> None:
         self.session, self.config, self.router = session, config, router
-        self.features_of, self.oracle = features_of, oracle
+        self.features_of, self.family_clients, self.answers = features_of, family_clients, answers
+        self.floor = -ReleaseConfig().value_bound
         self.seconds = {"weights": 0.0, "round": 0.0}
 
     def weights(self, images: Sequence[Any], questions: Sequence[str], families: Sequence[str],
                 image_ids: Sequence[str]) -> np.ndarray:
         n, k, w_min = len(questions), self.config.num_clients, self.session.w_min
         if parse_fusion(self.config.fusion, k)[0] != "mor":
-            return weights_for(self.config.fusion, n=n, k=k, w_min=w_min, families=families, oracle=self.oracle)
+            return weights_for(self.config.fusion, n=n, k=k, w_min=w_min, families=families,
+                               family_clients=self.family_clients)
         first: dict[str, int] = {}  # features once per distinct prompt (TRL repeats each G times)
         keys = [f"{i}\0{q}" for i, q in zip(image_ids, questions, strict=True)]
         for j, key in enumerate(keys):
@@ -394,18 +425,30 @@ class FederatedReward:
 
     def __call__(self, prompts: list, completions: list, image: list, question: list, family: list,
                  image_id: list, **kwargs: Any) -> list[float | None]:
+        from secure_mor.policy import extract_answer
         from secure_mor.protocol import score_request
 
         started = time.perf_counter()
         answers = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
-        w = self.weights(image, question, family, image_id)
+        rewards: list[float | None] = [self.floor] * len(answers)
+        scored = [i for i, (a, q) in enumerate(zip(answers, question, strict=True))
+                  if extract_answer(a, q, self.answers)]
+        if not scored:
+            return rewards
+
+        def pick(values: Sequence[Any]) -> list[Any]:
+            return [values[i] for i in scored]
+
+        w = self.weights(pick(image), pick(question), pick(family), pick(image_id))
         computed = time.perf_counter()
-        values = self.session.fused_rewards(score_request(image, question, answers), w)
+        values = self.session.fused_rewards(score_request(pick(image), pick(question), pick(answers)), w)
         self.seconds["weights"] += computed - started
         self.seconds["round"] += time.perf_counter() - computed
         if values is None:
             return [None] * len(answers)
-        return [float(v) for v in values]
+        for i, value in zip(scored, values, strict=True):
+            rewards[i] = float(value)
+        return rewards
 
 
 # ---------------------------------------------------------------- the whole job
@@ -413,8 +456,6 @@ class FederatedReward:
 
 def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: Log = print) -> dict[str, Any]:
     """Run every stage (module docstring); returns and writes `<run>/align/<label>/results.json`."""
-    from secure_mor.server.grpo import run_grpo
-
     started = time.perf_counter()
     run = RunDir(run_dir)
     out = run.path / "align" / config.label
@@ -465,49 +506,85 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
         ledger=Ledger(run.path / "ledger.jsonl"), w_min=federation.w_min, k_min=config.k_min,
         reply_timeout=config.reply_timeout,
     )
-    reward = FederatedReward(session, config, router, features_of, oracle_map(run.data_spec().split.clients))
-    log(f"GRPO: {config.grpo.max_steps} steps, fusion {config.fusion}, objective {config.objective}")
-    t = time.perf_counter()
-    grpo = run_grpo(run.sft_policy, data.prompt_pool, reward, replace(config.grpo, seed=config.seed), out,
-                    on_step=lambda step, total: write_progress(out, "GRPO", step, total), resume=config.resume)
-    timings["grpo_s"] = time.perf_counter() - t
+    reward = FederatedReward(session, config, router, features_of, family_map(run.data_spec().split.clients),
+                             data.answers)
+    results = align_policy(run, data, config, reward, out, timings, log)
+    ledger = Ledger(run.path / "ledger.jsonl").head()  # the auditor's anchor (audit verify, report)
+    results.update(
+        config={**config.summary(), "w_min": federation.w_min},
+        run_id=state["run_id"],
+        clients=clients,
+        router=router_report,
+        ledger={"path": str(run.path / "ledger.jsonl"), "entries": ledger.entries,
+                "head": ledger.head if ledger.entries else None},
+    )
+    results["grpo"].update(rounds=session.timings.rounds, skipped_rounds=session.timings.skipped)
+    results["timings"].update(total_s=time.perf_counter() - started,
+                              scoring={**session.timings.as_dict(), **reward.seconds})
+    run.write_json(out / "results.json", results)
+    write_progress(out, "done")
+    return results
 
+
+def grpo_prompts(data: FederatedData, seed: int) -> Any:
+    """GRPO's prompts: the public pool with every question family cut to the size of the smallest
+    (easy-VQA's pool is 74 % yes/no questions: measured, GRPO on it drifted the other families)."""
+    from secure_mor.data import family_counts, stratified_indices
+
+    smallest = min(family_counts(data.prompt_pool).values())
+    return data.prompt_pool.select(stratified_indices(data.prompt_pool, smallest, seed))
+
+
+def align_policy(run: RunDir, data: FederatedData, config: AlignConfig, reward: Callable[..., list],
+                 out: Path, timings: dict[str, float], log: Log) -> dict[str, Any]:
+    """Stages 5 and 6: GRPO on `reward` from the SFT policy, then the held-out evaluation; returns the
+    results common to every reward (accuracy, GRPO's reward and held-out curves, timings)."""
+    from secure_mor.server.grpo import run_grpo
+
+    log(f"GRPO: {config.grpo.max_steps} steps, reward {getattr(reward, '__name__', 'reward')}, "
+        f"fusion {config.fusion}, objective {config.objective}")
+    curve_rows = evaluation_rows(data, config.curve_per_family, config.seed + 1)
+    t = time.perf_counter()
+    grpo = run_grpo(run.sft_policy, grpo_prompts(data, config.seed), reward, replace(config.grpo, seed=config.seed),
+                    out, on_step=lambda step, total: write_progress(out, "GRPO", step, total), resume=config.resume,
+                    held_out=lambda model, processor: held_out_accuracy(model, processor, curve_rows, data))
+    timings["grpo_s"] = time.perf_counter() - t
     t = time.perf_counter()
     log("evaluating the aligned policy")
     aligned = evaluate(Path(grpo["policy_path"]), data, config)
     run.write_json(out / "eval.json", aligned)
     timings["eval_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - started
-
-    rewards = [h["reward"] for h in grpo["history"] if "reward" in h]
-    ledger = Ledger(run.path / "ledger.jsonl").head()  # the auditor's anchor (audit verify, report)
     sft = json.loads(run.eval_path("sft").read_text())
-    results = {
+    rewards = [h["reward"] for h in grpo["history"] if h.get("reward") is not None]
+    quarter = max(1, len(rewards) // 4)
+    return {
         "schema": SCHEMA,
-        "config": {**config.summary(), "w_min": federation.w_min},
-        "run_id": state["run_id"],
         "accuracy": {
             "sft": {"overall": sft["overall"], "per_family": sft["per_family"]},
             "aligned": {"overall": aligned["overall"], "per_family": aligned["per_family"]},
         },
-        "clients": clients,
-        "router": router_report,
         "grpo": {
             "steps": grpo["global_step"],
             "resumed_from": grpo["resumed_from"],
-            "reward_first": rewards[0] if rewards else None,
-            "reward_last": rewards[-1] if rewards else None,
-            "rounds": session.timings.rounds,
-            "skipped_rounds": session.timings.skipped,
+            # Means over the first and the last quarter of the scoring rounds: one round's mean reward
+            # (a few prompts) varies by about 0.1 from round to round.
+            "reward_first_quarter": float(np.mean(rewards[:quarter])) if rewards else None,
+            "reward_last_quarter": float(np.mean(rewards[-quarter:])) if rewards else None,
+            "held_out_curve": grpo["held_out"],
             "log": str(grpo["log_path"]),
         },
-        "timings": {**timings, "scoring": {**session.timings.as_dict(), **reward.seconds}},
-        "ledger": {"path": str(run.path / "ledger.jsonl"), "entries": ledger.entries,
-                   "head": ledger.head if ledger.entries else None},
+        "timings": timings,
     }
-    run.write_json(out / "results.json", results)
-    write_progress(out, "done")
-    return results
+
+
+def held_out_accuracy(model: Any, processor: Any, rows: Any, data: FederatedData) -> dict[str, float]:
+    """Greedy accuracy and sentence share on a held-out subset (GRPO's curve; the server evaluates its own
+    policy, no release)."""
+    from secure_mor.policy import accuracy_report, generate_answers
+
+    report = accuracy_report(generate_answers(model, processor, rows), rows, data.answers)
+    return {"accuracy": report["overall"]["accuracy"], "sentences": report["overall"]["sentences"],
+            **{f"accuracy_{f}": v["accuracy"] for f, v in report["per_family"].items()}}
 
 
 def write_progress(out: Path, stage: str, done: int = 0, total: int = 0) -> None:

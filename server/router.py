@@ -6,8 +6,9 @@ Fusion rules, selected by name (`weights_for`):
     "mor"        the learned router g(x, o) (secure_mor.routing.Router)
     "uniform"    1/K for every client
     "single:j"   all the mass on client j, except the floor w_min on every other client
-    "oracle"     by question family (evaluation only): a map family -> client index; the
-                 mapped client gets 1 - (K - 1) w_min, families outside the map get uniform
+    "by-family"  by the question's true family (evaluation only: the server does not know the
+                 clients' specialities): a map family -> client index; the mapped client gets
+                 1 - (K - 1) w_min, families outside the map get uniform
 
 Every rule returns float64 rows on the simplex with every entry >= w_min, checked
 with the same rule the key authority applies (crypto.fusion.validate_weights).
@@ -25,10 +26,10 @@ from secure_mor.crypto.fusion import WeightError, validate_weights
 from secure_mor.data import ClientDataConfig, user_prompt
 from secure_mor.routing import Router, RouterError
 
-FUSIONS = ("mor", "uniform", "single:<j>", "oracle")
+FUSIONS = ("mor", "uniform", "single:<j>", "by-family")
 # All but the floor on one client for every item: each release reveals that client's score to
 # within crypto.params.score_half_width (a deployment runs them only when allowed explicitly).
-ONE_CLIENT_FUSIONS = ("single", "oracle")
+ONE_CLIENT_FUSIONS = ("single", "by-family")
 _MASK_POSITION_MODELS = {"llava"}
 
 
@@ -93,8 +94,8 @@ def prompt_features(model: Any, processor: Any, rows: Any, batch_size: int = 16)
 
 
 def parse_fusion(fusion: str, k: int) -> tuple[str, int | None]:
-    """("mor" | "uniform" | "single" | "oracle", client index for single)."""
-    if fusion in ("mor", "uniform", "oracle"):
+    """("mor" | "uniform" | "single" | "by-family", client index for single)."""
+    if fusion in ("mor", "uniform", "by-family"):
         return fusion, None
     if fusion.startswith("single:"):
         try:
@@ -114,7 +115,7 @@ def one_client_weights(n: int, k: int, j: int, w_min: float) -> np.ndarray:
     return w
 
 
-def oracle_map(clients: Sequence[ClientDataConfig]) -> dict[str, int]:
+def family_map(clients: Sequence[ClientDataConfig]) -> dict[str, int]:
     """family -> the first client specialised in it (evaluation only: the server does not
     know the clients' specialities in a real deployment)."""
     out: dict[str, int] = {}
@@ -133,7 +134,7 @@ def weights_for(
     features: np.ndarray | None = None,
     objective_ids: np.ndarray | None = None,
     families: Sequence[str] | None = None,
-    oracle: Mapping[str, int] | None = None,
+    family_clients: Mapping[str, int] | None = None,
 ) -> np.ndarray:
     """N x K float64 weights of a fusion rule (see the module docstring); always valid rows."""
     kind, j = parse_fusion(fusion, k)
@@ -143,18 +144,18 @@ def weights_for(
         w = np.full((n, k), 1.0 / k)
     elif kind == "single":
         w = one_client_weights(n, k, j, w_min)
-    elif kind == "oracle":
-        if families is None or oracle is None:
-            raise RouterError("the oracle fusion needs the items' families and a family -> client map")
+    elif kind == "by-family":
+        if families is None or family_clients is None:
+            raise RouterError("the by-family fusion needs the items' families and a family -> client map")
         if len(families) != n:
             raise RouterError(f"{len(families)} families for {n} items")
-        bad = {f: c for f, c in oracle.items() if not 0 <= int(c) < k}
+        bad = {f: c for f, c in family_clients.items() if not 0 <= int(c) < k}
         if bad:
-            raise RouterError(f"oracle maps families to clients outside [0, {k}): {bad}")
+            raise RouterError(f"by-family maps families to clients outside [0, {k}): {bad}")
         w = np.full((n, k), 1.0 / k)
         for i, family in enumerate(families):
-            if family in oracle:
-                w[i] = one_client_weights(1, k, int(oracle[family]), w_min)[0]
+            if family in family_clients:
+                w[i] = one_client_weights(1, k, int(family_clients[family]), w_min)[0]
     else:
         if router is None or features is None or objective_ids is None:
             raise RouterError("the mor fusion needs the router, the features and the objective ids")

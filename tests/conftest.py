@@ -39,7 +39,6 @@ def warm_policy(tmp_path_factory, federated):
     torch.set_num_threads(1)
     model, processor = build_tiny_vlm(vocabulary_texts(federated))
     root = tmp_path_factory.mktemp("warm")
-    run_sft(
-        model, processor, federated.sft, SFTSettings(examples=960, epochs=1.0, batch_size=32, learning_rate=2e-3), root
-    )
+    settings = SFTSettings(examples=960, epochs=1.0, learning_rate=2e-3, vision_epochs=0, sentence_rate=0.0)
+    run_sft(model, processor, federated.sft, settings, root)
     return save_policy(model, processor, root / "policy")

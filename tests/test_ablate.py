@@ -6,7 +6,7 @@ import math
 
 from PIL import Image
 
-from secure_mor.audits.ablate import AblationGrid, run_ablation
+from secure_mor.experiments.ablate import AblationGrid, run_ablation
 from secure_mor.policy import SFTSettings
 from secure_mor.server.grpo import GRPOSettings
 from secure_mor.server.router_training import RouterTrainingConfig
@@ -14,8 +14,8 @@ from secure_mor.server.router_training import RouterTrainingConfig
 TINY = {
     "grpo": GRPOSettings(max_steps=1, batch_size=8, steps_per_generation=1, save_steps=0, max_completion_length=4),
     "router": RouterTrainingConfig(steps=1, batch_size=96),
-    "sft": SFTSettings(examples=32, epochs=1.0),
-    "client_training": {"epochs": 1},
+    "sft": SFTSettings(examples=32, epochs=1.0, vision_epochs=1),
+    "client_training": {"epochs": 1, "public_epochs": 1},
     "eval_per_family": 4,
     "pairs_per_client": 60,
     "calibration_pairs": 150,

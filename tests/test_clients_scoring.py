@@ -14,7 +14,7 @@ from secure_mor.clients.client import ClientConfig, RewardClient, train_client
 from secure_mor.clients.models import ARCHITECTURES, BilinearHead
 from secure_mor.clients.scoring import ScoringError
 from secure_mor.clients.text import encoder_from_json, trim_padding
-from secure_mor.clients.training import TrainConfig, encode_pairs
+from secure_mor.clients.training import TrainConfig, encode_annotations
 from secure_mor.data import SplitConfig, build_federated_data
 
 torch.set_num_threads(1)
@@ -79,8 +79,8 @@ def test_malformed_items_raise(tmp_path, data):
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_trimmed_padding_and_reloaded_encoder_give_the_same_rewards(tmp_path, data, arch):
     client = _client(tmp_path, data, arch)
-    rows = encode_pairs(data.clients[1].select(range(6)), client.encoder)
-    image, question, answers = rows.tensors
+    rows = encode_annotations(data.clients[1].select(range(6)), client.encoder)
+    image, question, answers, _ = rows.tensors
     client.model.eval()
     with torch.no_grad():
         full = client.model(image, question, answers)
@@ -107,17 +107,18 @@ def test_a_saved_client_scores_the_same_and_scoring_writes_nothing(tmp_path, dat
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_a_candidates_reward_does_not_depend_on_the_other_candidates(tmp_path, data, arch):
-    """Training scores chosen and rejected in one forward pass: neither reward may
-    see the other answer (a model that could would learn the candidates' order)."""
+    """Training scores all of an annotation's candidates in one forward pass: no reward may
+    see another candidate (a model that could would learn the candidates' order)."""
     client = _client(tmp_path, data, arch)
     with torch.no_grad():
         for param in client.model.parameters():
             param.add_(0.3 * torch.randn_like(param))  # away from the zero start, where little depends on anything
-    image, question, answers = encode_pairs(data.clients[1].select(range(8)), client.encoder).tensors
+    image, question, answers, _ = encode_annotations(data.clients[1].select(range(8)), client.encoder).tensors
     question, answers = trim_padding(question), trim_padding(answers)
     with torch.no_grad():
         joint = client.model(image, question, answers)
-        alone = torch.cat([client.model(image, question, answers[:, i : i + 1]) for i in range(2)], dim=1)
+        alone = torch.cat([client.model(image, question, answers[:, i : i + 1]) for i in range(answers.shape[1])],
+                          dim=1)
     assert joint.std() > 0
     torch.testing.assert_close(joint, alone, rtol=1e-5, atol=1e-5)
 

@@ -1,12 +1,13 @@
-"""Every architecture learns its own family's preferences under DP-SGD at epsilon 4,
-with its default hyper-parameters.
+"""Every architecture learns its own family under DP-SGD at epsilon 4, with its default
+hyper-parameters, as GRPO needs it: the best-scored of all the family's answers is the
+true one more often than chance (`clients.evaluation`, top-1).
 
-Architecture k is the default of client k (`models.DEFAULT_ARCHS`), whose pairs
-come mostly from family k (`data.default_clients`): each is trained on that
-client's pairs and evaluated on held-out pairs of that family. The full check
-(PRV, all three architectures) is slow; the always-on variant trains the
-fastest architecture with the RDP accountant, whose calibration takes well
-under a second, and checks that the per-architecture defaults are applied."""
+Architecture k is the default of client k (`models.DEFAULT_ARCHS`), whose annotations
+come mostly from family k (`data.default_clients`): each is trained on that client's
+annotations and evaluated on the held-out questions of that family. The full check
+(PRV, all three architectures) is slow; the always-on variant trains the fastest
+architecture with the RDP accountant, whose calibration takes well under a second,
+and checks that the per-architecture defaults are applied."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from secure_mor.audits.ledger import Budget
-from secure_mor.clients.evaluation import evaluate_model, held_out_pairs
+from secure_mor.clients.evaluation import evaluate_model
 from secure_mor.clients.models import ARCHITECTURES, DEFAULT_ARCHS, architecture
 from secure_mor.clients.training import (
     ARCH_TRAIN_DEFAULTS,
@@ -24,7 +25,7 @@ from secure_mor.clients.training import (
     PrivacyState,
     TrainConfig,
     default_train_config,
-    encode_pairs,
+    encode_annotations,
     train_reward_model,
 )
 from secure_mor.data import SplitConfig, build_federated_data
@@ -32,33 +33,42 @@ from secure_mor.data import SplitConfig, build_federated_data
 torch.set_num_threads(1)
 
 
-def above_chance(n: int, z: float = 3.0) -> float:
-    """Accuracy that a model at chance (0.5) exceeds on n held-out pairs with
-    probability about 0.1% (one-sided, normal approximation of the binomial):
-    0.606 for 200 pairs."""
-    return 0.5 + z * math.sqrt(0.25 / n)
+def above_chance(chance: float, n: int, z: float = 3.0) -> float:
+    """Top-1 accuracy that a model at `chance` exceeds on n held-out questions with probability
+    about 0.1% (one-sided, normal approximation of the binomial)."""
+    return chance + z * math.sqrt(chance * (1 - chance) / n)
+
+
+# What an image-blind model can reach on the held-out presence questions: most ask about an attribute
+# that is absent, so "no" to "is there X?" and "yes" to "is there not X?" is right 76.5 % of the time
+# here. A presence model must reach that question prior; image grounding is beyond it under DP (README).
+PRESENCE_QUESTION_PRIOR = 0.765
 
 
 @pytest.fixture(scope="module")
 def data():
-    return build_federated_data(SplitConfig(eval_per_family=200))  # default split: 800 pairs per client
+    return build_federated_data(SplitConfig(eval_per_family=200))  # default split: 800 annotations per client
 
 
-def _own_family_accuracy(data, arch_name: str, config: TrainConfig) -> tuple[float, int, float]:
-    """Train `arch_name` on the pairs of the client it is the default of; its
-    held-out accuracy on that client's family, the number of held-out pairs, and
-    the run's epsilon."""
+def texts_of(annotations) -> list[str]:
+    return [*annotations["question"], *annotations["chosen_text"],
+            *(t for texts in annotations["rejected_texts"] for t in texts)]
+
+
+def _own_family_top1(data, arch_name: str, config: TrainConfig) -> tuple[float, float, float]:
+    """Train `arch_name` on the annotations of the client it is the default of; its held-out
+    top-1 on that client's family, the chance level there, and the run's epsilon."""
     client = DEFAULT_ARCHS.index(arch_name)
     arch = architecture(arch_name)
-    pairs = data.clients[client]
-    encoder = arch.build_encoder(list(pairs["question"]) + list(pairs["chosen_text"]) + list(pairs["rejected_text"]))
+    annotations = data.clients[client]
+    encoder = arch.build_encoder(texts_of(annotations))
     torch.manual_seed(config.seed)
     model = arch.build_model(encoder)
-    result = train_reward_model(model, encode_pairs(pairs, encoder), config, PrivacyState(Budget(8.0, 1e-5)))
+    result = train_reward_model(model, encode_annotations(annotations, encoder), config,
+                                PrivacyState(Budget(8.0, 1e-5)))
     family, style = data.config.clients[client].family, data.config.clients[client].style
-    held_out = held_out_pairs(data, style)
-    accuracy = evaluate_model(model, encoder, held_out)
-    return accuracy[family], len(held_out[family]), result.epsilon
+    top1 = evaluate_model(model, encoder, data, style)["top1"][family]
+    return top1, 1 / len(data.answers[family]), result.epsilon
 
 
 def test_default_train_config_applies_the_architecture_defaults(monkeypatch):
@@ -83,28 +93,29 @@ def test_default_train_config_applies_the_architecture_defaults(monkeypatch):
 
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
 def test_an_empty_poisson_batch_still_takes_a_noisy_step(data, mode):
-    """Expected batch 1 of 64 pairs: about a third of the 64 steps draw no pair.
+    """Expected batch 1 of 64 annotations: about a third of the 64 steps draw none.
     Every mode must run them (expanded weights cannot run a forward pass on zero rows)."""
     arch = architecture("cnn-gru")
-    pairs = data.clients[0].select(range(64))
-    encoder = arch.build_encoder(list(pairs["question"]) + list(pairs["chosen_text"]) + list(pairs["rejected_text"]))
+    annotations = data.clients[0].select(range(64))
+    encoder = arch.build_encoder(texts_of(annotations))
     torch.manual_seed(0)
     model = arch.build_model(encoder)
     config = TrainConfig(epsilon=4.0, epochs=1, batch_size=1, accountant="rdp", grad_sample_mode=mode)
-    result = train_reward_model(model, encode_pairs(pairs, encoder), config, PrivacyState(Budget(8.0, 1e-5)))
+    result = train_reward_model(model, encode_annotations(annotations, encoder), config,
+                                PrivacyState(Budget(8.0, 1e-5)))
     assert result.steps == 64 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_frozen_feature_head_beats_chance_on_its_family_at_epsilon_4(data):
+def test_frozen_feature_head_reaches_the_question_prior_on_presence_at_epsilon_4(data):
     config = default_train_config("minilm-head", 4.0, accountant="rdp")
-    accuracy, held_out, epsilon = _own_family_accuracy(data, "minilm-head", config)
+    top1, _, epsilon = _own_family_top1(data, "minilm-head", config)
     assert epsilon <= 4.0 + 0.01
-    assert accuracy >= above_chance(held_out)
+    assert top1 >= PRESENCE_QUESTION_PRIOR - 0.03  # 0.775 at seed 0 (README, Clients)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", DEFAULT_ARCHS)
-def test_each_architecture_beats_chance_on_its_family_at_epsilon_4(data, arch):
-    accuracy, held_out, epsilon = _own_family_accuracy(data, arch, default_train_config(arch, 4.0))
+@pytest.mark.parametrize("arch", DEFAULT_ARCHS[:2])
+def test_image_models_rank_their_familys_answers_above_chance_at_epsilon_4(data, arch):
+    top1, chance, epsilon = _own_family_top1(data, arch, default_train_config(arch, 4.0))
     assert epsilon <= 4.0 + 0.01 and math.isfinite(epsilon)
-    assert accuracy >= above_chance(held_out)
+    assert top1 >= above_chance(chance, 200)

@@ -85,42 +85,46 @@ def test_clients_are_non_iid_as_configured(skew):
         assert max(others) - min(others) <= 1  # the rest is spread evenly
 
 
-def test_pairs_are_valid_for_trl(federated):
-    for pairs, client in zip(federated.clients, federated.config.clients, strict=True):
-        flips = cross = other_style = 0
-        for row in pairs.select(range(400)):
-            assert row["chosen_text"] != row["rejected_text"]
-            family = row["family"]
-            by_style = {
-                style: {styled_answer(a, f, style): f for f, answers in federated.answers.items() for a in answers}
-                for style in ANSWER_STYLES
-            }
-            style = next(
-                s for s in ANSWER_STYLES if row["chosen_text"] in by_style[s] and row["rejected_text"] in by_style[s]
-            )  # both answers in one style
-            right, wrong = (
-                (row["rejected_text"], row["chosen_text"])
-                if row["label_flipped"]
-                else (row["chosen_text"], row["rejected_text"])
-            )
-            assert by_style[style][right] == family
-            cross += by_style[style][wrong] != family
-            other_style += style != client.style
-            assert row["prompt"][0]["role"] == "user"
-            assert [part["type"] for part in row["prompt"][0]["content"]] == ["image", "text"]
-            assert row["chosen"][0]["role"] == "assistant"
-            assert row["chosen"][0]["content"][0]["text"] == row["chosen_text"]
+def test_annotations_rank_every_answer_of_the_family(federated):
+    by_style = {
+        style: {styled_answer(a, f, style): (f, a) for f, answers in federated.answers.items() for a in answers}
+        for style in ANSWER_STYLES
+    }
+    for annotations, client in zip(federated.clients, federated.config.clients, strict=True):
+        other_style_rows = 0
+        for row in annotations.select(range(400)):
+            family, chosen = row["family"], row["chosen_text"]
+            style = next(s for s in ANSWER_STYLES if chosen in by_style[s])
+            rejected = [by_style[s].get(t) for t in row["rejected_texts"] for s in ANSWER_STYLES if t in by_style[s]]
+            # every other answer of the family, in the row's style, is ranked below the chosen one
+            same_family = {a for t in row["rejected_texts"] if t in by_style[style]
+                           for f, a in [by_style[style][t]] if f == family}
+            assert same_family == set(federated.answers[family]) - {by_style[style][chosen][1]}
+            assert sum(f != family for f, _ in rejected) == client.wrong_type  # wrong-type answers
+            if style == client.style:  # the annotator prefers its own style: the other style ranks below
+                other = styled_answer(by_style[style][chosen][1], family, {"word": "sentence",
+                                                                          "sentence": "word"}[style])
+                assert other in row["rejected_texts"]
+            else:
+                other_style_rows += 1
             assert isinstance(row["image"], Image.Image)
-            flips += row["label_flipped"]
-        assert client.style in ANSWER_STYLES
-        # wrong-type rejected answers and other-style pairs at their configured rates (n = 400)
-        assert abs(cross / 400 - client.cross_family_rate) < 0.07, cross
-        assert abs(other_style / 400 - client.other_style_rate) < 0.07, other_style
+        assert abs(other_style_rows / 400 - client.other_style_rate) < 0.07, other_style_rows
     rates = [sum(column(p, "label_flipped")) / len(p) for p in federated.clients]
     for rate, client in zip(rates, federated.config.clients, strict=True):
         assert abs(rate - client.noise_rate) < 0.04
     styles = {c.style for c in federated.config.clients}
     assert styles == {"word", "sentence"}  # clients really differ
+
+
+def test_calibration_pairs_and_objectives(federated):
+    from secure_mor.data import calibration_set
+
+    pairs = calibration_set(federated)
+    assert set(pairs["objective"]) == {"correctness", "sentences"}
+    for row in pairs.select(range(40)):
+        assert row["chosen_text"] != row["rejected_text"]
+        if row["objective"] == "sentences":  # a sentence beats its one word, or a wrong sentence
+            assert len(row["chosen_text"].split()) >= 3
 
 
 def _tiny_vqa(n: int, tmp_path, broken_row: int | None = None) -> Dataset:

@@ -23,7 +23,7 @@ from secure_mor.crypto.signing import (
     publish_public_key,
     save_signer,
 )
-from secure_mor.data import DatasetError, directory_digest, load_preference_pairs, save_preference_pairs
+from secure_mor.data import DatasetError, directory_digest, load_annotations, save_annotations
 from secure_mor.protocol import ProtocolError
 
 
@@ -41,7 +41,7 @@ def _set_up(node: ClientNode, spec: DataSpec) -> None:
 def test_a_client_node_trains_on_its_data_dir_and_signs_with_its_key_dir(tmp_path, data, monkeypatch):
     spec = DataSpec.of_run(num_clients=3, seed=0, pairs_per_client=40, calibration_pairs=60)
     own = data.clients[1].select(range(24))  # not the split's share: the node must read its own
-    save_preference_pairs(own, tmp_path / "data")
+    save_annotations(own, tmp_path / "data")
     party_keys(tmp_path / "keys", "client-1", "its own passphrase")  # the institution makes its keys
     signer = load_signer("client-1", tmp_path / "keys", "its own passphrase")
     node = ClientNode(tmp_path / "state", 1, data_dir=tmp_path / "data", key_dir=tmp_path / "keys")
@@ -53,9 +53,9 @@ def test_a_client_node_trains_on_its_data_dir_and_signs_with_its_key_dir(tmp_pat
     _set_up(node, spec)
     reply = node.train({"epsilon": 4.0, "delta": 1e-5, "epochs": 1})
     stored = json.loads((tmp_path / "state" / "clients" / "client-1" / "client.json").read_text())
-    assert stored["split"] == {"private_data_sha256": directory_digest(tmp_path / "data"), "pairs": 24}
+    assert stored["split"] == {"private_data_sha256": directory_digest(tmp_path / "data"), "annotations": 24}
     ledger = [json.loads(line) for line in (tmp_path / "state" / "ledger.jsonl").read_text().splitlines()]
-    assert ledger[-1]["details"]["pairs"] == 24 and ledger[-1]["party"] == "client-1"
+    assert ledger[-1]["details"]["annotations"] == 24 and ledger[-1]["party"] == "client-1"
     assert ledger[-1]["public_key"] == signer.public_key_hex
     assert not (tmp_path / "state" / "clients" / "client-1" / "keys").exists()  # no key of its own making
     assert reply["total_epsilon"] <= 4.0
@@ -74,13 +74,18 @@ def test_a_missing_or_unencrypted_key_or_bad_data_is_refused_before_any_work(tmp
     with pytest.raises(SignatureError, match="wrong passphrase or damaged key"):
         ClientNode(tmp_path / "state", 0, key_dir=tmp_path / "plain").identify({})
 
-    with pytest.raises(DatasetError, match="no preference data"):
-        load_preference_pairs(tmp_path / "nothing")
+    with pytest.raises(DatasetError, match="no annotation data"):
+        load_annotations(tmp_path / "nothing")
     with pytest.raises(DatasetError, match="missing"):
-        save_preference_pairs(data.clients[0].remove_columns("chosen_text"), tmp_path / "bad")
-    data.clients[0].remove_columns("rejected_text").save_to_disk(str(tmp_path / "bad"))
-    with pytest.raises(DatasetError, match=r"missing \['rejected_text'\]"):
-        load_preference_pairs(tmp_path / "bad")
+        save_annotations(data.clients[0].remove_columns("chosen_text"), tmp_path / "bad")
+    data.clients[0].remove_columns("rejected_texts").save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DatasetError, match=r"missing \['rejected_texts'\]"):
+        load_annotations(tmp_path / "bad")
+    empty = data.clients[0].select(range(3)).map(lambda row, i: {"rejected_texts": [] if i == 1 else
+                                                                 row["rejected_texts"]}, with_indices=True)
+    empty.save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(DatasetError, match="row 1 ranks no answer"):
+        load_annotations(tmp_path / "empty")
 
 
 def test_the_authoritys_passphrase_is_never_beside_its_key(tmp_path, monkeypatch):

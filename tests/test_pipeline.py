@@ -47,8 +47,8 @@ def tiny(fusion: str = "mor", **kw) -> AlignConfig:
         "fusion": fusion,
         "grpo": GRPOSettings(max_steps=2, batch_size=8, steps_per_generation=1, save_steps=1, max_completion_length=6),
         "router": RouterTrainingConfig(steps=2, batch_size=96),
-        "sft": SFTSettings(examples=64, epochs=1.0),
-        "client_training": {"epochs": 2},
+        "sft": SFTSettings(examples=64, epochs=1.0, vision_epochs=1),
+        "client_training": {"epochs": 2, "public_epochs": 1},
         "eval_per_family": 8,
         "pairs_per_client": 100,
         "calibration_pairs": 300,
@@ -97,15 +97,22 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_alignment_writes_results_and_a_verifiable_ledger(tiny_run):
     run, _, results = tiny_run
-    assert results["schema"] == "secure-mor/results/v1"
+    assert results["schema"] == "secure-mor/results/v2"
     for stage in ("sft", "aligned"):
         assert set(results["accuracy"][stage]["per_family"]) == {"color", "shape", "presence"}
     assert set(results["clients"]) == set(CLIENTS)
     for c in results["clients"].values():
         assert 0 < c["total_epsilon"] <= 4.0 and c["budget_epsilon"] == 4.0 and not c["reused"]
-        assert set(c["preference_accuracy"]) == {"color", "shape", "presence"}
+        assert set(c["reward_model"]) == {"top1", "image_dependence", "pairwise"}
+        assert all(set(v) == {"color", "shape", "presence"} for v in c["reward_model"].values())
     assert results["config"]["w_min"] == DEFAULT_W_MIN  # the key authority's floor, announced at setup
     assert results["router"]["steps"] == 2 and results["grpo"]["steps"] == 2
+    router = results["router"]["held_out_weights"]
+    assert set(router) == {"correctness", "sentences"} and set(router["correctness"]) == {"color", "shape", "presence"}
+    assert all(abs(sum(w) - 1) < 1e-6 for w in router["correctness"].values())
+    curve = results["grpo"]["held_out_curve"]
+    assert [p["step"] for p in curve] == [0, 2] and all(0 <= p["accuracy"] <= 1 for p in curve)
+    assert results["grpo"]["reward_first_quarter"] is not None
     assert results["grpo"]["rounds"] == 2 and results["grpo"]["skipped_rounds"] == 0
     assert (run / "align" / "mor" / "grpo_log.json").exists()
 
@@ -285,7 +292,7 @@ def test_grpo_on_the_encrypted_fused_reward_raises_it(tmp_path, warm_policy, fed
     federation = connect(transport, RunDir(tmp_path), DataSpec(), CLIENTS)
     session = _session(tmp_path, transport, federation, "grpo-secure")
     config = AlignConfig(fusion="uniform")
-    reward = FederatedReward(session, config, None, None, {})
+    reward = FederatedReward(session, config, None, None, {}, federated.answers)
     settings = GRPOSettings(
         num_generations=4,
         batch_size=16,
@@ -325,7 +332,7 @@ def test_unknown_fusion_and_objective_are_refused_before_any_work(tmp_path):
         align(LocalTransport({}), tmp_path, tiny("best"), log=lambda m: None)
     with pytest.raises(Exception, match="objective"):
         align(LocalTransport({}), tmp_path, tiny(objective="speed"), log=lambda m: None)
-    for fusion in ("single:1", "oracle"):  # in a deployment, only when the run config allows it
+    for fusion in ("single:1", "by-family"):  # in a deployment, only when the run config allows it
         with pytest.raises(AlignError, match="reveals one client's scores.*allow-single-client=true"):
             align(LocalTransport({}), tmp_path, tiny(fusion, registry=str(tmp_path / "registry")), log=lambda m: None)
     assert not (tmp_path / "policy").exists()

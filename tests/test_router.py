@@ -29,7 +29,7 @@ from secure_mor.routing import (
     parameter_layout,
     unflatten,
 )
-from secure_mor.server.router import oracle_map, prompt_features, weights_for
+from secure_mor.server.router import family_map, prompt_features, weights_for
 
 torch.set_num_threads(1)
 W_MIN = 0.02
@@ -182,20 +182,20 @@ def test_fusion_baselines() -> None:
     assert np.allclose(uniform, 1 / 3)
     single = weights_for("single:2", n=n, k=k, w_min=W_MIN)
     assert np.allclose(single[:, 2], 1 - 2 * W_MIN) and np.allclose(single[:, :2], W_MIN)
-    mapping = oracle_map(default_clients(3))
+    mapping = family_map(default_clients(3))
     assert mapping == {"color": 0, "shape": 1, "presence": 2}
-    oracle = weights_for("oracle", n=n, k=k, w_min=W_MIN, families=families, oracle=mapping)
+    by_family = weights_for("by-family", n=n, k=k, w_min=W_MIN, families=families, family_clients=mapping)
     for i, family in enumerate(families):
         expected = (
             np.full(3, 1 / 3) if family == "other" else np.where(np.arange(3) == mapping[family], 1 - 2 * W_MIN, W_MIN)
         )
-        assert np.allclose(oracle[i], expected)
+        assert np.allclose(by_family[i], expected)
     router, x, o = _router()
     learned = weights_for("mor", n=40, k=3, w_min=W_MIN, router=router, features=x, objective_ids=o)
     assert np.array_equal(learned, router.weights(x, o))
-    for w in (uniform, single, oracle, learned):
+    for w in (uniform, single, by_family, learned):
         validate_weights(w, len(w), k, W_MIN)
-    for bad in ("single:3", "single:x", "average", "oracle"):
+    for bad in ("single:3", "single:x", "average", "by-family"):
         with pytest.raises(RouterError):
             weights_for(bad, n=n, k=k, w_min=W_MIN)
     with pytest.raises(RouterError, match="w_min"):
