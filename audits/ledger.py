@@ -108,7 +108,7 @@ def parse_line(raw: bytes) -> dict[str, Any]:
     JSON of an object with no duplicate key, integer seq and party_seq, hex hashes and signature."""
     try:
         line = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also a > 4,300-digit integer
         raise LedgerError(f"not valid JSON ({type(err).__name__})") from err
     if not isinstance(line, dict):
         raise LedgerError("not a JSON object")
