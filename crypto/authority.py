@@ -45,8 +45,8 @@ before flooding):
   masks removed by the server:                   max |error| 2.4e-6, std 6.2e-7 (float64 decoding of |y| ~ 2^32)
 Choice: sigma = 1e-5, i.e. ~8,000x the secret-key-dependent CKKS error and ~16x the
 float64 decoding error at M = 2^32; rounding step 2^-17 = 7.6e-6.
-Worst-case error of a released value: 2.4e-6 + 6e-5 + 3.8e-6 < 7e-5 (typical ~1e-5),
-inside the 1e-4 budget. This is a heuristic mitigation: flooding with a provable
+Worst-case error of a released value: 2.4e-6 + 6e-5 + 3.8e-6, plus the clients' rounding to
+the masks' grid (2^-21 = 4.8e-7, crypto.blinding), < 7e-5 (typical ~1e-5), inside the 1e-4 budget. This is a heuristic mitigation: flooding with a provable
 2^-lambda statistical distance would need sigma ~ 2^lambda times the error, i.e. a
 larger scale and parameters than the default.
 """

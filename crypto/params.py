@@ -128,13 +128,20 @@ class ReleaseConfig:
         return float(2**self.mask_bits)
 
     @property
+    def mask_grid(self) -> float:
+        """Every mask is a multiple of this (53 random bits over [-M, M]: 2M / 2^53), and clients
+        round their clipped values to it, so a masked value carries nothing below it."""
+        return 2.0 ** (self.mask_bits - 52)
+
+    @property
     def precision(self) -> float:
         return 2.0**-self.round_bits
 
-    def statistical_distance(self, n_values: int, clients: int) -> float:
+    def statistical_distance(self, n_values: int, clients: int, rounds: int = 1) -> float:
         """Upper bound on the total-variation distance between the key authority's views of two
-        rounds of n_values scores from each of `clients` clients (crypto.blinding): n K R / M."""
-        return min(1.0, n_values * clients * self.value_bound / self.mask_bound)
+        runs of `rounds` rounds of n_values scores from each of `clients` clients
+        (crypto.blinding): T n K R / M."""
+        return min(1.0, rounds * n_values * clients * self.value_bound / self.mask_bound)
 
     def validate(self) -> None:
         if not (math.isfinite(self.value_bound) and self.value_bound > 0):

@@ -363,9 +363,9 @@ def seal_reply(
     items: Sequence[bytes] | None = None,
     release: ReleaseConfig | None = None,
 ) -> bytes:
-    """Client side: clip scores to [-R, R], add the mask derived with the server's round key
-    `mask_key` (crypto.blinding), pack, encrypt, serialize, sign, committing to `items` (the
-    scored items' digests; None for values that are not per item)."""
+    """Client side: clip scores to [-R, R], round them to the masks' grid (2^-20), add the mask
+    derived with the server's round key `mask_key` (crypto.blinding), pack, encrypt, serialize,
+    sign, committing to `items` (the scored items' digests; None for values that are not per item)."""
     release = release or ReleaseConfig()
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 1 or len(values) == 0 or not np.all(np.isfinite(values)):
@@ -388,7 +388,9 @@ def seal_reply(
         raise ValueError(f"the round's mask key is unusable: {err}") from err
     header["blinding"] = blinding
     _check_fields({**header, "sections": []}, _reply_spec(DEFAULT_LIMITS))
-    clipped = np.clip(values, -release.value_bound, release.value_bound)
+    # On the masks' grid (crypto.blinding): a value's bits below it would show through the mask.
+    grid = release.mask_grid
+    clipped = np.rint(np.clip(values, -release.value_bound, release.value_bound) / grid) * grid
     vectors = encrypt_packed(pub.context, clipped + mask)
     return _frame(signer, MAGIC_REPLY, header, [v.serialize() for v in vectors])
 

@@ -508,7 +508,7 @@ def test_flooding_dominates_the_measured_decryption_error() -> None:
     fresh, fused, masked = measure_decryption_error(n=4096)
     assert fused.max_abs < 1e-7 and config.flood_sigma > 1000 * fused.std  # >> secret-dependent error
     assert config.flood_sigma > 5 * masked.std
-    worst = masked.max_abs + config.flood_clip * config.flood_sigma + config.precision / 2
+    worst = masked.max_abs + config.flood_clip * config.flood_sigma + config.precision / 2 + config.mask_grid / 2
     assert worst < 1e-4, f"worst-case release error {worst:.3g} exceeds the 1e-4 budget"
     assert fresh.max_abs < 1e-7
 
@@ -535,6 +535,25 @@ def test_what_the_authority_decrypts_is_independent_of_the_rewards(world: World,
     assert abs(a.mean()) < 5 * spread and abs(b.mean()) < 5 * spread
     # Control: without the masks the same test tells the two reward vectors apart at once.
     assert stats.ks_2samp(np.full(len(a), R), rewards).pvalue < 1e-10
+
+
+def test_what_a_client_encrypts_lies_on_the_mask_grid(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every mask is a multiple of 2^(mask_bits - 52) = 2^-20 (53 random bits over [-M, M]). A score off that
+    grid would show through: (v + m) mod 2^-20 = v mod 2^-20. So clients round to the grid first, and the
+    masked value's distribution is a pure shift of the mask's: TV <= |v - v'| / 2M holds exactly."""
+    from secure_mor.crypto import wire
+
+    encrypted: list[np.ndarray] = []
+    encrypt = wire.encrypt_packed
+    monkeypatch.setattr(wire, "encrypt_packed", lambda ctx, values: encrypted.append(values) or encrypt(ctx, values))
+    grid = ReleaseConfig().mask_grid
+    assert grid == 2.0**-20
+    scores = np.array([grid / 2, grid / 4, np.pi, -R, R, 3 * grid, -grid / 3])
+    world.payloads([scores], clients=[world.clients[0]])
+    (values,) = encrypted
+    assert np.all(np.mod(values, grid) == 0)
+    mask = values - np.rint(scores / grid) * grid
+    assert np.all(np.mod(mask, grid) == 0) and np.max(np.abs(mask)) > 1e6
 
 
 # ---------------------------------------------------------------- attacks (all through the public API)
