@@ -47,7 +47,8 @@ KIND_DP_TRAINING = "dp_sgd_training"
 KIND_REWARD_RELEASE = "fused_reward_release"
 KIND_ROUTER_GRADIENT_RELEASE = "router_gradient_release"
 KIND_STEP_SKIPPED = "step_skipped"
-KINDS = (KIND_DP_TRAINING, KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, KIND_STEP_SKIPPED)
+KIND_ROUTER_SETUP = "router_setup"  # the server's commitment to a router training's public parts (nothing released)
+KINDS = (KIND_DP_TRAINING, KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, KIND_STEP_SKIPPED, KIND_ROUTER_SETUP)
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
