@@ -716,7 +716,7 @@ def test_attack_the_crafted_key_recovery_ciphertext_is_never_decrypted(
 def test_attack_one_item_under_two_w_rows_is_refused(world: World, decryptions) -> None:
     """Placing one item (here: one prompt) in two rows with different W rows gives the server two
     equations in its scores; K such rows give every client's score. Refused, within a release and
-    against earlier releases of the run."""
+    against earlier releases in the context."""
     n = 6
     items = digests(n)
     twice = [*items[:5], items[0]]  # item 0 appears again as row 5
@@ -728,7 +728,7 @@ def test_attack_one_item_under_two_w_rows_is_refused(world: World, decryptions) 
     weights[5] = 1 / 3  # the same row twice: allowed (an answer repeated by the policy)
     world.next_step()
     world.release(world.payloads([np.arange(n, dtype=float)] * 3, items=twice), weights, items=twice)
-    # A later round of the run: prompt 0 under another row is refused; under its own row it is fine.
+    # A later round: prompt 0 under another row is refused; under its own row it is fine.
     world.next_step()
     again = [items[0], *digests(n - 1, "new")]
     later = np.full((n, 3), 1 / 3)
