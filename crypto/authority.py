@@ -409,8 +409,9 @@ class KeyAuthority:
                 )
         return added
 
-    def _log(self, ledger: Ledger, req: DecryptionRequest, contributors: list[str], entry: Mapping[str, Any],
-             response: bytes) -> None:
+    def _log(
+        self, ledger: Ledger, req: DecryptionRequest, contributors: list[str], entry: Mapping[str, Any], response: bytes
+    ) -> None:
         w_max = None if req.weights is None else float(req.weights.max())
         ledger.append(
             self.signer,

@@ -97,8 +97,10 @@ def test_each_authority_directory_is_a_context_of_its_own(tmp_path, monkeypatch)
     assert first["fingerprint"] != second["fingerprint"] and first["k_min"] == 2
     assert (state / "fusion-a" / "secret.key").exists() and not (state / "authority" / "secret.key").exists()
     assert not (state / "fusion-a" / "keys").exists() and (state / "authority" / "keys" / "authority.key").exists()
-    assert AuthorityNode(state, authority_dir=state / "fusion-a").handle("setup", {})["fingerprint"] == \
-        first["fingerprint"]
+    assert (
+        AuthorityNode(state, authority_dir=state / "fusion-a").handle("setup", {})["fingerprint"]
+        == first["fingerprint"]
+    )
 
 
 def test_the_authoritys_passphrase_is_never_beside_its_key(tmp_path, monkeypatch):

@@ -265,7 +265,9 @@ def test_a_killed_alignment_resumes_without_losing_or_duplicating_ledger_entries
         align(LocalTransport(nodes_of(run, "uniform")), run, config, log=lambda m: None)
 
     results = align(
-        LocalTransport(nodes_of(run, "uniform")), run, tiny("uniform", grpo=config.grpo, resume=True),
+        LocalTransport(nodes_of(run, "uniform")),
+        run,
+        tiny("uniform", grpo=config.grpo, resume=True),
         log=lambda m: None,
     )
     assert results["grpo"]["steps"] == 4 and results["grpo"]["resumed_from"].endswith("checkpoint-2")
@@ -483,8 +485,10 @@ def test_a_dropout_on_a_recurring_prompt_skips_the_round_within_one_run(model_no
     assert dropped.fused_rewards(request, weights) is None and dropped.timings.skipped == 1
     skipped = Ledger(run / "ledger.jsonl").entries()[-1]
     assert skipped["kind"] == KIND_STEP_SKIPPED and skipped["details"]["run_id"] == "grpo"
-    assert skipped["details"]["present"] == ["client-0", "client-1"] and "left the round out" in \
-        skipped["details"]["reason"]
+    assert (
+        skipped["details"]["present"] == ["client-0", "client-1"]
+        and "left the round out" in skipped["details"]["reason"]
+    )
     assert len(_session(run, LocalTransport(nodes), federation, "grpo").fused_rewards(request, weights)) == 2
     # ... and under another run id the prompt keeps its row too (review H1)
     assert _session(run, LocalTransport(nodes), federation, "other").fused_rewards(request, weights[:, ::-1]) is None
