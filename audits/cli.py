@@ -78,12 +78,12 @@ def verify(
         f"head {result.head_hash}",
         highlight=False,
     )
-    if result.unanchored:
-        first = result.anchored + 1
+    if result.unanchored or (head is None and not anchors):
+        what = f"lines {result.anchored + 1}-{result.entries} are" if result.unanchored else "the (empty) ledger is"
         console.print(
-            f"[bold red]UNANCHORED[/] lines {first}-{result.entries} are covered by no anchor (no --head, no "
-            "results.json head): a cut-off tail, or a party re-signing its own last entries, would look the "
-            "same. Verify again with --head HASH from a record you trust.",
+            f"[bold red]UNANCHORED[/] {what} covered by no anchor (no --head, no results.json head): a cut-off "
+            "tail, an emptied ledger, or a party re-signing its own last entries, would look the same. Verify "
+            "again with --head HASH from a record you trust.",
             highlight=False,
         )
         raise typer.Exit(UNANCHORED_EXIT)

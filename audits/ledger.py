@@ -47,7 +47,8 @@ KIND_DP_TRAINING = "dp_sgd_training"
 KIND_REWARD_RELEASE = "fused_reward_release"
 KIND_ROUTER_GRADIENT_RELEASE = "router_gradient_release"
 KIND_STEP_SKIPPED = "step_skipped"
-KINDS = (KIND_DP_TRAINING, KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, KIND_STEP_SKIPPED)
+KIND_ROUTER_SETUP = "router_setup"  # the server's commitment to a router training's public parts (nothing released)
+KINDS = (KIND_DP_TRAINING, KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, KIND_STEP_SKIPPED, KIND_ROUTER_SETUP)
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
@@ -108,7 +109,7 @@ def parse_line(raw: bytes) -> dict[str, Any]:
     JSON of an object with no duplicate key, integer seq and party_seq, hex hashes and signature."""
     try:
         line = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also a > 4,300-digit integer
         raise LedgerError(f"not valid JSON ({type(err).__name__})") from err
     if not isinstance(line, dict):
         raise LedgerError("not a JSON object")

@@ -459,7 +459,8 @@ def _anchor_check(verification: VerifyResult | None, anchors: list[Anchor], prob
     if verification is None or not verification.ok:
         return Check(name, NOT_VERIFIED, "the ledger did not verify")
     if verification.entries == 0 and not anchors:
-        return Check(name, NONE, "empty ledger, and no results.json reports a release")
+        return Check(name, NOT_VERIFIED, "UNANCHORED: the ledger is empty and no results.json records a head "
+                                         "(an emptied ledger would look the same)")
     if verification.unanchored:
         return Check(name, NOT_VERIFIED, f"UNANCHORED: lines {verification.anchored + 1}-{verification.entries} "
                                          f"are covered by no recorded head ({len(anchors)} recorded head(s))")

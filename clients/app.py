@@ -10,9 +10,11 @@ keys new`, encrypted; default: under `state-dir`); for the authority, `ca-cert` 
 operator's CA, whose signature it requires on every registry entry; for a client,
 `data-dir` is its own preference pairs (`secure_mor.data.save_preference_pairs`;
 default: its share of the public split).
-The authority's K_min and w_min come from its own node config (`k-min`, default 2;
-`w-min`, default crypto.params.DEFAULT_W_MIN), never from the server's run config; it
-announces w_min to the server at setup.
+The authority's K_min and w_min come from its own node config (`k-min`, default
+crypto.params.DEFAULT_K_MIN; `w-min`, default crypto.params.DEFAULT_W_MIN), never from the
+server's run config; it announces both to the server at setup. Its CKKS context lives in
+node config `authority-dir` (default `<state-dir>/authority`; the authority's operator chooses
+it, never the server): one directory, one context, one W row per item.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from secure_mor.protocol import ROLE_AUTHORITY, node_role
 
 app = ClientApp()
 
-QUERY_ACTIONS = ("identify", "setup", "margins", "router_gradient", "score", "decrypt")
+QUERY_ACTIONS = ("identify", "setup", "router_setup", "margins", "router_gradient", "score", "decrypt")
 _NODES: dict[tuple[str, str, int | None], Any] = {}
 
 
@@ -37,17 +39,20 @@ def _node(context: Context) -> Any:
     role = node_role(config)
     state_dir = str(config.get("state-dir") or context.run_config["run-dir"])
     key_dir = str(config["key-dir"]) if config.get("key-dir") else None
-    key = (state_dir, role.role, role.client_id)
+    authority_dir = str(config["authority-dir"]) if config.get("authority-dir") else None
+    key = (state_dir, role.role, role.client_id, authority_dir)
     if key not in _NODES:
         if role.role == ROLE_AUTHORITY:
             from secure_mor.crypto.authority_node import AuthorityNode
+            from secure_mor.crypto.params import DEFAULT_K_MIN
 
             registry = str(config["registry"]) if config.get("registry") else None
             ca_cert = str(config["ca-cert"]) if config.get("ca-cert") else None
-            policy = {"k_min": int(config.get("k-min", 2))}
+            policy = {"k_min": int(config.get("k-min", DEFAULT_K_MIN))}
             if "w-min" in config:
                 policy["w_min"] = float(config["w-min"])
-            _NODES[key] = AuthorityNode(state_dir, registry=registry, key_dir=key_dir, ca_cert=ca_cert, **policy)
+            _NODES[key] = AuthorityNode(state_dir, authority_dir=authority_dir, registry=registry, key_dir=key_dir,
+                                        ca_cert=ca_cert, **policy)  # fmt: skip
         else:
             from secure_mor.clients.node import ClientNode
 

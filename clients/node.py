@@ -36,6 +36,7 @@ from PIL import Image
 
 from secure_mor.clients.client import ClientConfig, RewardClient, client_dir
 from secure_mor.clients.models import DEFAULT_ARCHS
+from secure_mor.clients.scoring import prompt_digests
 from secure_mor.crypto.context import PublicContext, load_public_context
 from secure_mor.crypto.params import ReleaseConfig
 from secure_mor.crypto.signing import KEY_PASSPHRASE_ENV, key_passphrase, load_or_create_signer, publish_public_key
@@ -46,9 +47,15 @@ from secure_mor.protocol import (
     ProtocolError,
     bytes_array,
     calibration_digests,
-    prompt_digests,
 )
-from secure_mor.routing import ItemUseLimiter, QueryLimits, answer_gradient_query, decode_gradient_query, pair_margins
+from secure_mor.routing import (
+    ItemUseLimiter,
+    QueryLimits,
+    RouterSetup,
+    answer_gradient_query,
+    decode_gradient_query,
+    pair_margins,
+)
 
 if TYPE_CHECKING:
     from secure_mor.config import DataSpec
@@ -59,7 +66,9 @@ if TYPE_CHECKING:
 
 NODE_FILE = "node.json"
 CONTEXT_FILE = "public_context.bin"
-LIMITER_FILE = "router_item_uses.json"
+# Per key-authority context: the pinned router setup's digest and every calibration item's uses
+# over all run ids (the file of an older version, router_item_uses.json, counted per run id).
+ROUTER_FILE = "router_contexts.json"
 MARGINS_FILE = "calibration_margins.npy"  # of the current reward model; removed when it is retrained
 TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "max_grad_norm")  # what a train request may set (and public_epochs)
 
@@ -146,6 +155,7 @@ class ClientNode:
             "identify": self.identify,
             "setup": self.setup,
             "train": self.train,
+            "router_setup": self.router_setup,
             "margins": self.margins,
             "router_gradient": self.router_gradient,
             "score": self.score,
@@ -251,9 +261,10 @@ class ClientNode:
 
     def _seal(
         self, payload: Mapping[str, Any], purpose: str, values: np.ndarray, started: float,
-        items: list[bytes] | None = None,
+        items: list[bytes], query: str | None = None,
     ) -> Payload:
-        """Mask (with the server's round key), encrypt and sign `values`, committing to the items' digests."""
+        """Mask (with the server's round key), encrypt and sign `values`, committing to the items'
+        digests and to the router query it answers."""
         reply = seal_reply(
             self._client().signer(),
             self._public_context(),
@@ -264,42 +275,71 @@ class ClientNode:
             scores=values,
             mask_key=str(payload["mask_key"]),
             items=items,
+            query=query,
         )
         return {"reply": reply, "seconds": time.perf_counter() - started}
 
-    def _limiter(self, run_id: str) -> tuple[ItemUseLimiter, Callable[[], None]]:
-        """The item-use counts of router run `run_id`, persisted so that no worker can be asked twice."""
-        path = self.directory / LIMITER_FILE
-        runs = json.loads(path.read_text()) if path.exists() else {}
-        limiter = ItemUseLimiter(QueryLimits().item_uses)
-        saved = runs.get(run_id, {"uses": {}, "steps": {}})
-        limiter.uses = {int(k): v for k, v in saved["uses"].items()}
-        limiter.steps = {int(k): tuple(v) for k, v in saved["steps"].items()}
+    def _router_context(self) -> tuple[dict[str, Any], Callable[[], None]]:
+        """This context's router state (the pinned setup's digest, the items' uses), and its saver:
+        persisted, so that no worker process can be asked twice."""
+        path = self.directory / ROUTER_FILE
+        contexts = json.loads(path.read_text()) if path.exists() else {}
+        state = contexts.setdefault(self._node_state()["fingerprint"], {"setup_sha256": None})
 
         def save() -> None:
-            runs[run_id] = {"uses": limiter.uses, "steps": {k: list(v) for k, v in limiter.steps.items()}}
-            path.write_text(json.dumps(runs))
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(contexts))
+            tmp.replace(path)
 
-        return limiter, save
+        return state, save
+
+    def _admit(self, run_id: str, step: int, items: list[int]) -> None:
+        """Count a router step's items against their uses over every run id of the context."""
+        state, save = self._router_context()
+        limiter = ItemUseLimiter.from_json(QueryLimits().item_uses, state)
+        limiter.admit(run_id, step, items)
+        state.update(limiter.to_json())
+        save()
+
+    def _pinned_setup(self) -> RouterSetup:
+        digest = self._router_context()[0]["setup_sha256"]
+        if digest is None:
+            raise ProtocolError(f"{self.party}: no router setup is pinned for this context (router_setup first)")
+        setup = RouterSetup.from_bytes((self.directory / f"router-setup-{digest[:16]}.npz").read_bytes())
+        if setup.digest != digest:
+            raise ProtocolError(f"{self.party}: the stored router setup is not the pinned one")
+        return setup
+
+    def router_setup(self, payload: Mapping[str, Any]) -> Payload:
+        """Pin a router training's public parts for this context (routing.RouterSetup): every later
+        gradient query must agree with them. One setup per context; the same one again is a no-op."""
+        setup = RouterSetup.from_bytes(bytes(payload["setup"]))
+        setup.validate(len(self._calibration_margins()))
+        state, save = self._router_context()
+        if state["setup_sha256"] not in (None, setup.digest):
+            raise ProtocolError(f"{self.party}: this context's router setup is pinned "
+                                f"({state['setup_sha256'][:16]}...): another router needs a new key-authority context")
+        (self.directory / f"router-setup-{setup.digest[:16]}.npz").write_bytes(setup.to_bytes())
+        state["setup_sha256"] = setup.digest
+        save()
+        return {"party": self.party, "setup_sha256": setup.digest}
 
     def margins(self, payload: Mapping[str, Any]) -> Payload:
         started = time.perf_counter()
         items = bytes_array(payload["items"]).astype(np.int64)
-        limiter, save = self._limiter(str(payload["run_id"]))
-        limiter.admit(int(payload["step"]), items.tolist())
-        save()
+        self._admit(str(payload["run_id"]), int(payload["step"]), items.tolist())
         margins = self._calibration_margins()[items]
         return self._seal(payload, "reward", margins, started, calibration_digests(items.tolist()))
 
     def router_gradient(self, payload: Mapping[str, Any]) -> Payload:
         started = time.perf_counter()
         query = decode_gradient_query(payload)
-        limiter, save = self._limiter(str(payload["run_id"]))
-        values = answer_gradient_query(
-            query, self._calibration_margins(), self.client_id, value_bound=ReleaseConfig().value_bound, limiter=limiter
-        )
-        save()
-        return self._seal(payload, "router_gradient", values, started)
+        setup = self._pinned_setup()
+        self._admit(str(payload["run_id"]), query.step, query.items.tolist())
+        values = answer_gradient_query(query, self._calibration_margins(), self.client_id,
+                                       value_bound=ReleaseConfig().value_bound, setup=setup)  # fmt: skip
+        return self._seal(payload, "router_gradient", values, started, calibration_digests(query.items.tolist()),
+                          query.digest)  # fmt: skip
 
     def score(self, payload: Mapping[str, Any]) -> Payload:
         started = time.perf_counter()
@@ -307,6 +347,7 @@ class ClientNode:
         index, questions, answers = list(payload["image_index"]), list(payload["questions"]), list(payload["answers"])
         if not len(index) == len(questions) == len(answers) or any(not 0 <= i < len(images) for i in index):
             raise ProtocolError("a score request's images, questions and answers do not line up")
-        scores = self._client().score([(images[i], q, a) for i, q, a in zip(index, questions, answers, strict=True)])
-        digests = prompt_digests(payload["images"], index, questions)  # what it scored, in its own words
-        return self._seal(payload, "reward", scores, started, digests)
+        client = self._client()
+        scores = client.score([(images[i], q, a) for i, q, a in zip(index, questions, answers, strict=True)])
+        digests = prompt_digests(client.encoder, images, index, questions)  # the prompts as its model reads them
+        return {**self._seal(payload, "reward", scores, started, digests), "items": b"".join(digests)}

@@ -13,6 +13,7 @@ Scores are deterministic (eval mode, no dropout, no sampling), clipped to
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,6 +55,28 @@ def raw_rewards(
     if len(bad):
         raise ScoringError(f"{len(bad)} non-finite reward(s), first at item {bad[0]}: refusing to release scores")
     return out
+
+
+def _tensor_digest(tensor: torch.Tensor) -> bytes:
+    array = np.ascontiguousarray(tensor.numpy())
+    return hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + array.tobytes()).digest()
+
+
+def prompt_digests(
+    encoder: TextEncoder,
+    images: Sequence[Image.Image | np.ndarray],
+    image_index: Sequence[int],
+    questions: Sequence[str],
+) -> list[bytes]:
+    """Each item's prompt (images[image_index[i]], questions[i]) as the model reads it: SHA-256
+    over the uint8 image tensor it consumes and the text encoder's encoding of the question (each
+    with dtype and shape; `raw_rewards`' inputs). Two prompts get one digest iff the model cannot
+    tell them apart, whatever their bytes on the wire (a re-encoded PNG, a respelled question):
+    the key authority keeps one router row per digest (crypto.authority)."""
+    pixels = [_tensor_digest(images_to_tensor([image])) for image in images]
+    texts = {q: _tensor_digest(encoder.encode([q])) for q in set(questions)}
+    return [hashlib.sha256(b"prompt v2" + pixels[i] + texts[q]).digest()
+            for i, q in zip(image_index, questions, strict=True)]  # fmt: skip
 
 
 def score(

@@ -5,20 +5,26 @@ The authority runs the project's ClientApp on a node of its own (node config
 server's Ed25519 public keys are read from the registry directory the parties
 publish to (`<state>/keys`, in the simulation runtime), or, in a deployment, from
 the operator's registry given as node config `registry`, which the authority only
-reads, and whose entries must carry the operator's CA signature when node config
-`ca-cert` names the CA: a server cannot invent "clients" to reach K_min with.
+reads, and whose entries must carry the signature of the operator's CA (node config
+`ca-cert`, required with a registry): a server cannot invent "clients" to reach K_min with.
 
-Its secret key lives in `<state>/authority/secret.key`, encrypted under the passphrase
-in the environment variable SECURE_MOR_AUTHORITY_PASSPHRASE. Without it (simulation on
-one machine) a random passphrase is kept in this user's secrets directory
-(crypto.signing.secrets_dir: outside the state directory, 0700), never beside the key.
+One authority directory holds one CKKS context for its whole life (`authority_dir`,
+default `<state>/authority`): its secret key `secret.key`, the context's fingerprint
+`context.fingerprint` (public), and the release state that keeps one W row per item
+for that context (crypto.authority). The authority's signing key is one for all its
+contexts (`key-dir`, or `<state>/authority/keys`). Separate fusions that must not share rows (an
+ablation's) each get an authority directory, hence a context, of their own.
+
+The secret key is encrypted under the passphrase in the environment variable
+SECURE_MOR_AUTHORITY_PASSPHRASE. Without it (simulation on one machine) a random
+passphrase is kept in this user's secrets directory (crypto.signing.secrets_dir: outside
+the state directory, 0700), named by the context's fingerprint, never beside the key.
 Its signing key is read with SECURE_MOR_KEY_PASSPHRASE; in a deployment (`key-dir`) it
 must be the party's own encrypted key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Mapping
@@ -26,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from secure_mor.audits.ledger import Ledger
-from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority
-from secure_mor.crypto.params import DEFAULT_W_MIN
+from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority, RowConflict
+from secure_mor.crypto.context import ScryptParams, create_secret_context, public_context_of, save_secret_context
+from secure_mor.crypto.params import DEFAULT_K_MIN, DEFAULT_W_MIN
 from secure_mor.crypto.pki import read_registry_signed
 from secure_mor.crypto.signing import (
     KEY_PASSPHRASE_ENV,
@@ -43,33 +50,42 @@ from secure_mor.protocol import AUTHORITY_PARTY, ROLE_AUTHORITY, SERVER_PARTY, P
 
 PASSPHRASE_ENV = "SECURE_MOR_AUTHORITY_PASSPHRASE"
 SECRET_FILE = "secret.key"
+FINGERPRINT_FILE = "context.fingerprint"  # public: names the context (and its passphrase file) before it is opened
 
 
 class AuthorityNode:
-    """The key authority over `state_dir` (its files in `<state>/authority/`, the shared ledger
-    `<state>/ledger.jsonl`, the key registry `registry` or `<state>/keys`)."""
+    """The key authority over `state_dir` (the shared ledger `<state>/ledger.jsonl`, the key
+    registry `registry` or `<state>/keys`) with its context in `authority_dir` (default
+    `<state>/authority`; see the module docstring)."""
 
     def __init__(
-        self, state_dir: Path | str, registry: Path | str | None = None, k_min: int = 2,
-        key_dir: Path | str | None = None, w_min: float = DEFAULT_W_MIN, ca_cert: Path | str | None = None,
+        self, state_dir: Path | str, *, authority_dir: Path | str | None = None, registry: Path | str | None = None,
+        ca_cert: Path | str | None = None, key_dir: Path | str | None = None, k_min: int = DEFAULT_K_MIN,
+        w_min: float = DEFAULT_W_MIN,
     ) -> None:
+        if registry and not ca_cert:  # an operator's registry is trusted only through its CA's signatures
+            raise ProtocolError(f"the key registry {registry} needs the operator's CA certificate (ca-cert)")
         self.state_dir = Path(state_dir)
-        self.directory = self.state_dir / AUTHORITY_PARTY
+        self.directory = Path(authority_dir) if authority_dir else self.state_dir / AUTHORITY_PARTY
         self.registry = Path(registry) if registry else self.state_dir / "keys"
-        self.ca_cert = Path(ca_cert) if ca_cert else None  # the operator's CA: registry entries must be signed
+        self.ca_cert = Path(ca_cert) if ca_cert else None
         self.key_dir = Path(key_dir) if key_dir else None  # made by the party beforehand: never made here
         self.policy = AuthorityPolicy(k_min=k_min, w_min=w_min)
         self._authority: KeyAuthority | None = None
 
-    def _passphrase(self) -> str:
-        """The CKKS secret key's passphrase: the environment's, else one in this user's secrets directory."""
+    def _passphrase(self, fingerprint: str) -> str:
+        """The CKKS secret key's passphrase: the environment's, else one in this user's secrets
+        directory, named by the context it protects."""
         if PASSPHRASE_ENV in os.environ:
             return os.environ[PASSPHRASE_ENV]
         if (self.directory / "passphrase").exists():
             raise ProtocolError(f"{self.directory / 'passphrase'} lies beside the key it protects: move it out "
                                 f"(set {PASSPHRASE_ENV}, or into {SECRETS_DIR_ENV}) and delete it")  # fmt: skip
-        where = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:16]
-        return read_or_create_secret(secrets_dir(outside=self.state_dir) / f"authority-{where}.passphrase")
+        try:
+            directory = secrets_dir(self.state_dir, self.directory)
+        except ValueError as err:
+            raise ProtocolError(f"{err}: set {SECRETS_DIR_ENV} to a directory outside it") from err
+        return read_or_create_secret(directory / f"authority-{fingerprint[:32]}.passphrase")
 
     def _signer(self) -> Signer:
         """The authority's signing key; published to the registry only when the registry is the
@@ -78,7 +94,9 @@ class AuthorityNode:
             raise ProtocolError(f"no signing key {AUTHORITY_PARTY}.key in key-dir {self.key_dir}")
         if self.key_dir is not None and key_passphrase() is None:
             raise ProtocolError(f"the signing key in key-dir {self.key_dir} is encrypted: set {KEY_PASSPHRASE_ENV}")
-        signer = load_or_create_signer(AUTHORITY_PARTY, self.key_dir or self.directory / "keys", key_passphrase())
+        # one identity for every context of this state directory: the registry has one authority key
+        signer = load_or_create_signer(AUTHORITY_PARTY, self.key_dir or self.state_dir / AUTHORITY_PARTY / "keys",
+                                       key_passphrase())  # fmt: skip
         if self.registry == self.state_dir / "keys":
             publish_public_key(signer, self.registry)
         return signer
@@ -103,11 +121,22 @@ class AuthorityNode:
             "policy": self.policy,
             "ledger": Ledger(self.state_dir / "ledger.jsonl"),
         }
-        key_path = self.directory / SECRET_FILE
+        key_path, fingerprint_path = self.directory / SECRET_FILE, self.directory / FINGERPRINT_FILE
         if key_path.exists():
-            self._authority = KeyAuthority.open(key_path, self._passphrase(), signer, **kwargs)
+            if not fingerprint_path.exists():
+                raise ProtocolError(f"{key_path} has no {FINGERPRINT_FILE} beside it (an older version's context): "
+                                    f"move {self.directory} away and start a new context")  # fmt: skip
+            fingerprint = fingerprint_path.read_text().strip()
+            self._authority = KeyAuthority.open(key_path, self._passphrase(fingerprint), signer, **kwargs)
+            if self._authority.fingerprint != fingerprint:
+                raise ProtocolError(f"{key_path} holds another context than {fingerprint_path} names")
         else:
-            self._authority = KeyAuthority.create(key_path, self._passphrase(), signer, **kwargs)
+            secret = create_secret_context()
+            fingerprint = public_context_of(secret).fingerprint
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fingerprint_path.write_text(fingerprint + "\n")  # first: a key is never without it
+            save_secret_context(secret, key_path, self._passphrase(fingerprint), ScryptParams())
+            self._authority = KeyAuthority(secret, signer, **kwargs)
         return self._authority
 
     def handle(self, action: str, payload: Mapping[str, Any]) -> Payload:
@@ -125,6 +154,9 @@ class AuthorityNode:
             }
         if action == "decrypt":
             started = time.perf_counter()
-            response = self.authority().decrypt(bytes(payload["request"]))
+            try:
+                response = self.authority().decrypt(bytes(payload["request"]))
+            except RowConflict as err:  # nothing decrypted or burned: the server may leave the round out
+                return {"refused": str(err), "seconds": time.perf_counter() - started}
             return {"response": response, "seconds": time.perf_counter() - started}
         raise ProtocolError(f"the key authority does not handle {action!r}")

@@ -15,16 +15,21 @@ no mask ever travels, not even encrypted.
 
 What the key authority can see. It may decrypt any client ciphertext it receives, not only
 the fusion; every value it can decrypt is y = v + m + e, v a clipped score (|v| <= R) and m an
-independent uniform mask on [-M, M]. For two score vectors of n values each from K clients,
-its whole view (all individual decryptions, hence every fusion of them) differs in total
-variation by at most
+independent mask. A mask takes one of 2^53 values, uniformly: the multiples of the grid
+g = 2M / 2^53 (2^-20 at M = 2^32) in [-M, M); clients round v to the same grid before they add
+it (crypto.wire.seal_reply; unrounded, v mod g would show through: (v + m) mod g = v mod g).
+So v + m is the mask's distribution shifted by |v - v'| / g grid points, at total-variation
+distance exactly |v - v'| / (2M) from the same for v', and for two score vectors of n values
+each from K clients, the authority's whole view of a round (all individual decryptions, hence
+every fusion of them; CKKS adds its own noise to a function of v + m) differs by at most
 
-    TV <= sum_{k,i} |v_ki - v'_ki| / (2M) <= n K R / M
+    TV <= sum_{k,i} |v_ki - v'_ki| / (2M) <= n K R / M            (ReleaseConfig.statistical_distance)
 
-(per value |v - v'| / (2M) for a uniform shift, union bound over the values): 2.9e-5 for one
-GRPO round of n = 4,096 values, K = 3, R = 10, M = 2^32; 9e-7 for a router step of 128. This
-is statistical hiding, not 2^-128: M is capped by float64 precision (the fusion's decoding
-error grows as M 2^-52, see crypto.fusion and crypto.authority), not by CKKS headroom.
+per round: 2.9e-5 for one GRPO round of n = 4,096 values, K = 3, R = 10, M = 2^32; 9e-7 for a
+router step of 128. Masks are fresh per reply, so T rounds add up: T n K R / M (1.2e-3 for a
+GRPO run of 40 such rounds). This is statistical hiding, not 2^-128: M is capped by float64
+precision (the fusion's decoding error grows as M 2^-52, see crypto.fusion and
+crypto.authority), not by CKKS headroom.
 """
 
 from __future__ import annotations

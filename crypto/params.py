@@ -93,16 +93,24 @@ def get_params(name: str) -> CkksParams:
 # enforced by both. What one fused release f_i = sum_k w_ik s_ik tells the server about client
 # k's score s_ik (every score in [-R, R]): s_ik lies in an interval of half-width
 #     h_ik = (1 - w_ik) R / w_ik                                       (`score_half_width`),
-# narrowest for the largest weight a row can give one client, 1 - (K - 1) w_min:
-#     h = (K - 1) w_min R / (1 - (K - 1) w_min)
-# = 0.417 at w_min = 0.02, R = 10, K = 3 (0.204 at w_min = 0.01). A fusion that gives one client
-# that weight on every item (single:k, or a confident router) reveals its scores to within h.
+# narrowest for the largest weight a row can give one client. A row over K contributors gives one
+# at most 1 - (K - 1) w_min, and the authority accepts rows over as few as k_min contributors (an
+# honest dropout renormalises a row to them), so the bound is the one at K = k_min:
+#     h = (k_min - 1) w_min R / (1 - (k_min - 1) w_min)                (`min_score_half_width`)
+# = 0.204 at w_min = 0.02, k_min = 2, R = 10 (0.417 while all K = 3 clients answer).
 DEFAULT_W_MIN = 0.02
+DEFAULT_K_MIN = 2
 
 
 def score_half_width(weight: float, value_bound: float) -> float:
     """Half-width of what one fused value tells about the score of a client of this weight."""
     return (1.0 - weight) * value_bound / weight
+
+
+def min_score_half_width(w_min: float, k_min: int, value_bound: float) -> float:
+    """The narrowest interval one release can place a score in: a row over k_min contributors
+    that gives one of them all but the others' floors."""
+    return score_half_width(1.0 - (k_min - 1) * w_min, value_bound)
 
 
 @dataclass(frozen=True)
@@ -128,13 +136,20 @@ class ReleaseConfig:
         return float(2**self.mask_bits)
 
     @property
+    def mask_grid(self) -> float:
+        """Every mask is a multiple of this (53 random bits over [-M, M]: 2M / 2^53), and clients
+        round their clipped values to it, so a masked value carries nothing below it."""
+        return 2.0 ** (self.mask_bits - 52)
+
+    @property
     def precision(self) -> float:
         return 2.0**-self.round_bits
 
-    def statistical_distance(self, n_values: int, clients: int) -> float:
+    def statistical_distance(self, n_values: int, clients: int, rounds: int = 1) -> float:
         """Upper bound on the total-variation distance between the key authority's views of two
-        rounds of n_values scores from each of `clients` clients (crypto.blinding): n K R / M."""
-        return min(1.0, n_values * clients * self.value_bound / self.mask_bound)
+        runs of `rounds` rounds of n_values scores from each of `clients` clients
+        (crypto.blinding): T n K R / M."""
+        return min(1.0, rounds * n_values * clients * self.value_bound / self.mask_bound)
 
     def validate(self) -> None:
         if not (math.isfinite(self.value_bound) and self.value_bound > 0):

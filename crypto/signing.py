@@ -135,12 +135,13 @@ def key_passphrase() -> str | None:
     return os.environ.get(KEY_PASSPHRASE_ENV) or None
 
 
-def secrets_dir(outside: Path) -> Path:
+def secrets_dir(*outside: Path) -> Path:
     """The directory of this user's stored passphrases (created 0700), refused (ValueError) when it
-    lies inside `outside`, the state directory of the keys they protect."""
+    lies inside one of `outside`, the directories of the keys they protect."""
     directory = Path(os.environ.get(SECRETS_DIR_ENV) or Path.home() / ".secure-mor" / "secrets").resolve()
-    if directory.is_relative_to(Path(outside).resolve()):
-        raise ValueError(f"the secrets directory {directory} lies inside {outside}, beside the keys it protects")
+    for place in outside:
+        if directory.is_relative_to(Path(place).resolve()):
+            raise ValueError(f"the secrets directory {directory} lies inside {place}, beside the keys it protects")
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
     return directory

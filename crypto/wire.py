@@ -3,7 +3,7 @@
 One framing for all three messages::
 
     magic     4 bytes   b"SMRC" client reply | b"SMRQ" decryption request | b"SMRA" authority response
-    version   1 byte    2
+    version   1 byte    3
     L         4 bytes   header length, unsigned big-endian, at most WireLimits.max_header_bytes
     header    L bytes   canonical JSON object (UTF-8, keys sorted, no whitespace, no NaN)
     signature 64 bytes  Ed25519 over all preceding bytes (magic .. header)
@@ -19,21 +19,25 @@ Client reply (signed by the client) header::
 
     {"blinding" (the reply's ephemeral X25519 public key, hex: crypto.blinding), "client_id",
      "context" (fingerprint), "items" (SHA-256 hex of the items' digests, or null), "n_scores",
-     "nonce" (32 hex), "purpose", "run_id", "sections", "step"}
+     "nonce" (32 hex), "purpose", "query" (SHA-256 hex of the router-gradient query, or null),
+     "run_id", "sections", "step"}
 
 with one section per ciphertext: ceil(n_scores / slots) serialized TenSEAL CKKS
 vectors holding clip(score) + mask in order (see packing.py and blinding.py). "items"
-commits to what was scored: the concatenated 32-byte digests of the items
-(secure_mor.protocol: a prompt's digest for GRPO scoring, a calibration pair's for the
-router's margins; null for router-gradient terms, which are not per item).
+commits to what was scored: the concatenated 32-byte digests of the items, as this client
+computed them (a prompt as its own model sees it, clients.scoring.prompt_digests, for GRPO
+scoring; a calibration pair's index, secure_mor.protocol.calibration_digests, for the router's
+margins and, in a router-gradient reply, for the batch its term sums over). "query" commits a
+router-gradient reply to the query it answers (secure_mor.routing.query_digest); null otherwise.
 
 Decryption request (signed by the server) header::
 
     {"context", "contributors" (K), "n_scores", "nonce", "purpose", "run_id", "sections",
      "step", "weights" ([N, K] or null)}
 
-sections: the weights (N*K float64 little-endian, row-major) and the N item digests
-(32 bytes each) when weights is not null, then the K client replies, whole. The key
+sections: the weights (N*K float64 little-endian, row-major) and the item digests of every
+contributor (K x N x 32 bytes, in the replies' order) when weights is not null, then the K
+client replies, whole. The key
 authority computes the fusion from those replies itself: the request carries no
 ciphertext of the server's.
 
@@ -74,7 +78,7 @@ from secure_mor.crypto.packing import chunk_sizes, encrypt_packed
 from secure_mor.crypto.params import ReleaseConfig
 from secure_mor.crypto.signing import SignatureError, Signer, canonical_json, verify
 
-VERSION = 2
+VERSION = 3
 MAGIC_REPLY, MAGIC_REQUEST, MAGIC_RESPONSE = b"SMRC", b"SMRQ", b"SMRA"
 PURPOSES = ("reward", "router_gradient")
 SIGNATURE_BYTES = 64
@@ -124,7 +128,7 @@ class Statement:
     context: str
     blinding: str
     items: str | None
-    digests: tuple[tuple[int, str], ...]
+    query: str | None
     raw: bytes
 
     @property
@@ -153,7 +157,7 @@ class DecryptionRequest:
     n_scores: int
     context: str
     weights: np.ndarray | None
-    items: list[bytes] | None
+    items: list[list[bytes]] | None  # per contributor, in the replies' order
     replies: list[bytes]
     sha256: str
 
@@ -361,16 +365,18 @@ def seal_reply(
     scores: np.ndarray,
     mask_key: str,
     items: Sequence[bytes] | None = None,
+    query: str | None = None,
     release: ReleaseConfig | None = None,
 ) -> bytes:
-    """Client side: clip scores to [-R, R], add the mask derived with the server's round key
-    `mask_key` (crypto.blinding), pack, encrypt, serialize, sign, committing to `items` (the
-    scored items' digests; None for values that are not per item)."""
+    """Client side: clip scores to [-R, R], round them to the masks' grid (2^-20), add the mask
+    derived with the server's round key `mask_key` (crypto.blinding), pack, encrypt, serialize,
+    sign, committing to `items` (the scored items' digests) and, for a router-gradient term, to
+    the `query` it answers (its digest)."""
     release = release or ReleaseConfig()
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 1 or len(values) == 0 or not np.all(np.isfinite(values)):
         raise ValueError("scores must be a non-empty 1-D array of finite values")
-    if items is not None and len(items) != len(values):
+    if purpose == "reward" and items is not None and len(items) != len(values):  # a gradient term sums over its items
         raise ValueError(f"{len(items)} item digests for {len(values)} scores")
     header = {
         "client_id": signer.party,
@@ -379,6 +385,7 @@ def seal_reply(
         "n_scores": len(values),
         "nonce": nonce,
         "purpose": purpose,
+        "query": query,
         "run_id": run_id,
         "step": step,
     }
@@ -388,7 +395,9 @@ def seal_reply(
         raise ValueError(f"the round's mask key is unusable: {err}") from err
     header["blinding"] = blinding
     _check_fields({**header, "sections": []}, _reply_spec(DEFAULT_LIMITS))
-    clipped = np.clip(values, -release.value_bound, release.value_bound)
+    # On the masks' grid (crypto.blinding): a value's bits below it would show through the mask.
+    grid = release.mask_grid
+    clipped = np.rint(np.clip(values, -release.value_bound, release.value_bound) / grid) * grid
     vectors = encrypt_packed(pub.context, clipped + mask)
     return _frame(signer, MAGIC_REPLY, header, [v.serialize() for v in vectors])
 
@@ -399,6 +408,7 @@ def _reply_spec(limits: WireLimits) -> dict[str, Any]:
         "blinding": _is_sha,  # 32 bytes, hex
         "client_id": _is_id,
         "items": lambda v: v is None or _is_sha(v),
+        "query": lambda v: v is None or _is_sha(v),
     }
 
 
@@ -412,10 +422,9 @@ def _statement_from(
     if h["client_id"] not in registry:
         raise PayloadError(f"unknown client {h['client_id']!r} (not in the registry)")
     _verify(registry[h["client_id"]], frame, f"client {h['client_id']!r}")
-    digests = tuple((int(n), str(d)) for n, d in h["sections"])
     return Statement(
         h["run_id"], h["step"], h["nonce"], h["purpose"], h["client_id"], h["n_scores"], h["context"],
-        h["blinding"], h["items"], digests, frame.signed + frame.signature,
+        h["blinding"], h["items"], h["query"], frame.signed + frame.signature,
     )  # fmt: skip
 
 
@@ -461,12 +470,15 @@ def build_request(
     n_scores: int,
     replies: Sequence[bytes],
     weights: np.ndarray | None,
-    items: Sequence[bytes] | None,
+    items: Sequence[Sequence[bytes]] | None,
 ) -> bytes:
     """Server side: ask the key authority to fuse the client `replies` (whole, as received) with
-    `weights` and release the result; `items` (the N items' digests) come with the weights."""
+    `weights` and release the result; `items` (each contributor's N item digests, in the replies'
+    order) come with the weights."""
     if (weights is None) != (items is None):
         raise ValueError("a weighted fusion names its items; a plain sum has neither")
+    if items is not None and (len(items) != len(replies) or any(len(i) != n_scores for i in items)):
+        raise ValueError(f"need {n_scores} item digests for each of the {len(replies)} replies")
     w = None if weights is None else np.ascontiguousarray(weights, dtype="<f8")
     header = {
         "context": pub.fingerprint,
@@ -478,7 +490,7 @@ def build_request(
         "step": step,
         "weights": None if w is None else list(w.shape),
     }
-    described = [] if w is None else [w.tobytes(), b"".join(items)]
+    described = [] if w is None else [w.tobytes(), b"".join(b"".join(i) for i in items)]
     return _frame(signer, MAGIC_REQUEST, header, [*described, *replies])
 
 
@@ -507,15 +519,16 @@ def parse_request(
     if h["weights"] is not None and h["weights"] != [n, k]:
         raise PayloadError(f"weights shape {h['weights']} is not [n_scores, contributors] = [{n}, {k}]")
     described = 2 if h["weights"] is not None else 0
-    limits_each = [n * k * 8, n * DIGEST_BYTES][:described] + [_max_reply_bytes(pub, n, limits)] * k
+    limits_each = [n * k * 8, n * k * DIGEST_BYTES][:described] + [_max_reply_bytes(pub, n, limits)] * k
     sections = _sections(frame, described + k, limits_each)
     weights, items = None, None
     if described:
-        if len(sections[0]) != n * k * 8 or len(sections[1]) != n * DIGEST_BYTES:
+        if len(sections[0]) != n * k * 8 or len(sections[1]) != n * k * DIGEST_BYTES:
             raise PayloadError(f"weights or item digests are {len(sections[0])} / {len(sections[1])} bytes, "
-                               f"expected {n * k * 8} / {n * DIGEST_BYTES}")  # fmt: skip
+                               f"expected {n * k * 8} / {n * k * DIGEST_BYTES}")  # fmt: skip
         weights = np.frombuffer(sections[0], dtype="<f8").reshape(n, k).astype(np.float64)
-        items = [sections[1][i : i + DIGEST_BYTES] for i in range(0, n * DIGEST_BYTES, DIGEST_BYTES)]
+        flat = [sections[1][i : i + DIGEST_BYTES] for i in range(0, n * k * DIGEST_BYTES, DIGEST_BYTES)]
+        items = [flat[j * n : (j + 1) * n] for j in range(k)]
     return DecryptionRequest(
         h["run_id"], h["step"], h["nonce"], h["purpose"], n, h["context"], weights, items,
         replies=sections[described:], sha256=hashlib.sha256(data).hexdigest(),

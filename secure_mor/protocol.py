@@ -12,22 +12,27 @@ bytes. The actions and their payloads:
     any node    identify        -> party, role, public_key (Ed25519, hex)
     authority   setup           -> context (public CKKS context bytes), fingerprint, clients (the
                                    registry's), k_min, w_min (the authority's policy)
-    authority   decrypt         request (SMRQ bytes) -> response (SMRA bytes)
+    authority   decrypt         request (SMRQ bytes) -> response (SMRA bytes), or refused (why: an
+                                   item would get a second row in the context; nothing released)
     client      setup           context, fingerprint
     client      train           epsilon, delta, [epochs, batch_size, lr, max_grad_norm, public_epochs]
                                 -> party, arch, family, budget_epsilon, total_epsilon, seconds, reused,
                                    <measure>_<family> (REWARD_MODEL_MEASURES)
+    client      router_setup    setup (RouterSetup bytes) -> setup_sha256 (pinned for the context)
     client      margins         run_id, step, nonce, mask_key, items (.npy) -> reply (SMRC bytes)
     client      router_gradient run_id, step, nonce, mask_key, query (GradientQuery, see
                                 encode_gradient_query) -> reply (SMRC bytes)
     client      score           run_id, step, nonce, mask_key, images (PNG bytes, one per distinct
-                                image), image_index, questions, answers -> reply (SMRC bytes)
+                                image), image_index, questions, answers -> reply (SMRC bytes),
+                                items (the N prompt digests it committed to, 32 bytes each)
 
 Replies (SMRC) are CKKS ciphertexts of masked values, signed by the client
 (secure_mor.crypto.wire; mask_key is the server's round key, crypto.blinding): the
 server can verify and forward them but not read them. A reply commits to the digests
-of the items it scored (`prompt_digests`, `calibration_digests`), by which the key
-authority keeps one router row per item for a run.
+of the items it scored, by which the key authority keeps one router row per item for the
+life of its context: a prompt's digest is of the prompt as the client's own model reads it
+(clients.scoring.prompt_digests: a re-encoded PNG or a respelled question is the same prompt
+to it), a calibration pair's is of its index (`calibration_digests`).
 """
 
 from __future__ import annotations
@@ -117,13 +122,6 @@ def _digest(*parts: bytes) -> bytes:
     for part in parts:
         h.update(len(part).to_bytes(8, "big") + part)
     return h.digest()
-
-
-def prompt_digests(images: Sequence[bytes], image_index: Sequence[int], questions: Sequence[str]) -> list[bytes]:
-    """Each scored item's digest: its prompt's, i.e. its image's PNG bytes and its question (the
-    router row of an item depends on its prompt only, so all answers to a prompt share it)."""
-    image_digests = [hashlib.sha256(bytes(image)).digest() for image in images]
-    return [_digest(b"prompt", image_digests[i], q.encode()) for i, q in zip(image_index, questions, strict=True)]
 
 
 def calibration_digests(indices: Sequence[int]) -> list[bytes]:

@@ -69,20 +69,41 @@ the summed parameter gradient P more. Hence:
   weights change between steps, fused over the same calibration items K times,
   identifies every margin from the fused margins alone. So (a) the router is
   kept small (P well below B (K - 1)), (b) each calibration item takes part in
-  a bounded number of steps (default: one), and (c) clients refuse queries that
-  break the counting rule (`QueryLimits`): uses * (B + P) <= max_release_ratio * B * K.
+  a bounded number of steps (default: one, over every run id of the key
+  authority's context), and (c) clients refuse queries that break the counting
+  rule (`QueryLimits`): uses * (B + P) <= max_release_ratio * B * K.
   The rule is necessary, not sufficient, for non-identifiability; the tests
   measure the actual per-coordinate leverage of what is released.
 * The counting rule bounds the average exposure, not each item's: the most
   exposed margin of a batch (largest leverage, `coordinate_leverage`) measured
-  0.52 for the default linear gate (P = 41, B = 128, K = 3) and 0.95 for an MLP
-  with H = 8 (P = 123) at a near-uniform router. Prefer the linear gate.
+  0.77 for a linear gate on 6 standardised features (P = 37, B = 128, K = 3) and
+  0.96 for an MLP with H = 8 (P = 119), output weights of std 0.1. For the default
+  (linear gate on 32 PCA directions, two objectives, P = 119; B = 96,
+  tests/test_router_privacy.py): 0.83-0.88 at a near-uniform router (output
+  weights of std 0.01; least-squares recovery of the margins, std 2, with the
+  release noise: median error 0.9-1.0), 0.95-0.98 at std 0.1, and 1.000 for a
+  confident router (std 1.0): 43% of the batch's margins then come out within
+  0.1. Router training hides the margins of a confident router poorly, even
+  from an honest server; it is confidentiality of a weak kind, bounded by the
+  DP guarantee of the models below.
+* A deviating server's queries. Every client pins the public router parts and
+  calibration features at setup (`RouterSetup`) and refuses a query that
+  differs from them, coefficients outside `coefficient_range` (c_i = 0
+  included) and a scale above `QueryLimits.max_scale` (`check_query`); its
+  reply commits to the query's digest and the key authority sums only replies
+  that answer one query over the step's margin items. What remains is the
+  server's choice of theta and of c within the range, which spans a factor
+  e^R = 2.2e4: giving 20 items the largest coefficient and the rest the
+  smallest concentrates a default step's gradient on them and recovers all
+  K margins of those 20 pairs within 2.5e-3 (measured, same test file). The
+  clients cannot check c against the fused margins, which only the server
+  can unmask.
 * The fused margins themselves: once the router is confident, a row such as
   (1 - (K-1) w_min, w_min, ...) makes m_i the dominant client's margin up to
   (K-1) w_min R / (1 - (K-1) w_min) (0.42 at w_min = 0.02, R = 10, K = 3;
-  crypto.params.score_half_width). This holds for every fused release, GRPO
-  rewards included: the floor w_min, not the encryption, bounds what one fused
-  value hides about its dominant client.
+  0.20 over k_min = 2 contributors; crypto.params.min_score_half_width). This
+  holds for every fused release, GRPO rewards included: the floor w_min, not
+  the encryption, bounds what one fused value hides about its dominant client.
 * This is confidentiality of the evaluation signal, not differential privacy:
   the clients' training data is protected by DP-SGD, and any function of the
   DP-trained reward models (scores, margins, these gradients) is
@@ -94,8 +115,10 @@ the summed parameter gradient P more. Hence:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -417,6 +440,89 @@ class RouterState:
         return cls(config, theta, buffers)
 
 
+def _digest(*parts: bytes) -> str:
+    """SHA-256 hex of length-prefixed parts (no two part lists share a digest)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big") + part)
+    return h.hexdigest()
+
+
+def _array_bytes(array: np.ndarray) -> bytes:
+    """An array's dtype, shape and little-endian bytes: what its digest covers."""
+    a = np.ascontiguousarray(array)
+    a = a.astype(a.dtype.newbyteorder("<"))
+    return f"{a.dtype.str}{a.shape}".encode() + a.tobytes()
+
+
+def _config_bytes(config: RouterConfig) -> bytes:
+    return json.dumps(config.to_json(), sort_keys=True).encode()
+
+
+def _buffer_parts(buffers: Mapping[str, np.ndarray]) -> list[bytes]:
+    return [part for name in sorted(buffers) for part in (name.encode(), _array_bytes(buffers[name]))]
+
+
+@dataclass(frozen=True)
+class RouterSetup:
+    """What a router training commits to before its first step, and every client pins for the
+    key authority's context (`router_setup`, logged): the router's configuration (w_min included),
+    its public input normalisation, and the public features and objective ids of every
+    calibration pair. A gradient query must agree with it (`check_query`): the server cannot
+    craft per-step features, normalisations or routers of another shape for one client or step."""
+
+    config: RouterConfig
+    buffers: dict[str, np.ndarray]
+    features: np.ndarray  # [N calibration pairs, feature_dim]
+    objective_ids: np.ndarray  # [N]
+
+    @classmethod
+    def of(cls, router: Router, features: np.ndarray, objective_ids: np.ndarray) -> RouterSetup:
+        state = router.state()
+        return cls(state.config, state.buffers, np.asarray(features, dtype=np.float64),
+                   np.asarray(objective_ids, dtype=np.int64))  # fmt: skip
+
+    @property
+    def digest(self) -> str:
+        return _digest(b"router-setup v1", _config_bytes(self.config), *_buffer_parts(self.buffers),
+                       _array_bytes(self.features), _array_bytes(self.objective_ids))  # fmt: skip
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        config = np.frombuffer(_config_bytes(self.config), dtype=np.uint8)
+        arrays = {f"buffer:{k}": np.asarray(v, dtype="<f8") for k, v in self.buffers.items()}
+        np.savez(buffer, config=config, features=np.asarray(self.features, dtype="<f8"),
+                 objective_ids=np.asarray(self.objective_ids, dtype="<i8"), **arrays)  # fmt: skip
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RouterSetup:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                config = RouterConfig.from_json(json.loads(npz["config"].tobytes().decode()))
+                buffers = {k.removeprefix("buffer:"): npz[k].astype(np.float64) for k in npz.files
+                           if k.startswith("buffer:")}
+                return cls(config, buffers, npz["features"].astype(np.float64), npz["objective_ids"].astype(np.int64))
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            raise RouterError(f"router setup does not decode: {err}") from err
+
+    def validate(self, pairs: int) -> None:
+        """A client's checks before it pins the setup: one finite feature row and a known objective
+        per calibration pair, and the public normalisation the features determine (whitened PCA,
+        `Router.fit_input_projection`), not one of the server's choosing."""
+        x, o = self.features, self.objective_ids
+        if x.shape != (pairs, self.config.feature_dim) or o.shape != (pairs,) or not np.all(np.isfinite(x)):
+            raise RouterQueryError(f"the router setup holds features {x.shape} and objectives {o.shape} for the "
+                                   f"{pairs} calibration pairs of dimension {self.config.feature_dim}")  # fmt: skip
+        if len(o) and (o.min() < 0 or o.max() >= len(self.config.objectives)):
+            raise RouterQueryError("the router setup names an unknown objective")
+        fitted = Router(self.config).fit_input_projection(x).state().buffers
+        if fitted.keys() != self.buffers.keys() or not all(
+            np.allclose(self.buffers[k], fitted[k], rtol=1e-9, atol=1e-12) for k in fitted
+        ):
+            raise RouterQueryError("the router setup's input normalisation is not the one its features determine")
+
+
 # ---------------------------------------------------------------- the client's gradient term
 
 
@@ -448,13 +554,17 @@ class QueryLimits:
     max_release_ratio: (B + P) * item_uses must stay <= ratio * B * K, where B + P is
     the number of values released per step (fused margins + summed gradient) and
     B * K the number of unknown margins of the batch (see the module docstring);
-    item_uses: how many steps the server may include an item in (the server's
-    schedule promises it; a client can enforce it with `ItemUseLimiter`).
+    item_uses: how many steps of router training an item may take part in, over every run id
+    of the key authority's context (the server's schedule promises it; a client enforces it
+    with `ItemUseLimiter`);
+    max_scale: the largest scale a query may ask for (the release noise on G_k is sigma / scale:
+    a larger scale would sharpen what the server learns, not what it needs).
     """
 
     min_items: int = 16
     max_release_ratio: float = 0.8
     item_uses: int = 1
+    max_scale: float = 1.0
 
     def check(self, batch: int, parameters: int, clients: int) -> None:
         if batch < self.min_items:
@@ -472,21 +582,22 @@ DEFAULT_QUERY_LIMITS = QueryLimits()
 
 
 class ItemUseLimiter:
-    """Client-side: counts in how many router steps each calibration item was used and refuses
-    a query that would exceed `max_uses` (a client cannot be made to release the same items'
-    margins under many different weightings). Both rounds of one step (margins, then
-    gradients) name the same step and items and count once."""
+    """Client-side: counts in how many router steps each calibration item was used, over every
+    run id of the key authority's context, and refuses a round that would exceed `max_uses` (a
+    client cannot be made to release the same items' margins under many different weightings,
+    in one run or in several). Both rounds of one step (margins, then gradients) name the same
+    run, step and items and count once."""
 
     def __init__(self, max_uses: int = 1) -> None:
         self.max_uses = max_uses
         self.uses: dict[int, int] = {}
-        self.steps: dict[int, tuple[int, ...]] = {}
+        self.steps: dict[tuple[str, int], tuple[int, ...]] = {}
 
-    def admit(self, step: int, items: Sequence[int]) -> None:
-        batch = tuple(int(i) for i in items)
-        if step in self.steps:
-            if self.steps[step] != batch:
-                raise RouterQueryError(f"step {step} was already asked about a different batch")
+    def admit(self, run_id: str, step: int, items: Sequence[int]) -> None:
+        batch, key = tuple(int(i) for i in items), (str(run_id), int(step))
+        if key in self.steps:
+            if self.steps[key] != batch:
+                raise RouterQueryError(f"step {step} of run {run_id!r} was already asked about a different batch")
             return
         if len(set(batch)) != len(batch):
             raise RouterQueryError("a batch lists an item twice")
@@ -495,7 +606,18 @@ class ItemUseLimiter:
             raise RouterQueryError(f"{len(over)} item(s) already used {self.max_uses} time(s), e.g. {over[0]}")
         for i in batch:
             self.uses[i] = self.uses.get(i, 0) + 1
-        self.steps[step] = batch
+        self.steps[key] = batch
+
+    def to_json(self) -> dict[str, Any]:
+        return {"uses": {str(i): n for i, n in self.uses.items()},
+                "steps": [[run, step, list(batch)] for (run, step), batch in self.steps.items()]}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, max_uses: int, state: Mapping[str, Any]) -> ItemUseLimiter:
+        limiter = cls(max_uses)
+        limiter.uses = {int(i): int(n) for i, n in state.get("uses", {}).items()}
+        limiter.steps = {(str(run), int(step)): tuple(batch) for run, step, batch in state.get("steps", [])}
+        return limiter
 
 
 @dataclass(frozen=True)
@@ -503,9 +625,9 @@ class GradientQuery:
     """What the server sends every client in a router step's gradient round.
 
     items: indices of the calibration pairs in the batch (the clients' margins are
-    looked up by them); features, objective_ids: the batch's public inputs;
-    coefficients: c_i from the released fused margins; scale: each client releases
-    scale * G_k (clipped to the authority's value bound otherwise, so the client
+    looked up by them); features, objective_ids: the batch's public inputs (those the clients
+    pinned, `RouterSetup`); coefficients: c_i from the released fused margins; scale: each
+    client releases scale * G_k (clipped to the authority's value bound otherwise, so the client
     checks the bound instead, `encode_gradient_term`)."""
 
     step: int
@@ -517,6 +639,24 @@ class GradientQuery:
     coefficients: np.ndarray
     scale: float = 1.0
 
+    @property
+    def digest(self) -> str:
+        """What every client's gradient reply commits to (wire "query"): the key authority sums
+        only replies that answer one and the same query."""
+        arrays = [(self.state.theta, np.float64), (self.items, np.int64), (self.features, np.float64),
+                  (self.objective_ids, np.int64), (self.coefficients, np.float64)]  # fmt: skip
+        return _digest(
+            b"router-query v1", str(int(self.step)).encode(), self.nonce.encode(), _config_bytes(self.state.config),
+            *_buffer_parts(self.state.buffers), *(_array_bytes(np.asarray(a, dtype=t)) for a, t in arrays),
+            float(self.scale).hex().encode(),
+        )
+
+
+def coefficient_range(batch: int, value_bound: float) -> tuple[float, float]:
+    """[lo, hi] of c_i = -(1/B) sigmoid(-m_i) over fused margins |m_i| <= R (a fused margin is a
+    convex combination of margins clipped to R): never 0, never beyond -(1/B)."""
+    return -1.0 / (1.0 + math.exp(-value_bound)) / batch, -1.0 / (1.0 + math.exp(value_bound)) / batch
+
 
 def client_gradient_term(
     router_state: RouterState,
@@ -525,14 +665,11 @@ def client_gradient_term(
     coefficients: np.ndarray,
     own_margins: np.ndarray,
     k: int,
-    *,
-    limits: QueryLimits | None = DEFAULT_QUERY_LIMITS,
 ) -> np.ndarray:
     """Client k's term G_k = sum_i c_i d_ik dw_ik/dtheta (float64, P values, the documented order).
 
     Only the parameter gradient, summed over the batch, is returned: never per-item or per-logit
-    gradients. Raises RouterQueryError if the query breaks `limits` (None: no checks; tests only)
-    or its coefficients are not those of a mean Bradley-Terry loss (each in [-1/B, 0])."""
+    gradients. The client's policy checks are `check_query`'s."""
     config = router_state.config
     x = np.asarray(features, dtype=np.float64)
     d = np.asarray(own_margins, dtype=np.float64)
@@ -544,10 +681,6 @@ def client_gradient_term(
         raise RouterQueryError(f"margins {d.shape} and coefficients {c.shape} must both be ({batch},)")
     if not (np.all(np.isfinite(d)) and np.all(np.isfinite(c))):
         raise RouterQueryError("margins and coefficients must be finite")
-    if np.any(c > 0) or np.any(c < -(1.0 + 1e-9) / batch):
-        raise RouterQueryError("coefficients are not -(1/B)(1 - sigmoid(m)) of a mean Bradley-Terry loss")
-    if limits is not None:
-        limits.check(batch, parameter_count(config), config.num_clients)
     router = Router.from_state(router_state)
     router.zero_grad(set_to_none=True)
     weights = router(x, objective_ids)
@@ -568,25 +701,51 @@ def encode_gradient_term(term: np.ndarray, scale: float, value_bound: float) -> 
     return scaled
 
 
+def check_query(
+    query: GradientQuery, setup: RouterSetup, *, value_bound: float, limits: QueryLimits = DEFAULT_QUERY_LIMITS
+) -> None:
+    """A client's checks of a gradient query (RouterQueryError): it agrees with the pinned setup
+    (configuration, input normalisation, the pinned features and objectives of its items), its
+    coefficients lie in `coefficient_range`, its scale in (0, max_scale], and the release stays
+    within the counting rule."""
+    state, items = query.state, np.asarray(query.items)
+    if state.config != setup.config or state.buffers.keys() != setup.buffers.keys() or not all(
+        np.array_equal(state.buffers[k], setup.buffers[k]) for k in setup.buffers
+    ):
+        raise RouterQueryError("the query's router configuration or input normalisation is not the pinned setup's")
+    if items.ndim != 1 or len(items) == 0 or items.min() < 0 or items.max() >= len(setup.features):
+        raise RouterQueryError(f"the query's items are not calibration pairs 0..{len(setup.features) - 1}")
+    if not (np.array_equal(query.features, setup.features[items])
+            and np.array_equal(query.objective_ids, setup.objective_ids[items])):  # fmt: skip
+        raise RouterQueryError("the query's features or objectives are not the pinned ones of its items")
+    lo, hi = coefficient_range(len(items), value_bound)
+    c = np.asarray(query.coefficients, dtype=np.float64)
+    slack = 1e-12 / len(items)
+    if c.shape != items.shape or not np.all((c >= lo - slack) & (c <= hi + slack)):
+        raise RouterQueryError(f"coefficients outside [{lo:.3g}, {hi:.3g}], the range of -(1/B) sigmoid(-m) for "
+                               f"|m| <= R (none may be 0)")  # fmt: skip
+    if not 0 < query.scale <= limits.max_scale:
+        raise RouterQueryError(f"scale {query.scale:g} is outside (0, {limits.max_scale:g}]")
+    limits.check(len(items), parameter_count(state.config), state.config.num_clients)
+
+
 def answer_gradient_query(
     query: GradientQuery,
     margins_by_item: np.ndarray,
     k: int,
     *,
     value_bound: float,
-    limits: QueryLimits | None = DEFAULT_QUERY_LIMITS,
-    limiter: ItemUseLimiter | None = None,
+    setup: RouterSetup,
+    limits: QueryLimits = DEFAULT_QUERY_LIMITS,
 ) -> np.ndarray:
-    """Client side, all checks in one call: the values to encrypt (purpose "router_gradient").
+    """Client side, after admitting the query's items (`ItemUseLimiter`): all checks
+    (`check_query`), then the values to encrypt (purpose "router_gradient").
 
     margins_by_item: the client's clipped margins for every calibration pair (indexed by item)."""
+    check_query(query, setup, value_bound=value_bound, limits=limits)
     items = np.asarray(query.items, dtype=np.int64)
-    if limiter is not None:
-        limiter.admit(query.step, items.tolist())
     margins = np.asarray(margins_by_item, dtype=np.float64)[items]
-    term = client_gradient_term(
-        query.state, query.features, query.objective_ids, query.coefficients, margins, k, limits=limits
-    )
+    term = client_gradient_term(query.state, query.features, query.objective_ids, query.coefficients, margins, k)
     return encode_gradient_term(term, query.scale, value_bound)
 
 

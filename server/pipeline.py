@@ -36,16 +36,16 @@ from typing import Any
 
 import numpy as np
 
-from secure_mor.audits.ledger import Ledger
+from secure_mor.audits.ledger import KIND_ROUTER_SETUP, Ledger, no_privacy_cost_event
 from secure_mor.config import DataSpec, RunDir
 from secure_mor.crypto.context import load_public_context
-from secure_mor.crypto.params import ReleaseConfig, score_half_width
+from secure_mor.crypto.params import DEFAULT_K_MIN, ReleaseConfig, min_score_half_width
 from secure_mor.crypto.pki import PkiError, read_registry_signed
 from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_signer, publish_public_key
 from secure_mor.data import FAMILIES, FederatedData, calibration_set
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, REWARD_MODEL_MEASURES, SERVER_PARTY
-from secure_mor.routing import Router, RouterConfig, RouterState, encode_gradient_query
+from secure_mor.routing import Router, RouterConfig, RouterSetup, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
 from secure_mor.server.router import ONE_CLIENT_FUSIONS, family_map, parse_fusion, prompt_features, weights_for
 from secure_mor.server.router_training import RouterTrainingConfig, train_router_securely
@@ -77,11 +77,13 @@ class AlignConfig:
     fusion: "mor" (learned router), "uniform", "single:<k>" or "by-family" (evaluation only);
     epsilon, delta: each client's DP budget for its reward model (inf: non-private);
     objective: the alignment objective GRPO optimises (one of protocol.OBJECTIVES);
-    k_min: a scoring round needs at least this many clients (the authority enforces its own);
+    k_min: a scoring round needs at least this many clients (and at least the key authority's
+    announced k_min, which it enforces);
     the router's floor per client is the key authority's w_min, which it announces at setup;
     allow_single_client: fusions "single:k" and "by-family" put all but the floor on one client by
     construction, so each release reveals that client's score within the documented bound
-    (crypto.params.score_half_width); a deployment (registry set) refuses them unless this is set;
+    (crypto.params.min_score_half_width); the server refuses them in a deployment (registry set)
+    unless this is set;
     reply_timeout: seconds a scoring round waits for the clients (later replies are dropped);
     client_training: further settings for the clients' DP training (e.g. epochs);
     eval_per_family: held-out questions per family for the policy evaluation; curve_per_family: for the
@@ -94,7 +96,7 @@ class AlignConfig:
     seed: int = 0
     num_clients: int = 3
     objective: str = "correctness"
-    k_min: int = 2
+    k_min: int = DEFAULT_K_MIN
     allow_single_client: bool = False
     reply_timeout: float = 600.0
     grpo: GRPOSettings = field(default_factory=lambda: DEFAULT_GRPO)
@@ -196,6 +198,7 @@ class Federation:
     authority_key: str
     clients: list[str]
     w_min: float  # the key authority's floor of every router weight
+    k_min: int  # the key authority's least number of contributors
 
 
 def _ok(replies: Mapping[str, Any], parties: Sequence[str], what: str) -> dict[str, dict[str, Any]]:
@@ -250,7 +253,8 @@ def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str
     pub = load_public_context(context, fingerprint)
     _ok(transport.ask(clients, "setup", {"context": context, "fingerprint": fingerprint,
                                           "data_spec": json.dumps(spec.to_json())}), clients, "client setup")
-    return Federation({p: keys[p] for p in parties}, pub, keys[AUTHORITY_PARTY], clients, float(authority["w_min"]))
+    return Federation({p: keys[p] for p in parties}, pub, keys[AUTHORITY_PARTY], clients, float(authority["w_min"]),
+                      int(authority["k_min"]))
 
 
 # ---------------------------------------------------------------- stage 3: the clients' reward models
@@ -317,6 +321,19 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
     run_id = f"{run.path.name}-{secrets.token_hex(4)}:router"
     server = server_signer(run)
     clients = federation.clients
+    # The public parts every gradient query must agree with: the clients pin them, the ledger logs them.
+    setup = RouterSetup.of(router, x, objective_ids)
+    pinned = _ok(transport.ask(clients, "router_setup", {"setup": setup.to_bytes()}, timeout=config.reply_timeout),
+                 clients, "router setup")  # fmt: skip
+    if any(reply["setup_sha256"] != setup.digest for reply in pinned.values()):
+        raise AlignError("a client pinned another router setup than the one sent")
+    (run.path / SERVER_PARTY).mkdir(parents=True, exist_ok=True)
+    (run.path / SERVER_PARTY / "router_setup.npz").write_bytes(setup.to_bytes())
+    Ledger(run.path / "ledger.jsonl").append(
+        server, KIND_ROUTER_SETUP, mechanism=no_privacy_cost_event(), epsilon=0.0, delta=0.0,
+        accountant="none (nothing released)", total_epsilon=0.0,
+        details={"run_id": run_id, "setup_sha256": setup.digest, "pairs": len(x), "router": router_config.to_json()},
+    )  # fmt: skip
 
     def reply_bytes(replies: Mapping[str, Any], what: str) -> dict[str, bytes]:
         for party, reply in replies.items():
@@ -336,8 +353,9 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
     def decrypt(request: bytes) -> bytes:
         answer = transport.ask([AUTHORITY_PARTY], "decrypt", {"request": request}, timeout=config.reply_timeout)
         reply = answer.get(AUTHORITY_PARTY)
-        if not isinstance(reply, Mapping):
-            raise AlignError(f"the key authority refused a router release: {getattr(reply, 'reason', 'no answer')}")
+        if not isinstance(reply, Mapping) or "refused" in reply:
+            reason = reply["refused"] if isinstance(reply, Mapping) else getattr(reply, "reason", "no answer")
+            raise AlignError(f"the key authority refused a router release: {reason}")
         return bytes(reply["response"])
 
     log(f"router: secure training, {config.router.steps} steps of {config.router.batch_size} pairs")
@@ -466,6 +484,8 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     kind, _ = parse_fusion(config.fusion, config.num_clients)
     if config.objective not in OBJECTIVES:
         raise AlignError(f"unknown objective {config.objective!r}; known: {list(OBJECTIVES)}")
+    if config.registry and not config.ca_cert:
+        raise AlignError("a key registry is trusted only through the operator's CA: set ca-cert with registry")
     if kind in ONE_CLIENT_FUSIONS and config.registry and not config.allow_single_client:
         raise AlignError(f"fusion {config.fusion!r} reveals one client's scores by construction; a deployment "
                          "refuses it unless the run config sets allow-single-client=true")
@@ -486,10 +506,12 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     clients = client_results(training, federation)
     timings["clients_s"] = time.perf_counter() - t  # from the start: overlaps policy_s
 
+    k_min = max(config.k_min, federation.k_min)  # a round the authority would refuse is skipped, not sent
     if kind in ONE_CLIENT_FUSIONS:
-        most = 1 - (config.num_clients - 1) * federation.w_min
-        log(f"WARNING: fusion {config.fusion} gives one client the weight {most:g} on every item: each release "
-            f"tells the server that client's score within +-{score_half_width(most, ReleaseConfig().value_bound):.3f}")
+        all_, fewest = (min_score_half_width(federation.w_min, k, ReleaseConfig().value_bound)
+                        for k in (config.num_clients, k_min))  # fmt: skip
+        log(f"WARNING: fusion {config.fusion} gives one client all but the floor on every item: each release "
+            f"tells the server that client's score within +-{all_:.3f} (+-{fewest:.3f} after dropouts to {k_min})")
     features_of = policy_features(run.sft_policy)
     router, router_report = None, None
     t = time.perf_counter()
@@ -503,7 +525,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
         transport=transport, pub=federation.pub, signer=server,
         registry={c: federation.registry[c] for c in federation.clients}, clients=federation.clients,
         authority_key=federation.authority_key, run_id=state["run_id"], state_dir=out,
-        ledger=Ledger(run.path / "ledger.jsonl"), w_min=federation.w_min, k_min=config.k_min,
+        ledger=Ledger(run.path / "ledger.jsonl"), w_min=federation.w_min, k_min=k_min,
         reply_timeout=config.reply_timeout,
     )
     reward = FederatedReward(session, config, router, features_of, family_map(run.data_spec().split.clients),

@@ -1,5 +1,11 @@
 """Training the router without seeing any client's scores (DESIGN.md).
 
+Setup, once per key-authority context (before step 0): the server sends every client the
+`RouterSetup` (the router's configuration and public input normalisation, the public features
+and objective ids of every calibration pair); each client checks it (the normalisation must be
+the whitened PCA of those features) and pins it, and the server logs its digest (ledger
+`router_setup`). Every later gradient query must agree with it.
+
 Per router step t (batch of B calibration pairs, router parameters theta, P of them):
 
   round 1, fused margins (purpose "reward", B values)
@@ -11,16 +17,21 @@ Per router step t (batch of B calibration pairs, router parameters theta, P of t
     server -> authority decryption request (the replies, W, the items' digests), signed
     authority -> server the authority fuses sum_k W[:, k] ct_k itself; signed release of the masked
                         values; logged in the ledger
-    server              removes the masks: fused margins m (B values); coefficients
-                        c_i = -(1/B)(1 - sigmoid(m_i))
+    server              removes the masks: fused margins m (B values), clipped to [-R, R] (the
+                        release's own error); coefficients c_i = -(1/B)(1 - sigmoid(m_i))
 
   round 2, summed gradient (purpose "router_gradient", P values)
     server -> clients   step t, fresh nonce n2, the round key, GradientQuery: RouterState (theta and
                         the public input normalisation), the batch's items, features and objective
                         ids, c, scale
     client k -> server  seal_reply(scale * G_k), G_k = sum_i c_i d_ik dw_ik/dtheta (routing.py),
-                        after its own checks (QueryLimits, ItemUseLimiter), masked at the source
-    server -> authority decryption request (the replies, no weights), signed
+                        after its own checks (ItemUseLimiter; check_query: the pinned setup, c_i
+                        in coefficient_range, scale <= QueryLimits.max_scale, the counting
+                        rule), masked at the source, committing to the batch's items and to
+                        the query's digest
+    server -> authority decryption request (the replies, no weights), signed; the authority sums
+                        only the terms of the step's margin contributors, over the items of
+                        their margins, answering one query
     authority -> server signed release of the masked sum; logged in the ledger
     server              removes the masks: g = sum_k G_k = dL/dtheta (up to the release noise, ~1e-5
                         per value); optimizer step
@@ -43,13 +54,16 @@ Release budget (see secure_mor/routing.py, "Leakage"): every release is a
 linear function of the clients' margins, so the schedule uses each calibration
 item in at most `limits.item_uses` steps (default one: disjoint batches) and
 checks item_uses * (B + P) <= max_release_ratio * B * K before anything is
-asked; the clients check the same rule, and the key authority, which keeps one W
-row per calibration pair for the run, refuses a pair's second margin release
-under a router that has changed since. `release_functionals` and
+asked; the clients check the same rule and count every item's uses over all run ids of the
+key authority's context, and the authority, which keeps one W row per calibration pair for
+the life of its context, refuses a pair's second margin release under a router that has
+changed since. `release_functionals` and
 `coordinate_leverage` measure what one step reveals (an audit helper).
 
 Use a run id of its own for router training (e.g. "<run>:router"): the key
-authority requires strictly increasing steps per (run id, purpose).
+authority requires strictly increasing steps per (run id, purpose). A router training that
+stopped part-way cannot be repeated over the same items in the same context (the clients and
+the authority refuse them): it needs a new context.
 """
 
 from __future__ import annotations
@@ -90,7 +104,8 @@ class RouterTrainingConfig:
     batch_size: B calibration pairs per step; optimizer: "adam" or "sgd";
     adam_eps: Adam's epsilon, kept well above the release noise (~1e-5 per gradient
     value) so that noise alone never moves a parameter by a full learning rate;
-    gradient_scale: clients release scale * G_k (each value must stay within R);
+    gradient_scale: clients release scale * G_k (each value must stay within R; at most
+    limits.max_scale, which the clients enforce);
     limits: the release budget (item uses, ratio, minimum batch), as the clients check it."""
 
     steps: int = 50
@@ -108,6 +123,9 @@ class RouterTrainingConfig:
             raise RouterTrainingError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.steps < 0 or self.batch_size < 1 or not self.learning_rate > 0 or not self.gradient_scale > 0:
             raise RouterTrainingError(f"invalid router training settings: {self}")
+        if self.gradient_scale > self.limits.max_scale:
+            raise RouterTrainingError(f"gradient_scale {self.gradient_scale} exceeds what clients accept "
+                                      f"({self.limits.max_scale})")  # fmt: skip
 
 
 @dataclass
@@ -199,10 +217,11 @@ def _check_inputs(router: Router, features: np.ndarray, objective_ids: np.ndarra
 # ---------------------------------------------------------------- the secure trainer
 
 
-def _every_client(rounds: SecureRound, replies: Mapping[str, bytes], expected: Expected
+def _every_client(rounds: SecureRound, replies: Mapping[str, bytes], expected: Expected, items: list[bytes]
                   ) -> tuple[list[ClientReply] | None, str]:
-    """The verified replies in router column order, or None and the reason (a column is missing)."""
-    good, problems = rounds.verify(replies, expected)
+    """The verified replies (committing to the batch's `items`) in router column order, or None
+    and the reason (a column is missing)."""
+    good, problems = rounds.verify(replies, expected, {c: items for c in rounds.clients})
     missing = [c for c in rounds.clients if c not in good]
     if missing or problems:
         return None, f"missing {missing}; refused: {problems}"
@@ -243,20 +262,22 @@ def train_router_securely(
         result.history.append(record)
         b = len(items)
         weights = router.weights(x[items], o[items])
+        digests = calibration_digests(items.tolist())
         nonce = new_nonce()
         replies, why = _every_client(rounds, get_encrypted_margins(rounds.fields(step, nonce), items.copy()),
-                                     Expected(run_id, step, nonce, "reward", b))  # fmt: skip
+                                     Expected(run_id, step, nonce, "reward", b), digests)  # fmt: skip
         if replies is None:
             record.skipped = f"margin round: {why}"
             continue
-        record.fused_margins = rounds.release(replies, weights, "reward", step, nonce, calibration_digests(items))
+        record.fused_margins = rounds.release(replies, weights, "reward", step, nonce, [digests] * len(replies))
         record.loss = bt_loss(record.fused_margins)
-        coefficients = bt_coefficients(record.fused_margins)
+        bound = rounds.release_config.value_bound  # |m| <= R up to the release's own error
+        coefficients = bt_coefficients(np.clip(record.fused_margins, -bound, bound))
         nonce = new_nonce()
         query = GradientQuery(step, nonce, router.state(), items.copy(), x[items], o[items], coefficients,
                               config.gradient_scale)
         replies, why = _every_client(rounds, get_encrypted_gradients(rounds.fields(step, nonce), query),
-                                     Expected(run_id, step, nonce, "router_gradient", p))  # fmt: skip
+                                     Expected(run_id, step, nonce, "router_gradient", p), digests)  # fmt: skip
         if replies is None:
             record.skipped = f"gradient round: {why}"
             continue

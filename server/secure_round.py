@@ -4,12 +4,15 @@
 1. `fields(step, nonce)`: what every client request of a round carries besides its items: the
    run id, step and nonce the reply must name, and the server's round key from which each client
    derives its mask (crypto.blinding);
-2. `verify(replies, expected)`: the replies that verify (signature, run, step, nonce, purpose,
-   count, signed by the party that was asked, a router column), and why the others were refused;
+2. `verify(replies, expected, items)`: the replies that verify (signature, run, step, nonce,
+   purpose, count, signed by the party that was asked, a router column, committing to the item
+   digests the client sent with it), and why the others were refused;
 3. `release(replies, weights, purpose, step, nonce, items)`: asks the key authority to fuse the
    verified replies themselves with W (or to sum them, weights None), checks its signed answer,
    and removes the masks: sum_k W[:, k] m_k (or sum_k m_k). A result outside what the fusion of
-   clipped scores can be (masks that did not match) is refused, not returned.
+   clipped scores can be (masks that did not match) is refused, not returned; a round the
+   authority leaves out because an item would get a second row in its context raises
+   `RowConflictRefused` (nothing was released).
 
 What the callers decide for themselves: scoring tolerates missing clients (rows renormalised,
 `k_min`), router training needs every client. The key authority applies its own policy to both.
@@ -32,6 +35,7 @@ from secure_mor.crypto.wire import (
     Expected,
     PayloadError,
     build_request,
+    items_digest,
     parse_reply,
     parse_response,
 )
@@ -43,6 +47,11 @@ RANGE_SLACK = 1e-3  # the release's own error (< 1e-4) and the masks' float64 ro
 
 class RoundRefused(RuntimeError):
     """The key authority refused a round or answered with something that does not verify."""
+
+
+class RowConflictRefused(RoundRefused):
+    """The key authority left a round out: one of its items was fused before in the authority's
+    context under another row (crypto.authority.RowConflict). Nothing was released or burned."""
 
 
 @dataclass
@@ -64,9 +73,10 @@ class SecureRound:
         return {"run_id": self.run_id, "step": step, "nonce": nonce, "mask_key": self.mask_key.public_hex}
 
     def verify(
-        self, replies: Mapping[str, bytes], expected: Expected
+        self, replies: Mapping[str, bytes], expected: Expected, items: Mapping[str, Sequence[bytes]] | None = None
     ) -> tuple[dict[str, ClientReply], list[str]]:
-        """{party: verified reply} in router column order, and the problems of the others."""
+        """{party: verified reply} in router column order, and the problems of the others;
+        `items`: the item digests each party sent with its reply, which its statement must commit to."""
         good: dict[str, ClientReply] = {}
         problems: list[str] = []
         for party, raw in replies.items():
@@ -78,6 +88,9 @@ class SecureRound:
             if reply.client_id != party or party not in self.clients:
                 problems.append(f"{party}: reply signed by {reply.client_id!r}")
                 continue
+            if items is not None and (party not in items or reply.statement.items != items_digest(items[party])):
+                problems.append(f"{party}: its reply does not commit to the item digests it sent")
+                continue
             good[party] = reply
         return {c: good[c] for c in self.clients if c in good}, problems
 
@@ -88,9 +101,10 @@ class SecureRound:
         purpose: str,
         step: int,
         nonce: str,
-        items: Sequence[bytes] | None = None,
+        items: Sequence[Sequence[bytes]] | None = None,
     ) -> np.ndarray:
-        """The authority's fusion (weights) or sum (None) of the replies, masks removed."""
+        """The authority's fusion (weights) or sum (None) of the replies, masks removed; `items`:
+        each reply's item digests (with the weights)."""
         n = replies[0].statement.n_scores
         if weights is not None:
             try:  # the authority's floor, checked here too: a refusal costs a round trip and a nonce

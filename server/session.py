@@ -4,15 +4,19 @@
 
 1. asks every client to score the N items (fresh nonce, a run-scoped step number, the round
    key of its masks: `server.secure_round`);
-2. keeps the replies that verify (signature, run, step, nonce, purpose, count);
+2. keeps the replies that verify (signature, run, step, nonce, purpose, count, committing to
+   the digests of the items as the client's own model sees them, which it sends along);
    a client that does not answer within `reply_timeout`, answers with an error or
    with a reply that does not verify is left out of this round, and the router's
    rows are renormalised over the clients present (`crypto.fusion.renormalise`);
 3. with fewer than `k_min` clients present, the round is skipped: nothing is asked
    of the authority, a signed `step_skipped` entry goes into the ledger and the
    rewards are None (TRL then gives those completions zero advantage);
-4. otherwise has the key authority fuse the replies with W (one row per prompt: it refuses a
-   prompt whose row changed within the run) and removes the masks from its answer.
+4. otherwise has the key authority fuse the replies with W and removes the masks from its
+   answer. The authority keeps one row per item for the life of its context: a round in which
+   an item would get a second row (a prompt that recurs after a dropout renormalised its row,
+   or one fused before by another run in the same context) is left out by the authority and
+   skipped here the same way (`step_skipped`, rewards None).
 
 The server never holds a client's plaintext score: what it receives from a client
 is a signed ciphertext of masked scores, and from the authority masked fused values.
@@ -36,11 +40,11 @@ import numpy as np
 from secure_mor.audits.ledger import KIND_STEP_SKIPPED, Ledger, no_privacy_cost_event
 from secure_mor.crypto.context import PublicContext
 from secure_mor.crypto.fusion import renormalise
-from secure_mor.crypto.params import ReleaseConfig
+from secure_mor.crypto.params import DEFAULT_K_MIN, ReleaseConfig
 from secure_mor.crypto.signing import Signer
-from secure_mor.crypto.wire import Expected, new_nonce
-from secure_mor.protocol import AUTHORITY_PARTY, Payload, prompt_digests
-from secure_mor.server.secure_round import RoundRefused, SecureRound
+from secure_mor.crypto.wire import DIGEST_BYTES, Expected, new_nonce
+from secure_mor.protocol import AUTHORITY_PARTY, Payload
+from secure_mor.server.secure_round import RoundRefused, RowConflictRefused, SecureRound
 from secure_mor.server.transport import NodeFailure, Transport
 
 STATE_FILE = "state.json"
@@ -76,7 +80,7 @@ class SecureSession:
     state_dir: Path
     ledger: Ledger
     w_min: float  # the key authority's floor (announced at setup)
-    k_min: int = 2
+    k_min: int = DEFAULT_K_MIN  # the pipeline passes max(its own, the key authority's announced k_min)
     reply_timeout: float | None = 120.0
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     timings: RoundTimings = field(default_factory=RoundTimings)
@@ -122,20 +126,26 @@ class SecureSession:
         if reply is None or isinstance(reply, NodeFailure):
             raise RoundRefused(f"the key authority did not release: {reply.reason if reply else 'no answer'}")
         self.timings.authority_compute += float(reply.get("seconds", 0.0))
+        if "refused" in reply:
+            raise RowConflictRefused(str(reply["refused"]))
         return bytes(reply["response"])
 
-    def _replies(self, answers: Mapping[str, Payload | NodeFailure]) -> tuple[dict[str, bytes], list[str]]:
-        """The reply bytes of the clients that answered, and what went wrong with the others."""
-        replies, failures = {}, []
+    def _replies(
+        self, answers: Mapping[str, Payload | NodeFailure], n: int
+    ) -> tuple[dict[str, bytes], dict[str, list[bytes]], list[str]]:
+        """The reply bytes and item digests of the clients that answered, and what went wrong with the others."""
+        replies, items, failures = {}, {}, []
         for party, answer in answers.items():
             if isinstance(answer, NodeFailure):
                 failures.append(f"{party}: {answer.reason}")
-            elif "reply" not in answer:
-                failures.append(f"{party}: no reply in its answer")
+            elif "reply" not in answer or len(bytes(answer.get("items", b""))) != n * DIGEST_BYTES:
+                failures.append(f"{party}: no reply, or not {n} item digests, in its answer")
             else:
                 replies[party] = bytes(answer["reply"])
+                digests = bytes(answer["items"])
+                items[party] = [digests[i : i + DIGEST_BYTES] for i in range(0, len(digests), DIGEST_BYTES)]
                 self.timings.client_compute += float(answer.get("seconds", 0.0))
-        return replies, failures
+        return replies, items, failures
 
     def fused_rewards(self, request: Payload, weights: np.ndarray) -> np.ndarray | None:
         """One scoring round over the items of `request` (secure_mor.protocol.score_request),
@@ -148,8 +158,8 @@ class SecureSession:
         checked = time.perf_counter()
         self.timings.scoring_round_trip += checked - started
         self.timings.rounds += 1
-        replies, failures = self._replies(answers)
-        good, refused = self.rounds.verify(replies, Expected(self.run_id, step, nonce, "reward", n))
+        replies, items, failures = self._replies(answers, n)
+        good, refused = self.rounds.verify(replies, Expected(self.run_id, step, nonce, "reward", n), items)
         if len(good) < self.k_min:
             self.timings.server_crypto += time.perf_counter() - checked
             self.skip("reward", step, list(good), n, failures + refused)
@@ -157,8 +167,11 @@ class SecureSession:
         w = np.asarray(weights, dtype=np.float64)
         if len(good) < len(self.clients):
             w = renormalise(w, [c in good for c in self.clients])
-        items = prompt_digests(request["images"], request["image_index"], request["questions"])
         waited = self.timings.authority_round_trip
-        values = self.rounds.release(list(good.values()), w, "reward", step, nonce, items)
+        try:
+            values = self.rounds.release(list(good.values()), w, "reward", step, nonce, [items[c] for c in good])
+        except RowConflictRefused as err:
+            values = None
+            self.skip("reward", step, list(good), n, [f"the key authority left the round out: {err}"])
         self.timings.server_crypto += time.perf_counter() - checked - (self.timings.authority_round_trip - waited)
         return values

@@ -183,6 +183,28 @@ def test_an_empty_ledger_of_a_run_that_released_fails(tmp_path, claims):
     assert result.exit_code == 1 and "reports releases but records no ledger head" in result.output, result.output
 
 
+def test_an_emptied_ledger_with_no_anchor_at_all_is_unanchored(tmp_path, claims):
+    """With neither --head nor a results.json head, an emptied ledger looks like an honest empty one."""
+    path = build(tmp_path, claims)
+    path.write_bytes(b"")
+    result = invoke("verify", path)
+    assert result.exit_code == 3 and "0 entries" in result.output and "UNANCHORED" in result.output, result.output
+    result = invoke("verify", path, "--head", "0" * 64)  # an auditor's record of an empty ledger
+    assert result.exit_code == 0 and "UNANCHORED" not in result.output, result.output
+
+
+def test_a_5000_digit_integer_is_a_clean_failure(tmp_path, claims):
+    """Python refuses to parse integers of more than 4,300 digits (ValueError): a failure, never a traceback."""
+    path = build(tmp_path, claims)
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = lines[1].replace(b'"seq":1', b'"seq":' + b"9" * 5000)
+    path.write_bytes(b"\n".join(lines))
+    result = invoke("verify", path)
+    assert result.exit_code == 1 and "line 2" in result.output and "not valid JSON" in result.output, result.output
+    result = invoke("recompute", path)
+    assert result.exit_code == 1 and "line 2" in result.output, result.output
+
+
 def test_recompute_honest_ledger_agrees(tmp_path, claims):
     path = build(tmp_path, claims)
     result = invoke("recompute", path)

@@ -68,6 +68,7 @@ def test_release_config_statistical_distance() -> None:
     config.validate()
     assert config.statistical_distance(1, 1) == pytest.approx(10 / 2**32)
     assert config.statistical_distance(4096, 3) < 3e-5
+    assert config.statistical_distance(4096, 3, rounds=40) == pytest.approx(40 * config.statistical_distance(4096, 3))
     with pytest.raises(ParameterError):
         ReleaseConfig(mask_bits=10).validate()
 

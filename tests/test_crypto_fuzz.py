@@ -89,7 +89,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
             for c in clients
         ]  # fmt: skip
         return payloads, build_request(server, pub, run_id="r", step=number, nonce=nonce, purpose="reward",
-                                       n_scores=n, replies=payloads, weights=weights, items=items)  # fmt: skip
+                                       n_scores=n, replies=payloads, weights=weights,
+                                       items=[items] * len(payloads))  # fmt: skip
 
     _, answered = step(1)
     response = authority.decrypt(answered)

@@ -5,6 +5,7 @@ item, replies of another step, mismatched items)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,14 @@ import tenseal as ts
 
 from secure_mor.audits.ledger import KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, Ledger, verify_ledger
 from secure_mor.crypto import authority as authority_module
-from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority, PolicyError, measure_decryption_error
+from secure_mor.crypto.authority import (
+    STATE_FILE,
+    AuthorityPolicy,
+    KeyAuthority,
+    PolicyError,
+    RowConflict,
+    measure_decryption_error,
+)
 from secure_mor.crypto.blinding import MaskKey
 from secure_mor.crypto.context import (
     PublicContext,
@@ -31,9 +39,10 @@ from secure_mor.crypto.fusion import (
     validate_weights,
 )
 from secure_mor.crypto.packing import decrypt_packed, encrypt_packed, pack, unpack
-from secure_mor.crypto.params import ReleaseConfig
+from secure_mor.crypto.params import ReleaseConfig, min_score_half_width, score_half_width
 from secure_mor.crypto.signing import Signer, canonical_json
 from secure_mor.crypto.wire import (
+    VERSION,
     ClientReply,
     Expected,
     PayloadError,
@@ -67,6 +76,12 @@ def digests(n: int, tag: str = "item") -> list[bytes]:
     return [hashlib.sha256(f"{tag} {i}".encode()).digest() for i in range(n)]
 
 
+def per_reply(items, replies: list) -> list[list[bytes]]:
+    """Each contributor's item digests: one list for all (as every client saw the items alike),
+    or already one per contributor."""
+    return [list(items)] * len(replies) if isinstance(items[0], bytes) else [list(i) for i in items]
+
+
 @dataclass
 class World:
     """Three clients, a server and a key authority sharing one CKKS context."""
@@ -91,40 +106,47 @@ class World:
     def expected(self, n: int, purpose: str = "reward") -> Expected:
         return Expected(RUN, self.step, self.nonce, purpose, n)
 
-    def payloads(self, scores, purpose="reward", clients=None, items=None) -> list[bytes]:
-        """What the clients send: masked with the round key, committing to the items (reward)."""
+    def payloads(self, scores, purpose="reward", clients=None, items=None, run=RUN, query=None) -> list[bytes]:
+        """What the clients send: masked with the round key, committing to the items (one list for
+        all clients, or one per client) and, for a router gradient, to the query."""
         if items is None and purpose == "reward":
             items = digests(len(scores[0]))
+        clients = clients or self.clients
+        lists = [None] * len(clients) if items is None else per_reply(items, clients)
         return [
-            seal_reply(c, self.pub, run_id=RUN, step=self.step, nonce=self.nonce, purpose=purpose, scores=s,
-                       mask_key=self.mask_key.public_hex, items=items)
-            for c, s in zip(clients or self.clients, scores, strict=True)
+            seal_reply(c, self.pub, run_id=run, step=self.step, nonce=self.nonce, purpose=purpose, scores=s,
+                       mask_key=self.mask_key.public_hex, items=i, query=query)
+            for c, s, i in zip(clients, scores, lists, strict=True)
         ]  # fmt: skip
 
-    def replies(self, payloads: list[bytes], purpose: str = "reward") -> list[ClientReply]:
+    def replies(self, payloads: list[bytes], purpose: str = "reward", run: str = RUN) -> list[ClientReply]:
         n = parse_reply(payloads[0], self.pub, self.registry).statement.n_scores
-        return [parse_reply(p, self.pub, self.registry, self.expected(n, purpose)) for p in payloads]
+        expected = Expected(run, self.step, self.nonce, purpose, n)
+        return [parse_reply(p, self.pub, self.registry, expected) for p in payloads]
 
-    def rounds(self) -> SecureRound:
+    def rounds(self, run: str = RUN) -> SecureRound:
         """The server's side, as GRPO scoring and router training use it."""
         return SecureRound(self.pub, self.server, self.registry, [c.party for c in self.clients],
-                           self.authority.signer.public_key_hex, RUN, self.authority.policy.w_min,
+                           self.authority.signer.public_key_hex, run, self.authority.policy.w_min,
                            self.authority.decrypt, mask_key=self.mask_key)  # fmt: skip
 
-    def release(self, payloads, weights, purpose="reward", items=None) -> np.ndarray:
-        replies = self.replies(payloads, purpose)
+    def release(self, payloads, weights, purpose="reward", items=None, run=RUN) -> np.ndarray:
+        replies = self.replies(payloads, purpose, run)
         n = replies[0].statement.n_scores
         if items is None and purpose == "reward":
             items = digests(n)
-        return self.rounds().release(replies, weights, purpose, self.step, self.nonce, items)
+        lists = None if weights is None else per_reply(items, replies)
+        return self.rounds(run).release(replies, weights, purpose, self.step, self.nonce, lists)
 
-    def build(self, replies: list[bytes], weights, purpose="reward", items=None, nonce=None, n=None) -> bytes:
+    def build(self, replies: list[bytes], weights, purpose="reward", items=None, nonce=None, n=None,
+              run=RUN) -> bytes:
         """A decryption request as a (possibly deviating) server would sign it."""
         n = n or parse_reply(replies[0], self.pub, self.registry).statement.n_scores
         if items is None and weights is not None:
             items = digests(n)
-        return build_request(self.server, self.pub, run_id=RUN, step=self.step, nonce=nonce or self.nonce,
-                             purpose=purpose, n_scores=n, replies=replies, weights=weights, items=items)  # fmt: skip
+        lists = None if items is None else per_reply(items, replies)
+        return build_request(self.server, self.pub, run_id=run, step=self.step, nonce=nonce or self.nonce,
+                             purpose=purpose, n_scores=n, replies=replies, weights=weights, items=lists)  # fmt: skip
 
 
 def _make_authority(
@@ -298,8 +320,8 @@ def test_foreign_context_is_refused(world: World) -> None:
 
 def _header(world: World, n: int, **fields) -> dict:
     return {"blinding": "ab" * 32, "client_id": world.clients[0].party, "context": world.pub.fingerprint,
-            "items": None, "n_scores": n, "nonce": world.nonce, "purpose": "reward", "run_id": RUN, "step": 0,
-            **fields}  # fmt: skip
+            "items": None, "n_scores": n, "nonce": world.nonce, "purpose": "reward", "query": None, "run_id": RUN,
+            "step": 0, **fields}  # fmt: skip
 
 
 def test_oversized_and_wrongly_sized_replies_are_refused(world: World) -> None:
@@ -322,7 +344,7 @@ def test_oversized_and_wrongly_sized_replies_are_refused(world: World) -> None:
 
 
 def _signed_raw(signer: Signer, raw_header: bytes, body: bytes = b"") -> bytes:
-    signed = b"SMRC\x02" + len(raw_header).to_bytes(4, "big") + raw_header
+    signed = b"SMRC" + bytes([VERSION]) + len(raw_header).to_bytes(4, "big") + raw_header
     return signed + signer.sign(signed) + body
 
 
@@ -357,6 +379,7 @@ def test_mistyped_header_fields_are_refused(world: World) -> None:
         ("n_scores", 1.0),
         ("blinding", "00"),
         ("items", "not a digest"),
+        ("query", "not a digest"),
     ]:
         raw = canonical_json({**header, key: value})
         with pytest.raises(PayloadError, match=f"field '{key}'"):
@@ -396,13 +419,59 @@ def test_release_precision_masking_and_ledger(world: World, decryptions: list[np
     assert verify_ledger(world.state_dir / "ledger.jsonl", {"authority": _AUTHORITY_KEY.public_key_hex}).ok
 
 
+QUERY = "ab" * 32  # a router-gradient query's digest (secure_mor.routing.GradientQuery.digest)
+
+
 def test_router_gradient_sum(world: World) -> None:
+    """A router step: the margin release, then the plain sum of the clients' terms over its items."""
     rng = np.random.default_rng(3)
+    batch = digests(128, "pair")
+    world.release(world.payloads([rng.uniform(-R, R, 128) for _ in range(3)], items=batch), np.full((128, 3), 1 / 3),
+                  items=batch)  # fmt: skip
     scores = [rng.uniform(-R, R, 700) for _ in range(3)]
-    released = world.release(world.payloads(scores, purpose="router_gradient"), None, "router_gradient")
+    world.nonce = new_nonce()
+    payloads = world.payloads(scores, purpose="router_gradient", items=batch, query=QUERY)
+    released = world.release(payloads, None, "router_gradient")
     assert np.max(np.abs(released - insecure_plaintext_fusion(scores, None))) < 1e-4
     kinds = [e["kind"] for e in Ledger(world.state_dir / "ledger.jsonl").entries()]
-    assert kinds == [KIND_ROUTER_GRADIENT_RELEASE]
+    assert kinds == [KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE]
+    assert Ledger(world.state_dir / "ledger.jsonl").entries()[-1]["details"]["query_sha256"] == QUERY
+
+
+def test_attack_router_gradients_must_answer_one_query_over_the_steps_margins(world: World, decryptions) -> None:
+    """The server could send each client its own query (other features, coefficients, router) and
+    read single clients' margins off the sum. The authority sums only the terms of the step's
+    margin contributors, each over the items of its margins, all committing to one query."""
+    batch = digests(64, "pair")
+    terms = [np.ones(50)] * 3
+    world.nonce = new_nonce()
+    alone = world.payloads(terms, purpose="router_gradient", items=batch, query=QUERY)
+    with pytest.raises(PolicyError, match="no margin release of step 0"):
+        world.authority.decrypt(world.build(alone, None, "router_gradient"))
+    world.next_step()
+    world.release(world.payloads([np.ones(64)] * 3, items=batch), np.full((64, 3), 1 / 3), items=batch)
+    world.nonce = new_nonce()
+    other_query = world.payloads(terms, purpose="router_gradient", items=batch, query=QUERY)
+    other_query[1] = world.payloads(terms[:1], purpose="router_gradient", clients=world.clients[1:2], items=batch,
+                                    query="cd" * 32)[0]  # fmt: skip
+    with pytest.raises(PolicyError, match="answer different queries"):
+        world.authority.decrypt(world.build(other_query, None, "router_gradient"))
+    no_query = world.payloads(terms, purpose="router_gradient", items=batch)
+    with pytest.raises(PolicyError, match="answer different queries .or none."):
+        world.authority.decrypt(world.build(no_query, None, "router_gradient"))
+    other_items = world.payloads(terms, purpose="router_gradient", items=digests(64, "other"), query=QUERY)
+    with pytest.raises(PolicyError, match="sums over other items than its margins of step 1"):
+        world.authority.decrypt(world.build(other_items, None, "router_gradient"))
+    two = world.payloads(terms[:2], purpose="router_gradient", clients=world.clients[:2], items=batch, query=QUERY)
+    with pytest.raises(PolicyError, match="not those of the step's margins"):
+        world.authority.decrypt(world.build(two, None, "router_gradient"))
+    with pytest.raises(PolicyError, match="takes no weights or items"):
+        world.authority.decrypt(world.build(other_items, np.full((50, 3), 1 / 3), "router_gradient"))
+    assert len(decryptions) == 1  # the margins only
+    world.release(world.payloads(terms, purpose="router_gradient", items=batch, query=QUERY), None, "router_gradient")
+    with pytest.raises(PolicyError, match="a reward reply answers no router query"):
+        world.next_step()
+        world.authority.decrypt(world.build(world.payloads([np.ones(64)] * 3, query=QUERY), np.full((64, 3), 1 / 3)))
 
 
 def test_replayed_nonce_is_refused_even_after_restart(world: World, secret: ts.Context) -> None:
@@ -444,12 +513,9 @@ def test_invalid_weights_or_items_are_refused(world: World) -> None:
         world.authority.decrypt(world.build(payloads, None))
     with pytest.raises(PolicyError, match="commits to other items"):
         world.authority.decrypt(world.build(payloads, np.full((20, 3), 1 / 3), items=digests(20, "other")))
-    gradient = world.payloads([np.ones(20)] * 3, purpose="router_gradient")
-    with pytest.raises(PolicyError, match="takes no weights"):
-        world.authority.decrypt(world.build(gradient, np.full((20, 3), 1 / 3), "router_gradient"))
-    itemised = world.payloads([np.ones(20)] * 3, purpose="router_gradient", items=digests(20))
-    with pytest.raises(PolicyError, match="takes no weights or items"):
-        world.authority.decrypt(world.build(itemised, None, "router_gradient"))
+    swapped = [digests(20), digests(20, "client-1's view"), digests(20)]  # client-1's list is not what it signed
+    with pytest.raises(PolicyError, match="reply of 'client-1' commits to other items"):
+        world.authority.decrypt(world.build(payloads, np.full((20, 3), 1 / 3), items=swapped))
 
 
 def test_requests_from_outsiders_or_other_contexts_are_refused(world: World) -> None:
@@ -463,7 +529,7 @@ def test_requests_from_outsiders_or_other_contexts_are_refused(world: World) -> 
     payloads = world.payloads([np.ones(20)] * 3)
     world.pub = pub
     request = build_request(world.server, foreign, run_id=RUN, step=0, nonce=world.nonce, purpose="reward",
-                            n_scores=20, replies=payloads, weights=np.full((20, 3), 1 / 3), items=digests(20))
+                            n_scores=20, replies=payloads, weights=np.full((20, 3), 1 / 3), items=[digests(20)] * 3)
     with pytest.raises(PayloadError, match="foreign context"):
         world.authority.decrypt(request)
 
@@ -508,7 +574,7 @@ def test_flooding_dominates_the_measured_decryption_error() -> None:
     fresh, fused, masked = measure_decryption_error(n=4096)
     assert fused.max_abs < 1e-7 and config.flood_sigma > 1000 * fused.std  # >> secret-dependent error
     assert config.flood_sigma > 5 * masked.std
-    worst = masked.max_abs + config.flood_clip * config.flood_sigma + config.precision / 2
+    worst = masked.max_abs + config.flood_clip * config.flood_sigma + config.precision / 2 + config.mask_grid / 2
     assert worst < 1e-4, f"worst-case release error {worst:.3g} exceeds the 1e-4 budget"
     assert fresh.max_abs < 1e-7
 
@@ -535,6 +601,25 @@ def test_what_the_authority_decrypts_is_independent_of_the_rewards(world: World,
     assert abs(a.mean()) < 5 * spread and abs(b.mean()) < 5 * spread
     # Control: without the masks the same test tells the two reward vectors apart at once.
     assert stats.ks_2samp(np.full(len(a), R), rewards).pvalue < 1e-10
+
+
+def test_what_a_client_encrypts_lies_on_the_mask_grid(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every mask is a multiple of 2^(mask_bits - 52) = 2^-20 (53 random bits over [-M, M]). A score off that
+    grid would show through: (v + m) mod 2^-20 = v mod 2^-20. So clients round to the grid first, and the
+    masked value's distribution is a pure shift of the mask's: TV <= |v - v'| / 2M holds exactly."""
+    from secure_mor.crypto import wire
+
+    encrypted: list[np.ndarray] = []
+    encrypt = wire.encrypt_packed
+    monkeypatch.setattr(wire, "encrypt_packed", lambda ctx, values: encrypted.append(values) or encrypt(ctx, values))
+    grid = ReleaseConfig().mask_grid
+    assert grid == 2.0**-20
+    scores = np.array([grid / 2, grid / 4, np.pi, -R, R, 3 * grid, -grid / 3])
+    world.payloads([scores], clients=[world.clients[0]])
+    (values,) = encrypted
+    assert np.all(np.mod(values, grid) == 0)
+    mask = values - np.rint(scores / grid) * grid
+    assert np.all(np.mod(mask, grid) == 0) and np.max(np.abs(mask)) > 1e6
 
 
 # ---------------------------------------------------------------- attacks (all through the public API)
@@ -631,7 +716,7 @@ def test_attack_the_crafted_key_recovery_ciphertext_is_never_decrypted(
 def test_attack_one_item_under_two_w_rows_is_refused(world: World, decryptions) -> None:
     """Placing one item (here: one prompt) in two rows with different W rows gives the server two
     equations in its scores; K such rows give every client's score. Refused, within a release and
-    against earlier releases of the run."""
+    against earlier releases in the context."""
     n = 6
     items = digests(n)
     twice = [*items[:5], items[0]]  # item 0 appears again as row 5
@@ -643,7 +728,7 @@ def test_attack_one_item_under_two_w_rows_is_refused(world: World, decryptions) 
     weights[5] = 1 / 3  # the same row twice: allowed (an answer repeated by the policy)
     world.next_step()
     world.release(world.payloads([np.arange(n, dtype=float)] * 3, items=twice), weights, items=twice)
-    # A later round of the run: prompt 0 under another row is refused; under its own row it is fine.
+    # A later round: prompt 0 under another row is refused; under its own row it is fine.
     world.next_step()
     again = [items[0], *digests(n - 1, "new")]
     later = np.full((n, 3), 1 / 3)
@@ -659,6 +744,99 @@ def test_attack_one_item_under_two_w_rows_is_refused(world: World, decryptions) 
     with pytest.raises(PolicyError, match="item 0 .* another W row"):
         world.authority.decrypt(world.build(two, np.full((n, 2), 0.5), items=again))
     assert len(decryptions) == 2  # only the two allowed releases
+
+
+def test_attack_another_run_id_gives_an_item_no_second_row(world: World, secret: ts.Context, decryptions) -> None:
+    """Run ids are the server's: one row per item holds for the life of the context, over every
+    run id and across restarts (else K run ids, K rows: every client's score; review e2)."""
+    item = digests(1, "prompt")
+    rows = np.full((3, 3), 0.02) + np.eye(3) * 0.94
+    world.release(world.payloads([np.ones(1)] * 3, items=item, run="run-A"), rows[:1], items=item, run="run-A")
+    for run in ("run-A", "run-B"):
+        world.next_step()
+        with pytest.raises(RowConflict, match="item 0 was fused before in this context with another W row"):
+            world.authority.decrypt(world.build(world.payloads([np.ones(1)] * 3, items=item, run=run), rows[1:2],
+                                                items=item, run=run))  # fmt: skip
+    restarted = _make_authority(secret, world.server, world.clients, world.state_dir)
+    with pytest.raises(RowConflict):
+        restarted.decrypt(world.build(world.payloads([np.ones(1)] * 3, items=item, run="run-C"), rows[2:3],
+                                      items=item, run="run-C"))  # fmt: skip
+    world.next_step()  # the same row again, under any run id, is the same equation: released
+    world.release(world.payloads([np.ones(1)] * 3, items=item, run="run-B"), rows[:1], items=item, run="run-B")
+    assert len(decryptions) == 2
+
+
+def test_attack_an_item_one_client_tells_apart_and_another_does_not(world: World, decryptions) -> None:
+    """Prompts that client-0 and client-1 read alike and client-2 does not (e.g. a respelling only
+    client-2's tokenizer keeps) would give the server client-2's score differences, even under one
+    row. An item is all its contributors' digests: one shared digest, all equal, or refused."""
+    same, apart = digests(2, "read alike"), digests(2, "read apart")
+    views = [[same[0], same[0]], [same[1], same[1]], apart]  # items 0 and 1, per client
+    payloads = world.payloads([np.ones(2)] * 3, items=views)
+    with pytest.raises(RowConflict, match="item 1 .* as another item"):
+        world.authority.decrypt(world.build(payloads, np.full((2, 3), 1 / 3), items=views))
+    world.next_step()  # item 0 alone is new: released; the pair's second item, in a later round, is not
+    first = [[d[0]] for d in views]
+    world.release(world.payloads([np.ones(1)] * 3, items=first), np.full((1, 3), 1 / 3), items=first)
+    world.next_step()
+    second = [[d[1]] for d in views]
+    with pytest.raises(RowConflict):
+        world.authority.decrypt(world.build(world.payloads([np.ones(1)] * 3, items=second), np.full((1, 3), 1 / 3),
+                                            items=second))  # fmt: skip
+    assert len(decryptions) == 1
+
+
+def test_the_documented_half_width_is_the_narrowest_one_release_gives(world: World) -> None:
+    """A row over k_min contributors can give one of them 1 - (k_min - 1) w_min (an honest dropout
+    renormalises to about that): the bound is at K = k_min, 0.204 at the defaults (review e2)."""
+    policy = world.authority.policy
+    h = min_score_half_width(policy.w_min, policy.k_min, R)
+    assert h == pytest.approx(0.2041, abs=1e-4)
+    row = np.array([[1 - policy.w_min, policy.w_min]])
+    world.release(world.payloads([np.ones(1)] * 2, clients=world.clients[:2]), row)
+    (entry,) = Ledger(world.state_dir / "ledger.jsonl").entries()
+    assert entry["details"]["score_half_width"] == pytest.approx(h)
+    rng = np.random.default_rng(0)
+    for k in range(policy.k_min, 6):  # no valid row over k >= k_min contributors is narrower
+        w = _weights(rng, 1000, k, policy.w_min)
+        assert np.min([score_half_width(m, R) for m in w.max(axis=1)]) >= h - 1e-12
+    world.next_step()
+    with pytest.raises(PolicyError, match="below the floor"):
+        world.authority.decrypt(world.build(world.payloads([np.ones(1)] * 2, clients=world.clients[:2]),
+                                            np.array([[0.981, 0.019]])))  # fmt: skip
+
+
+def test_the_release_state_is_read_incrementally_and_bound_to_its_context(
+    world: World, secret: ts.Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(5):
+        world.next_step()
+        world.release(world.payloads([np.ones(4)] * 3, items=digests(4, f"step {world.step}")), np.full((4, 3), 1 / 3),
+                      items=digests(4, f"step {world.step}"))  # fmt: skip
+    other = _make_authority(secret, world.server, world.clients, world.state_dir)  # another process, same state
+    noted = []
+    note = authority_module._ReleaseState._note
+    monkeypatch.setattr(authority_module._ReleaseState, "_note", lambda self, e: noted.append(e) or note(self, e))
+    world.next_step()
+    request = world.build(world.payloads([np.ones(4)] * 3, items=digests(4, "new")), np.full((4, 3), 1 / 3),
+                          items=digests(4, "new"))  # fmt: skip
+    world.authority.decrypt(request)
+    assert len(noted) == 1  # its own release only: nothing re-read
+    with pytest.raises(PolicyError, match="replayed nonce"):
+        other.decrypt(request)  # it read the one line it had not seen
+    assert len(noted) == 2
+    state = world.state_dir / STATE_FILE
+    foreign = public_context_of(create_secret_context())
+    with pytest.raises(PolicyError, match="belongs to context"):
+        KeyAuthority(create_secret_context(), world.authority.signer, clients=world.registry,
+                     server_public_key=world.server.public_key_hex, state_dir=world.state_dir)  # fmt: skip
+    assert foreign.fingerprint != world.pub.fingerprint
+    old = {"nonce": new_nonce(), "purpose": "reward", "rows": {}, "run_id": RUN, "step": 0}  # the v1 format
+    state.write_text(json.dumps(old) + "\n")
+    with pytest.raises(PolicyError, match="older version .* start a new CKKS context"):
+        _make_authority(secret, world.server, world.clients, world.state_dir)
+    with pytest.raises(PolicyError, match="replaced or truncated"):
+        world.authority.decrypt(request)
 
 
 def test_attack_a_ciphertext_from_another_step_is_refused(world: World, decryptions) -> None:

@@ -183,6 +183,9 @@ def mutants(honest: bytes, signers: dict[str, Signer], seed: int = 0) -> Iterato
         for spelled in _respellings(lines[i]):
             yield "respelled", _join(lines[:i] + [spelled] + lines[i + 1 :])
         yield "blank line inserted", _join(lines[:i] + [b""] + lines[i:])
+        # beyond Python's int-to-str limit (4,300 digits): json raises ValueError, not JSONDecodeError
+        huge = lines[i].replace(b'"seq":%d' % entries[i]["seq"], b'"seq":' + b"9" * 5000)
+        yield "5,000-digit integer", _join(lines[:i] + [huge] + lines[i + 1 :])
     # a party re-signs its own entries: in place, or re-chaining and re-signing what it can
     for i, entry in enumerate(entries):
         owner = signers[entry["party"]]

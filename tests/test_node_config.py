@@ -88,6 +88,26 @@ def test_a_missing_or_unencrypted_key_or_bad_data_is_refused_before_any_work(tmp
         load_annotations(tmp_path / "empty")
 
 
+def test_an_operators_registry_is_never_read_without_its_ca(tmp_path):
+    with pytest.raises(ProtocolError, match="needs the operator's CA certificate"):
+        AuthorityNode(tmp_path / "state", registry=tmp_path / "registry")
+
+
+def test_each_authority_directory_is_a_context_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv(SECRETS_DIR_ENV, str(tmp_path / "secrets"))
+    state = tmp_path / "state"
+    publish_public_key(Signer.generate("server"), state / "keys")
+    first = AuthorityNode(state, authority_dir=state / "fusion-a").handle("setup", {})
+    second = AuthorityNode(state, authority_dir=state / "fusion-b").handle("setup", {})
+    assert first["fingerprint"] != second["fingerprint"] and first["k_min"] == 2
+    assert (state / "fusion-a" / "secret.key").exists() and not (state / "authority" / "secret.key").exists()
+    assert not (state / "fusion-a" / "keys").exists() and (state / "authority" / "keys" / "authority.key").exists()
+    assert (
+        AuthorityNode(state, authority_dir=state / "fusion-a").handle("setup", {})["fingerprint"]
+        == first["fingerprint"]
+    )
+
+
 def test_the_authoritys_passphrase_is_never_beside_its_key(tmp_path, monkeypatch):
     monkeypatch.delenv("SECURE_MOR_AUTHORITY_PASSPHRASE", raising=False)
     monkeypatch.setenv(SECRETS_DIR_ENV, str(tmp_path / "secrets"))
@@ -99,10 +119,16 @@ def test_the_authoritys_passphrase_is_never_beside_its_key(tmp_path, monkeypatch
     stored = list((tmp_path / "secrets").iterdir())
     assert len(stored) == 1 and stat.S_IMODE((tmp_path / "secrets").stat().st_mode) == 0o700
     assert not any(p.name.endswith("passphrase") for p in state.rglob("*"))  # nothing beside the key
-    assert AuthorityNode(state).handle("setup", {})["fingerprint"]  # a restart opens it again
-    monkeypatch.setenv(SECRETS_DIR_ENV, str(state / "secrets"))  # a secrets directory inside the state: refused
-    with pytest.raises(ValueError, match="lies inside"):
-        AuthorityNode(state).authority()
+    fingerprint = AuthorityNode(state).handle("setup", {})["fingerprint"]  # a restart opens it again
+    assert [p.name for p in stored] == [f"authority-{fingerprint[:32]}.passphrase"]  # named by its context
+    moved = tmp_path / "moved"  # ... not by the state directory's path: a moved state still opens
+    state.rename(moved)
+    assert AuthorityNode(moved).handle("setup", {})["fingerprint"] == fingerprint
+    moved.rename(state)
+    for inside in (state / "secrets", state / "authority" / "secrets"):  # a secrets directory inside the state
+        monkeypatch.setenv(SECRETS_DIR_ENV, str(inside))
+        with pytest.raises(ProtocolError, match="lies inside"):
+            AuthorityNode(state, authority_dir=state / "authority").authority()
     monkeypatch.setenv(SECRETS_DIR_ENV, str(tmp_path / "secrets"))
     (state / "authority" / "passphrase").write_text("the old layout")
     with pytest.raises(ProtocolError, match="lies beside the key it protects"):

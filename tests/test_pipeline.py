@@ -3,6 +3,7 @@ authority, real CKKS; what the server receives; dropouts, late replies, K_min; r
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 from collections import Counter
@@ -11,16 +12,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image, PngImagePlugin
 
 from secure_mor.audits.ledger import (
     KIND_DP_TRAINING,
     KIND_REWARD_RELEASE,
     KIND_ROUTER_GRADIENT_RELEASE,
+    KIND_ROUTER_SETUP,
     KIND_STEP_SKIPPED,
+    Budget,
     Ledger,
     verify_ledger,
 )
+from secure_mor.clients.client import ClientConfig, RewardClient
+from secure_mor.clients.models import architecture
 from secure_mor.clients.node import ClientNode
+from secure_mor.clients.text import CharTokenizer
+from secure_mor.clients.training import PrivacyState
 from secure_mor.config import DataSpec, RunDir
 from secure_mor.crypto.authority_node import AuthorityNode
 from secure_mor.crypto.blinding import MaskKey
@@ -30,7 +38,8 @@ from secure_mor.crypto.signing import load_or_create_signer, publish_public_key,
 from secure_mor.crypto.wire import parse_reply, parse_response
 from secure_mor.data import normalize_text
 from secure_mor.policy import SFTSettings
-from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY, score_request
+from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY, ProtocolError, array_bytes, png_bytes, score_request
+from secure_mor.routing import GradientQuery, Router, RouterQueryError, RouterSetup, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings, run_grpo
 from secure_mor.server.pipeline import AlignConfig, AlignError, FederatedReward, align, connect
 from secure_mor.server.router_training import RouterTrainingConfig
@@ -74,8 +83,11 @@ class RecordingTransport(LocalTransport):
         return replies
 
 
-def nodes_of(run: Path) -> dict:
-    return {**{c: ClientNode(run, k) for k, c in enumerate(CLIENTS)}, AUTHORITY_PARTY: AuthorityNode(run)}
+def nodes_of(run: Path, context: str | None = None, **authority) -> dict:
+    """The nodes over `run`; `context` names an authority directory (a CKKS context) of its own."""
+    authority_dir = run / f"authority-{context}" if context else None
+    return {**{c: ClientNode(run, k) for k, c in enumerate(CLIENTS)},
+            AUTHORITY_PARTY: AuthorityNode(run, authority_dir=authority_dir, **authority)}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -119,8 +131,10 @@ def test_tiny_alignment_writes_results_and_a_verifiable_ledger(tiny_run):
     check = verify_ledger(run / "ledger.jsonl", read_registry(run / "keys"), expected_head=results["ledger"]["head"])
     assert check.ok, check
     kinds = Counter(e["kind"] for e in Ledger(run / "ledger.jsonl").entries())
-    # 3 DP trainings; per router step one margin and one gradient release; one release per GRPO round
-    assert kinds == {KIND_DP_TRAINING: 3, KIND_ROUTER_GRADIENT_RELEASE: 2, KIND_REWARD_RELEASE: 2 + 2}
+    # 3 DP trainings; the router's setup; per router step one margin and one gradient release; one
+    # release per GRPO round
+    assert kinds == {KIND_DP_TRAINING: 3, KIND_ROUTER_SETUP: 1, KIND_ROUTER_GRADIENT_RELEASE: 2,
+                     KIND_REWARD_RELEASE: 2 + 2}  # fmt: skip
 
 
 def test_the_server_never_holds_a_client_plaintext_score(tiny_run):
@@ -129,7 +143,8 @@ def test_the_server_never_holds_a_client_plaintext_score(tiny_run):
     seen = [(p, a, r) for p, a, r in transport.received if a in CLIENT_ACTIONS]
     assert {a for _, a, _ in seen} == set(CLIENT_ACTIONS)
     for party, action, reply in seen:
-        assert set(reply) == {"reply", "seconds"}, (action, set(reply))  # only a signed ciphertext (and a timing)
+        # only a signed ciphertext, a timing, and for scores the digests of the prompts as its model read them
+        assert set(reply) == {"reply", "seconds", *(["items"] if action == "score" else [])}, (action, set(reply))
         parsed = parse_reply(reply["reply"], federation.pub, federation.registry, expected=None)
         assert parsed.client_id == party
         with pytest.raises(ValueError):  # the server's context holds no secret key
@@ -153,9 +168,9 @@ def test_the_server_never_holds_a_client_plaintext_score(tiny_run):
         assert np.max(np.abs(parse_response(response, federation.authority_key, request))) > 1e6
 
 
-def _items(run: Path, n: int):
+def _items(run: Path, n: int, offset: int = 0):
     data = RunDir(run).data_spec().load()
-    rows = data.prompt_pool.select(range(n))
+    rows = data.prompt_pool.select(range(offset, offset + n))
     return list(rows["image"]), list(rows["question"]), ["yes"] * n
 
 
@@ -176,25 +191,30 @@ def _session(run: Path, transport, federation, run_id: str, **kw) -> SecureSessi
 
 
 def test_dropouts_late_replies_and_k_min(tiny_run):
+    """Each case on prompts of its own: the authority keeps one row per prompt for its context."""
     run, _, _ = tiny_run
     nodes = nodes_of(run)
-    images, questions, answers = _items(run, 8)
     answers = ["yes", "no", "red", "circle", "blue", "yes", "no", "green"]
-    request = score_request(images, questions, answers)
-    scores = np.stack(
-        [nodes[c]._client().score(list(zip(images, questions, answers, strict=True))) for c in CLIENTS], axis=1
-    )
     weights = np.tile([0.5, 0.3, 0.2], (8, 1))
     federation = connect(LocalTransport(nodes), RunDir(run), RunDir(run).data_spec(), CLIENTS)
 
+    def case(offset: int):
+        images, questions, _ = _items(run, 8, offset)
+        scores = np.stack([nodes[c]._client().score(list(zip(images, questions, answers, strict=True)))
+                           for c in CLIENTS], axis=1)  # fmt: skip
+        return score_request(images, questions, answers), scores
+
+    request, scores = case(100)
     full = _session(run, LocalTransport(nodes), federation, "dropout-full").fused_rewards(request, weights)
     np.testing.assert_allclose(full, (scores * weights).sum(axis=1), atol=1e-4)
 
+    request, scores = case(200)
     dropped = LocalTransport(nodes, unavailable={"client-2"})
     fused = _session(run, dropped, federation, "dropout-one").fused_rewards(request, weights)
     present = renormalise(weights, [True, True, False])
     np.testing.assert_allclose(fused, (scores[:, :2] * present).sum(axis=1), atol=1e-4)
 
+    request, scores = case(300)
     late = LocalTransport(nodes, delays={"client-0": 100.0})
     session = _session(run, late, federation, "late-one", reply_timeout=50.0)
     fused = session.fused_rewards(request, weights)
@@ -204,7 +224,7 @@ def test_dropouts_late_replies_and_k_min(tiny_run):
 
     before = len(Ledger(run / "ledger.jsonl").entries())
     alone = _session(run, LocalTransport(nodes, unavailable={"client-1", "client-2"}), federation, "below-k-min")
-    assert alone.fused_rewards(request, weights) is None and alone.timings.skipped == 1
+    assert alone.fused_rewards(case(400)[0], weights) is None and alone.timings.skipped == 1
     entries = Ledger(run / "ledger.jsonl").entries()
     assert len(entries) == before + 1
     skipped = entries[-1]
@@ -215,7 +235,7 @@ def test_dropouts_late_replies_and_k_min(tiny_run):
 
 def test_the_key_authoritys_w_min_is_the_one_floor(tiny_run):
     run, _, _ = tiny_run
-    nodes = {**nodes_of(run), AUTHORITY_PARTY: AuthorityNode(run, w_min=0.05)}
+    nodes = nodes_of(run, "floor", w_min=0.05)
     federation = connect(LocalTransport(nodes), RunDir(run), RunDir(run).data_spec(), CLIENTS)
     assert federation.w_min == 0.05
     session = _session(run, LocalTransport(nodes), federation, "floor")
@@ -243,14 +263,19 @@ def test_a_killed_alignment_resumes_without_losing_or_duplicating_ledger_entries
             if len(calls) == 3:
                 raise Crash
 
-    transport = LocalTransport(nodes_of(run), on_call=crash_on_third_round)
+    # another fusion over the same prompts: a key-authority context of its own (the mor run's rows are
+    # not this fusion's)
+    transport = LocalTransport(nodes_of(run, "uniform"), on_call=crash_on_third_round)
     with pytest.raises(Crash):
         align(transport, run, config, log=lambda m: None)
     with pytest.raises(Exception, match="interrupted run"):
-        align(LocalTransport(nodes_of(run)), run, config, log=lambda m: None)
+        align(LocalTransport(nodes_of(run, "uniform")), run, config, log=lambda m: None)
 
     results = align(
-        LocalTransport(nodes_of(run)), run, tiny("uniform", grpo=config.grpo, resume=True), log=lambda m: None
+        LocalTransport(nodes_of(run, "uniform")),
+        run,
+        tiny("uniform", grpo=config.grpo, resume=True),
+        log=lambda m: None,
     )
     assert results["grpo"]["steps"] == 4 and results["grpo"]["resumed_from"].endswith("checkpoint-2")
     assert all(c["reused"] for c in results["clients"].values())  # no second DP training, no new spending
@@ -278,6 +303,8 @@ class SaysYesNode(ClientNode):
 
         def score(self, items):
             return np.array([1.0 if normalize_text(a) == "yes" else 0.0 for _, _, a in items], dtype=np.float32)
+
+        encoder = CharTokenizer()  # what its digests of the prompts are made with
 
         def signer(self):
             return load_or_create_signer(self.node.party, self.node.directory / "keys")
@@ -332,7 +359,145 @@ def test_unknown_fusion_and_objective_are_refused_before_any_work(tmp_path):
         align(LocalTransport({}), tmp_path, tiny("best"), log=lambda m: None)
     with pytest.raises(Exception, match="objective"):
         align(LocalTransport({}), tmp_path, tiny(objective="speed"), log=lambda m: None)
+    deployment = {"registry": str(tmp_path / "registry"), "ca_cert": str(tmp_path / "ca.crt")}
     for fusion in ("single:1", "by-family"):  # in a deployment, only when the run config allows it
         with pytest.raises(AlignError, match="reveals one client's scores.*allow-single-client=true"):
-            align(LocalTransport({}), tmp_path, tiny(fusion, registry=str(tmp_path / "registry")), log=lambda m: None)
+            align(LocalTransport({}), tmp_path, tiny(fusion, **deployment), log=lambda m: None)
+    with pytest.raises(AlignError, match="set ca-cert with registry"):  # a registry is trusted only through its CA
+        align(LocalTransport({}), tmp_path, tiny(registry=str(tmp_path / "registry")), log=lambda m: None)
     assert not (tmp_path / "policy").exists()
+
+
+class Unanswered:
+    """A node that fails the given actions (a client that is gone) and answers the others."""
+
+    def __init__(self, node, actions: tuple[str, ...]) -> None:
+        self.node, self.actions = node, actions
+
+    def handle(self, action, payload):
+        if action in self.actions:
+            raise ConnectionError(f"{action}: no answer")
+        return self.node.handle(action, payload)
+
+
+def test_the_server_keeps_to_the_authoritys_k_min(tiny_run):
+    """The server's k_min is 2, the authority announces 3: a round with one client gone is skipped
+    (signed step_skipped), not sent to an authority that would refuse it and abort the run."""
+    run, _, _ = tiny_run
+    nodes = nodes_of(run, "k-min-3", k_min=3)
+    nodes["client-2"] = Unanswered(nodes["client-2"], ("score",))
+    grpo = GRPOSettings(max_steps=1, batch_size=8, steps_per_generation=1, save_steps=1, max_completion_length=6)
+    results = align(LocalTransport(nodes), run, tiny("single:0", k_min=2, grpo=grpo), log=lambda m: None)
+    assert results["grpo"]["rounds"] == results["grpo"]["skipped_rounds"] == 1
+    (skipped,) = [e["details"] for e in Ledger(run / "ledger.jsonl").entries()
+                  if e["kind"] == KIND_STEP_SKIPPED and e["details"]["run_id"] == results["run_id"]]  # fmt: skip
+    assert skipped["k_min"] == 3 and skipped["present"] == ["client-0", "client-1"]
+
+
+def test_router_setup_and_item_uses_are_pinned_for_the_context(tiny_run):
+    """Each client pinned the router setup the server logged; another setup, calibration items of the
+    router training under another run id, or a query off the pinned setup (review e5) are refused."""
+    run, _, _ = tiny_run
+    connect(LocalTransport(nodes_of(run)), RunDir(run), RunDir(run).data_spec(), CLIENTS)  # the mor context
+    (logged,) = [e["details"] for e in Ledger(run / "ledger.jsonl").entries() if e["kind"] == KIND_ROUTER_SETUP]
+    setup = RouterSetup.from_bytes((run / SERVER_PARTY / "router_setup.npz").read_bytes())
+    assert logged["setup_sha256"] == setup.digest
+    node = ClientNode(run, 0)
+    assert node.handle("router_setup", {"setup": setup.to_bytes()})["setup_sha256"] == setup.digest  # the same: no-op
+    shifted = Router(setup.config).fit_input_projection(setup.features + 1.0)
+    with pytest.raises(ProtocolError, match="router setup is pinned"):
+        node.handle("router_setup", {"setup": RouterSetup.of(shifted, setup.features + 1.0,
+                                                             setup.objective_ids).to_bytes()})  # fmt: skip
+    state = json.loads((node.directory / "router_contexts.json").read_text())[node._node_state()["fingerprint"]]
+    used = state["steps"][0][2]
+    fields = {"run_id": "another:router", "step": 0, "nonce": "0" * 32, "mask_key": MaskKey().public_hex}
+    with pytest.raises(RouterQueryError, match="already used"):
+        node.handle("margins", {**fields, "items": array_bytes(np.asarray(used[:32]))})
+    fresh = sorted(set(range(len(setup.features))) - {i for _, _, batch in state["steps"] for i in batch})[:96]
+    crafted = Router(setup.config)  # the server's own normalisation: identity projection, zero mean
+    query = GradientQuery(1, "1" * 32, crafted.state(), np.asarray(fresh), setup.features[fresh],
+                          setup.objective_ids[fresh], np.full(96, -0.5 / 96), 1.0)  # fmt: skip
+    with pytest.raises(RouterQueryError, match="not the pinned setup's"):
+        node.handle("router_gradient", {**fields, **encode_gradient_query(query)})
+
+
+class ModelNode(ClientNode):
+    """A client with a real, untrained reward model of its architecture, built in memory: scoring,
+    digests and replies are the real node's (no DP training needed to score)."""
+
+    ARCHS = ("cnn-gru", "vit-xattn", "cnn-gru")
+
+    def _client(self):
+        if self._loaded is None:
+            name = self.ARCHS[self.client_id]
+            arch = architecture(name)
+            encoder = arch.build_encoder(["what color is the shape", "what shape is it", "red", "circle"] * 2)
+            torch.manual_seed(self.client_id)
+            config = ClientConfig(self.client_id, name, "color", "word")
+            self._loaded = RewardClient(self.state_dir, config, arch.build_model(encoder), encoder,
+                                        PrivacyState(Budget(1.0, 1e-5)))  # fmt: skip
+        return self._loaded
+
+
+@pytest.fixture
+def model_nodes(tmp_path):
+    nodes = {**{c: ModelNode(tmp_path, k) for k, c in enumerate(CLIENTS)}, AUTHORITY_PARTY: AuthorityNode(tmp_path)}
+    federation = connect(LocalTransport(nodes), RunDir(tmp_path), DataSpec(), CLIENTS)
+    return tmp_path, nodes, federation
+
+
+def _png(image: Image.Image, level: int, comment: str | None = None) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    if comment:
+        info.add_text("Comment", comment)
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=level, pnginfo=info)
+    return out.getvalue()
+
+
+def test_attack_a_reencoded_png_and_a_respelled_question_are_one_prompt(model_nodes):
+    """Review e1: three PNG encodings of one image's pixels and three spellings of one question that every
+    model reads alike, under K different rows, would give the server every client's exact score. The
+    clients digest the prompt as their models read it: one prompt, one row, or the round is left out."""
+    run, nodes, federation = model_nodes
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    pngs = [png_bytes(image), _png(image, 1), _png(image, 9, "x")]
+    assert len(set(pngs)) == 3
+    questions = ["What color is the shape?", "what color is the shape?", "WHAT  COLOR IS THE SHAPE?"]
+    request = {"images": pngs, "image_index": [0, 1, 2], "questions": questions, "answers": ["red"] * 3}
+    rows = np.full((3, 3), 0.02) + np.eye(3) * 0.94
+    session = _session(run, LocalTransport(nodes), federation, "png")
+    assert session.fused_rewards(request, rows) is None  # left out: nothing released
+    entries = Ledger(run / "ledger.jsonl").entries()
+    assert [e["kind"] for e in entries] == [KIND_STEP_SKIPPED]
+    reason = entries[0]["details"]["reason"]
+    assert "left the round out" in reason and "another W row" in reason
+    same = session.fused_rewards(request, np.tile(rows[0], (3, 1)))  # one row: one equation, released
+    assert same is not None and np.ptp(same) < 1e-4
+    # A spelling that the char tokenizer (client-1) keeps apart and the word tokenizers do not: refused too.
+    apart = {**request, "questions": ["What color is the shape?", "What color is the shape ?", questions[0]]}
+    assert session.fused_rewards(apart, np.tile(rows[0], (3, 1))) is None
+    assert "as another item" in Ledger(run / "ledger.jsonl").entries()[-1]["details"]["reason"]
+
+
+def test_a_dropout_on_a_recurring_prompt_skips_the_round_within_one_run(model_nodes):
+    """Review M2: a prompt seen with all clients recurs in a round one client misses; the renormalised
+    row would be a second row (and give the dropped client's score): the round is skipped, not fatal."""
+    run, nodes, federation = model_nodes
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    request = score_request([image] * 2, ["What shape is it?"] * 2, ["circle", "red"])
+    weights = np.tile([0.5, 0.3, 0.2], (2, 1))
+    assert _session(run, LocalTransport(nodes), federation, "grpo").fused_rewards(request, weights) is not None
+    dropped = _session(run, LocalTransport(nodes, unavailable={"client-2"}), federation, "grpo")
+    assert dropped.fused_rewards(request, weights) is None and dropped.timings.skipped == 1
+    skipped = Ledger(run / "ledger.jsonl").entries()[-1]
+    assert skipped["kind"] == KIND_STEP_SKIPPED and skipped["details"]["run_id"] == "grpo"
+    assert (
+        skipped["details"]["present"] == ["client-0", "client-1"]
+        and "left the round out" in skipped["details"]["reason"]
+    )
+    assert len(_session(run, LocalTransport(nodes), federation, "grpo").fused_rewards(request, weights)) == 2
+    # ... and under another run id the prompt keeps its row too (review H1)
+    assert _session(run, LocalTransport(nodes), federation, "other").fused_rewards(request, weights[:, ::-1]) is None
+    steps = [e["details"]["step"] for e in Ledger(run / "ledger.jsonl").entries() if e["details"]["run_id"] == "grpo"]
+    assert steps == [0, 1, 2]  # one run, its own step numbers: released, skipped, released

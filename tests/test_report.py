@@ -188,6 +188,16 @@ def test_lines_after_the_recorded_head_are_unanchored_and_a_lost_ledger_fails(tm
     assert result.exit_code == 3 and "UNANCHORED: lines 4-4 are covered by no recorded head" in page, result.output
 
 
+def test_an_emptied_ledger_without_any_recorded_head_is_unanchored(tmp_path):
+    run = build_run(tmp_path)
+    (run / "ledger.jsonl").write_bytes(b"")
+    for results in run.glob("**/results.json"):
+        results.unlink()
+    result = report(run)
+    page = (run / "report" / "report.html").read_text()
+    assert result.exit_code == 3 and "UNANCHORED: the ledger is empty and no results.json records a head" in page
+
+
 @pytest.mark.parametrize("line", [b'{"seq": NaN, "party": "client-0"}', b"[" * 100_000 + b"]" * 100_000, b"\xff{"])
 def test_hostile_ledger_lines_fail_cleanly(tmp_path, line):
     run = build_run(tmp_path)

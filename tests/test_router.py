@@ -17,11 +17,14 @@ from secure_mor.routing import (
     RouterConfig,
     RouterError,
     RouterQueryError,
+    RouterSetup,
     RouterState,
     answer_gradient_query,
     bt_coefficients,
     bt_loss,
+    check_query,
     client_gradient_term,
+    coefficient_range,
     encode_gradient_term,
     flatten_gradients,
     pair_margins,
@@ -33,7 +36,7 @@ from secure_mor.server.router import family_map, prompt_features, weights_for
 
 torch.set_num_threads(1)
 W_MIN = 0.02
-NO_LIMITS = None  # unit tests of the arithmetic switch the clients' release checks off
+R = 10.0
 
 
 def _config(**kw) -> RouterConfig:
@@ -128,7 +131,7 @@ def test_client_terms_sum_to_the_bradley_terry_gradient() -> None:
     c = bt_coefficients(m)
     assert np.all((c < 0) & (c > -1 / 40))
     state = router.state()
-    terms = [client_gradient_term(state, x, o, c, d[:, k], k, limits=NO_LIMITS) for k in range(3)]
+    terms = [client_gradient_term(state, x, o, c, d[:, k], k) for k in range(3)]
     # Reference: autograd on the loss itself.
     router.zero_grad()
     weights = router(x, o)
@@ -141,35 +144,100 @@ def test_client_terms_sum_to_the_bradley_terry_gradient() -> None:
     assert not np.allclose(terms[0], terms[1])
     d2 = d.copy()
     d2[:, 1] += 1.0
-    assert np.array_equal(client_gradient_term(state, x, o, c, d2[:, 0], 0, limits=NO_LIMITS), terms[0])
+    assert np.array_equal(client_gradient_term(state, x, o, c, d2[:, 0], 0), terms[0])
+
+
+def _query(router: Router, x: np.ndarray, o: np.ndarray, items: np.ndarray, c: np.ndarray, **kw) -> GradientQuery:
+    fields = {"step": 2, "nonce": "0" * 32, "state": router.state(), "items": items, "features": x[items],
+              "objective_ids": o[items], "coefficients": c, "scale": 1.0, **kw}  # fmt: skip
+    return GradientQuery(**fields)
 
 
 def test_clients_refuse_queries_that_release_too_much() -> None:
     router, x, o = _router()
-    state, p = router.state(), parameter_count(router.config)
-    c, d = np.full(40, -0.5 / 40), np.ones(40)
+    setup, p = RouterSetup.of(router, x, o), parameter_count(router.config)
+    setup.validate(40)
+    lo, hi = coefficient_range(20, R)
+    assert lo == pytest.approx(-(1 - 4.54e-5) / 20, rel=1e-4) and hi == pytest.approx(-4.54e-5 / 20, rel=1e-3)
+    items, c, d = np.arange(20, 40), np.full(20, -0.5 / 20), np.ones(40)
+    loose = QueryLimits(min_items=16, max_release_ratio=10.0)
+    assert answer_gradient_query(_query(router, x, o, items, c), d, 1, value_bound=R, setup=setup,
+                                 limits=loose).shape == (p,)  # fmt: skip
     with pytest.raises(RouterQueryError, match="below the minimum"):
-        client_gradient_term(state, x[:8], o[:8], c[:8], d[:8], 0, limits=QueryLimits(min_items=16))
-    with pytest.raises(RouterQueryError, match="exceeds the ratio"):  # 40 + P values about 120 margins
-        client_gradient_term(state, x, o, c, d, 0, limits=QueryLimits(min_items=16))
-    assert 40 + p > 0.8 * 120
-    for bad in (np.full(40, 0.01), np.full(40, -1.0), np.where(np.arange(40) == 0, -1.0, 0.0)):
-        with pytest.raises(RouterQueryError, match="coefficients"):  # e.g. one item singled out
-            client_gradient_term(state, x, o, bad, d, 0, limits=NO_LIMITS)
+        check_query(_query(router, x, o, items[:8], c[:8]), setup, value_bound=R, limits=QueryLimits(min_items=16))
+    with pytest.raises(RouterQueryError, match="exceeds the ratio"):  # 20 + P values about 60 margins
+        check_query(_query(router, x, o, items, c), setup, value_bound=R, limits=QueryLimits(min_items=16))
+    assert 20 + p > 0.8 * 60
+    zero_one = np.where(np.arange(20) == 0, -1.0 / 20, 0.0)  # one item singled out, the others switched off
+    for bad in (np.full(20, 0.01), np.full(20, -1.0 / 20), zero_one, np.full(20, -1e-9)):
+        with pytest.raises(RouterQueryError, match="coefficients outside .*none may be 0"):
+            check_query(_query(router, x, o, items, bad), setup, value_bound=R, limits=loose)
+    for scale in (100.0, 0.0, -1.0):
+        with pytest.raises(RouterQueryError, match="scale"):
+            check_query(_query(router, x, o, items, c, scale=scale), setup, value_bound=R, limits=loose)
     with pytest.raises(RouterQueryError, match="client column"):
-        client_gradient_term(state, x, o, c, d, 3, limits=NO_LIMITS)
+        client_gradient_term(router.state(), x, o, np.full(40, -0.5 / 40), d, 3)
     with pytest.raises(RouterQueryError, match="exceeds the bound"):
         encode_gradient_term(np.array([0.5, -20.0]), 1.0, 10.0)
+
+
+def test_clients_refuse_queries_that_are_not_the_pinned_setups() -> None:
+    """Review e5: the server's own router state (identity projection, zero mean), features that are
+    basis vectors, c = -1/B and scale 100 gave every client's margins of 32 pairs. Each part is refused."""
+    router, x, o = _router()
+    setup = RouterSetup.of(router, x, o)
+    items, c = np.arange(20), np.full(20, -0.5 / 20)
+    loose = QueryLimits(min_items=16, max_release_ratio=10.0)
+    check_query(_query(router, x, o, items, c), setup, value_bound=R, limits=loose)  # the honest query
+    crafted = Router(router.config)  # identity projection, zero mean
+    with pytest.raises(RouterQueryError, match="input normalisation is not the pinned"):
+        check_query(_query(crafted, x, o, items, c), setup, value_bound=R, limits=loose)
+    other = Router(RouterConfig(**{**router.config.to_json(), "w_min": 0.0})).fit_input_projection(x)
+    with pytest.raises(RouterQueryError, match="configuration .* not the pinned"):
+        check_query(_query(other, x, o, items, c), setup, value_bound=R, limits=loose)
+    basis = _query(router, x, o, items, c)
+    basis = GradientQuery(**{**basis.__dict__, "features": np.eye(20, 6)})
+    with pytest.raises(RouterQueryError, match="features or objectives are not the pinned ones"):
+        check_query(basis, setup, value_bound=R, limits=loose)
+    with pytest.raises(RouterQueryError, match="not calibration pairs"):
+        check_query(_query(router, np.vstack([x, x]), np.concatenate([o, o]), np.arange(30, 50), c), setup,
+                    value_bound=R, limits=loose)  # fmt: skip
+    # What the clients pin must be the normalisation the features determine, not one of the server's choosing.
+    with pytest.raises(RouterQueryError, match="not the one its features determine"):
+        RouterSetup.of(crafted, x, o).validate(40)
+    with pytest.raises(RouterQueryError, match="for the 41 calibration pairs"):
+        setup.validate(41)
+    assert RouterSetup.from_bytes(setup.to_bytes()).digest == setup.digest
+    assert RouterSetup.of(router, x + 1e-9, o).digest != setup.digest
+
+
+def test_item_uses_count_over_every_run_id_of_a_context() -> None:
     limiter = ItemUseLimiter(max_uses=1)
-    limiter.admit(0, range(20))
-    limiter.admit(0, range(20))  # the gradient round of the same step
+    limiter.admit("run-a", 0, range(20))
+    limiter.admit("run-a", 0, range(20))  # the gradient round of the same step
     with pytest.raises(RouterQueryError, match="already used"):
-        limiter.admit(1, range(15, 35))
+        limiter.admit("run-a", 1, range(15, 35))
+    with pytest.raises(RouterQueryError, match="already used"):  # review H1: another run id is no way around
+        limiter.admit("run-b", 0, range(20))
     with pytest.raises(RouterQueryError, match="different batch"):
-        limiter.admit(0, range(21))
-    query = GradientQuery(2, "0" * 32, state, np.arange(20, 40), x[20:], o[20:], c[20:], 1.0)
-    out = answer_gradient_query(query, d, 1, value_bound=10.0, limits=NO_LIMITS, limiter=limiter)
-    assert out.shape == (p,)
+        limiter.admit("run-a", 0, range(21))
+    restored = ItemUseLimiter.from_json(1, limiter.to_json())
+    with pytest.raises(RouterQueryError, match="already used"):
+        restored.admit("run-c", 0, [3])
+    restored.admit("run-a", 0, range(20))
+
+
+def test_a_query_digest_covers_every_field() -> None:
+    router, x, o = _router()
+    query = _query(router, x, o, np.arange(20), np.full(20, -0.5 / 20))
+    changed = [
+        {"step": 3}, {"nonce": "1" * 32}, {"items": np.arange(1, 21)}, {"features": x[:20] + 1e-12},
+        {"objective_ids": 1 - o[:20]}, {"coefficients": np.full(20, -0.4 / 20)}, {"scale": 0.5},
+        {"state": RouterState(router.config, router.state().theta + 1e-12, router.state().buffers)},
+    ]  # fmt: skip
+    digests = {GradientQuery(**{**query.__dict__, **change}).digest for change in changed}
+    assert len(digests) == len(changed) and query.digest not in digests
+    assert GradientQuery(**query.__dict__).digest == query.digest
 
 
 # ---------------------------------------------------------------- fusion rules

@@ -18,6 +18,7 @@ from secure_mor.routing import (
     RouterQueryError,
     bt_coefficients,
     client_gradient_term,
+    coefficient_range,
     parameter_count,
 )
 from secure_mor.server.router_training import coordinate_leverage, release_functionals
@@ -120,8 +121,8 @@ def test_a_large_router_reveals_the_batch_in_one_step_and_clients_refuse_it() ->
     rows = release_functionals(router, x, o, c)
     assert _rank(rows) == B * K
     assert np.max(np.abs(_recover(rows, rows @ d.reshape(-1)) - d)) < 1e-6
-    with pytest.raises(RouterQueryError, match="exceeds the ratio"):
-        client_gradient_term(router.state(), x, o, c, d[:, 0], 0)
+    with pytest.raises(RouterQueryError, match="exceeds the ratio"):  # what the clients' check_query refuses
+        QueryLimits().check(B, p, K)
     assert p > B * (K - 1)
 
 
@@ -140,3 +141,56 @@ def test_fused_margins_of_the_same_items_under_k_weightings_reveal_them() -> Non
     assert once.max() < 0.99
     stacked = np.vstack(rows)
     assert np.max(np.abs(_recover(stacked, np.concatenate(values)) - d)) < 1e-6
+
+
+def _default_step(out_std: float, seed: int = 0):
+    """One step of the default router (linear gate on 32 whitened PCA directions, two objectives,
+    P = 119) over B = 96 pairs of 64-dimensional features, its output layer drawn at `out_std`."""
+    rng = np.random.default_rng(seed)
+    n, b = 1500, 96
+    family = rng.integers(0, K, n)
+    x = rng.normal(size=(n, 64))
+    x[:, :K] += 3 * np.eye(K)[family]
+    o = rng.integers(0, 2, n)
+    router = Router(RouterConfig(feature_dim=64, objectives=("correctness", "sentences"), num_clients=K))
+    router.fit_input_projection(x)
+    with torch.no_grad():
+        router.out.weight.normal_(0.0, out_std, generator=torch.Generator().manual_seed(seed))
+    items = rng.choice(n, b, replace=False)
+    d = np.clip(rng.normal(0.0, 2.0, size=(b, K)), -R, R)
+    return router, x[items], o[items], d
+
+
+def _noisy_recovery(rows: np.ndarray, d: np.ndarray, seed: int = 0) -> np.ndarray:
+    values = rows @ d.reshape(-1) + np.random.default_rng(seed).normal(0.0, RELEASE_NOISE, len(rows))
+    return np.abs(_lstsq(rows, values).reshape(d.shape) - d)
+
+
+def test_what_one_step_of_the_default_router_reveals() -> None:
+    """Measured for the docstring: honest coefficients at a near-uniform router pin no margin down;
+    once the router is confident the release functionals identify many margins."""
+    router, x, o, d = _default_step(0.01)
+    assert parameter_count(router.config) == 119
+    c = bt_coefficients((router.weights(x, o) * d).sum(axis=1))
+    rows = release_functionals(router, x, o, c)
+    assert coordinate_leverage(rows).max() < 0.95
+    assert np.median(_noisy_recovery(rows, d)) > 0.5
+    router, x, o, d = _default_step(1.0)
+    c = bt_coefficients((router.weights(x, o) * d).sum(axis=1))
+    rows = release_functionals(router, x, o, c)
+    assert coordinate_leverage(rows).max() > 0.999
+    assert np.sum(_noisy_recovery(rows, d) < 0.1) > 0.25 * d.size  # a quarter of the margins within 0.1
+
+
+def test_coefficients_within_the_documented_range_can_single_items_out() -> None:
+    """What the clients' coefficient check leaves: c_i may range over [-(1/B) sigmoid(R), -(1/B)
+    sigmoid(-R)], a ratio of 2.2e4. A deviating server that gives 20 items the largest and the rest
+    the smallest concentrates the step's gradient on them and learns their margins."""
+    router, x, o, d = _default_step(0.01)
+    lo, hi = coefficient_range(len(x), R)
+    assert lo / hi == pytest.approx(np.exp(R), rel=1e-9)
+    c = np.full(len(x), hi)
+    c[:20] = lo
+    error = _noisy_recovery(release_functionals(router, x, o, c), d)
+    assert np.max(error[:20]) < 0.01  # all 3 clients' margins of the 20 singled-out pairs
+    assert np.median(error[20:]) > 0.5

@@ -23,6 +23,7 @@ from secure_mor.routing import (
     QueryLimits,
     Router,
     RouterConfig,
+    RouterSetup,
     RouterState,
     answer_gradient_query,
     bt_coefficients,
@@ -83,18 +84,25 @@ class SimulatedClient:
     column: int
     margins: np.ndarray  # private: its clipped margin for every calibration pair
     limiter: ItemUseLimiter = field(default_factory=ItemUseLimiter)
+    setup: RouterSetup | None = None  # pinned at the router training's setup
 
-    def seal(self, fields: dict, purpose: str, values: np.ndarray, items=None) -> bytes:
+    def seal(self, fields: dict, purpose: str, values: np.ndarray, items=None, query=None) -> bytes:
         return seal_reply(self.signer, self.pub, run_id=fields["run_id"], step=fields["step"], nonce=fields["nonce"],
-                          purpose=purpose, scores=values, mask_key=fields["mask_key"], items=items)  # fmt: skip
+                          purpose=purpose, scores=values, mask_key=fields["mask_key"], items=items,
+                          query=query)  # fmt: skip
+
+    def pin(self, setup: RouterSetup) -> None:
+        setup.validate(len(self.margins))
+        self.setup = setup
 
     def margin_reply(self, fields: dict, items: np.ndarray) -> bytes:
-        self.limiter.admit(fields["step"], items.tolist())
+        self.limiter.admit(fields["run_id"], fields["step"], items.tolist())
         return self.seal(fields, "reward", self.margins[items], calibration_digests(items.tolist()))
 
     def gradient_reply(self, fields: dict, query: GradientQuery) -> bytes:
-        values = answer_gradient_query(query, self.margins, self.column, value_bound=R, limiter=self.limiter)
-        return self.seal(fields, "router_gradient", values)
+        self.limiter.admit(fields["run_id"], query.step, query.items.tolist())
+        values = answer_gradient_query(query, self.margins, self.column, value_bound=R, setup=self.setup)
+        return self.seal(fields, "router_gradient", values, calibration_digests(query.items.tolist()), query.digest)
 
 
 @dataclass
@@ -137,6 +145,8 @@ class Federation:
             self.pub, self.server, {c.signer.party: c.signer.public_key_hex for c in self.clients},
             [c.signer.party for c in self.clients], self.authority.signer.public_key_hex, run_id, W_MIN, self.decrypt,
         )  # fmt: skip
+        for client in self.clients:
+            client.pin(RouterSetup.of(router, x, o))
         return train_router_securely(router, x, o, rounds=rounds, get_encrypted_margins=margins or self.margins,
                                      get_encrypted_gradients=gradients or self.gradients, config=config)  # fmt: skip
 
