@@ -255,8 +255,8 @@ class RewardClient:
             raise ClientError(f"{self.party} has trained on private data already: a warm start comes first")
         settings = {**PUBLIC_WARM_START, **({} if epochs is None else {"epochs": epochs})}
         config = TrainConfig(epsilon=math.inf, seed=seed, **settings)
-        untouched = PrivacyState(self.privacy.budget)  # the client's own state is not touched
-        result = train_reward_model(self.model, encode_annotations(public, self.encoder), config, untouched, progress)
+        public_data = PrivacyState(Budget(math.inf, self.privacy.budget.delta))  # no budget: the client's is untouched
+        result = train_reward_model(self.model, encode_annotations(public, self.encoder), config, public_data, progress)
         self.public_warm_start = {"annotations": len(public), **settings, "seconds": round(result.seconds, 1)}
         return result
 

@@ -73,7 +73,8 @@ def run_empirical_audit(config: EmpiricalAuditConfig, run_dir: Path | str | None
         warnings.simplefilter("ignore", UserWarning)  # Opacus' secure-RNG and RDP-order hints
         if public is not None:
             warm = TrainConfig(epsilon=math.inf, seed=config.seed, **{**PUBLIC_WARM_START, "epochs": public_epochs})
-            train_reward_model(model, encode_annotations(public, encoder), warm, PrivacyState(privacy.budget))
+            public_data = PrivacyState(Budget(math.inf, config.delta))  # public data: no budget
+            train_reward_model(model, encode_annotations(public, encoder), warm, public_data)
         result = train_reward_model(model, encode_annotations(train_rows, encoder), train_config, privacy, progress)
 
     with torch.no_grad():

@@ -63,7 +63,8 @@ SCHEMA = "secure-mor/results/v2"
 # and 1e-3 collapsed families onto one answer), KL beta 0.2 (at 0.04 the families GRPO cannot improve
 # drifted: shape lost 0.1), the vision tower frozen (GRPOSettings.train_vision).
 DEFAULT_GRPO = GRPOSettings(num_generations=4, batch_size=128, steps_per_generation=1, max_steps=60,
-                            learning_rate=3e-4, beta=0.2, save_steps=10)
+                            learning_rate=3e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=6,
+                            beta=0.2, save_steps=10)
 
 
 class AlignError(RuntimeError):
@@ -411,9 +412,13 @@ class FederatedReward:
     decrypted by the key authority (see `server.session`). None for a skipped round.
 
     A completion that names no answer of its question's family (".", "red" to "is there a
-    circle?") gets the floor -R and is not sent to the clients: the public answer sets decide
-    what is an answer, the clients only rank answers. Measured: GRPO on the clients' rewards
-    alone learnt to answer "." (a text no client had scored in training, which got a high reward)."""
+    circle?") is not sent to the clients: it gets the reward of the worst answer given to the
+    same prompt in the round (0 when no completion of the prompt is an answer), as the oracle's
+    0 for a wrong answer. The public answer sets decide what is an answer; the clients only rank
+    answers. Measured: GRPO on the clients' rewards alone learnt to answer "." (a text no client
+    had scored in training, which got a high reward); a fixed floor of -R made "answer anything"
+    the round's main signal and drowned the ranking of answers (held-out accuracy fell 0.16 in
+    the first 10 steps)."""
 
     __name__ = "fused_reward"
 
@@ -422,7 +427,7 @@ class FederatedReward:
                  answers: Mapping[str, list[str]]) -> None:
         self.session, self.config, self.router = session, config, router
         self.features_of, self.family_clients, self.answers = features_of, family_clients, answers
-        self.floor = -ReleaseConfig().value_bound
+        self.rows: dict[str, np.ndarray] = {}  # the router's row of each prompt seen (fusion mor)
         self.seconds = {"weights": 0.0, "round": 0.0}
 
     def weights(self, images: Sequence[Any], questions: Sequence[str], families: Sequence[str],
@@ -431,15 +436,17 @@ class FederatedReward:
         if parse_fusion(self.config.fusion, k)[0] != "mor":
             return weights_for(self.config.fusion, n=n, k=k, w_min=w_min, families=families,
                                family_clients=self.family_clients)
-        first: dict[str, int] = {}  # features once per distinct prompt (TRL repeats each G times)
+        # One row per prompt for the run, computed once and alone: the key authority refuses a prompt
+        # under a second row, and features computed in batches of other sizes differ in float32 rounding
+        # (measured ~1e-7, above its tolerance).
         keys = [f"{i}\0{q}" for i, q in zip(image_ids, questions, strict=True)]
+        objective = np.array([self.router.config.objective_id(self.config.objective)])
         for j, key in enumerate(keys):
-            first.setdefault(key, j)
-        rows = list(first.values())
-        x = self.features_of([images[j] for j in rows], [questions[j] for j in rows])
-        x = x[[rows.index(first[key]) for key in keys]]
-        ids = np.full(n, self.router.config.objective_id(self.config.objective))
-        return weights_for("mor", n=n, k=k, w_min=w_min, router=self.router, features=x, objective_ids=ids)
+            if key not in self.rows:
+                x = self.features_of([images[j]], [questions[j]])
+                self.rows[key] = weights_for("mor", n=1, k=k, w_min=w_min, router=self.router, features=x,
+                                             objective_ids=objective)[0]
+        return np.stack([self.rows[key] for key in keys])
 
     def __call__(self, prompts: list, completions: list, image: list, question: list, family: list,
                  image_id: list, **kwargs: Any) -> list[float | None]:
@@ -448,11 +455,10 @@ class FederatedReward:
 
         started = time.perf_counter()
         answers = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
-        rewards: list[float | None] = [self.floor] * len(answers)
         scored = [i for i, (a, q) in enumerate(zip(answers, question, strict=True))
                   if extract_answer(a, q, self.answers)]
         if not scored:
-            return rewards
+            return [0.0] * len(answers)
 
         def pick(values: Sequence[Any]) -> list[Any]:
             return [values[i] for i in scored]
@@ -464,9 +470,12 @@ class FederatedReward:
         self.seconds["round"] += time.perf_counter() - computed
         if values is None:
             return [None] * len(answers)
-        for i, value in zip(scored, values, strict=True):
-            rewards[i] = float(value)
-        return rewards
+        fused = dict(zip(scored, (float(v) for v in values), strict=True))
+        prompt = [f"{i}\0{q}" for i, q in zip(image_id, question, strict=True)]
+        worst: dict[str, float] = {}
+        for i, value in fused.items():
+            worst[prompt[i]] = min(value, worst.get(prompt[i], value))
+        return [fused.get(i, worst.get(prompt[i], 0.0)) for i in range(len(answers))]
 
 
 # ---------------------------------------------------------------- the whole job
