@@ -1,6 +1,7 @@
 """What a SuperNode's node config points a node at: a client's own preference data (`data-dir`)
 and the signing key the institution made beforehand, encrypted (`key-dir`), never one the node
-makes itself; and where the key authority's passphrase may not be: beside its key."""
+makes itself; the registry (`registry`, `ca-cert`) whose authority key a client verifies the
+relayed CKKS context with; and where the key authority's passphrase may not be: beside its key."""
 
 from __future__ import annotations
 
