@@ -6,10 +6,13 @@ institution (`secure_mor.clients.node.ClientNode`) or the key authority
 (`secure_mor.crypto.authority_node.AuthorityNode`). A node keeps its state under
 node config `state-dir`, or, in the simulation runtime, the run config's
 `run-dir`; `key-dir` is where its own signing key is (made beforehand with `secure-mor
-keys new`, encrypted; default: under `state-dir`); for the authority, `ca-cert` is the
-operator's CA, whose signature it requires on every registry entry; for a client,
-`data-dir` is its own preference pairs (`secure_mor.data.save_preference_pairs`;
-default: its share of the public split).
+keys new`, encrypted; default: under `state-dir`); `registry` is the operator's registry of
+public payload keys (default: `<state-dir>/keys`, what the parties publish in a simulation)
+and `ca-cert` the operator's CA, whose signature a node requires on every entry of a
+`registry` (and a `registry` requires a `ca-cert`): the authority reads the clients' and the
+server's keys there, a client the key authority's, with which it verifies the public context
+the server relays; for a client, `data-dir` is its own preference pairs
+(`secure_mor.data.save_preference_pairs`; default: its share of the public split).
 The authority's K_min and w_min come from its own node config (`k-min`, default
 crypto.params.DEFAULT_K_MIN; `w-min`, default crypto.params.DEFAULT_W_MIN), never from the
 server's run config; it announces both to the server at setup. Its CKKS context lives in
@@ -40,14 +43,14 @@ def _node(context: Context) -> Any:
     state_dir = str(config.get("state-dir") or context.run_config["run-dir"])
     key_dir = str(config["key-dir"]) if config.get("key-dir") else None
     authority_dir = str(config["authority-dir"]) if config.get("authority-dir") else None
+    registry = str(config["registry"]) if config.get("registry") else None
+    ca_cert = str(config["ca-cert"]) if config.get("ca-cert") else None
     key = (state_dir, role.role, role.client_id, authority_dir)
     if key not in _NODES:
         if role.role == ROLE_AUTHORITY:
             from secure_mor.crypto.authority_node import AuthorityNode
             from secure_mor.crypto.params import DEFAULT_K_MIN
 
-            registry = str(config["registry"]) if config.get("registry") else None
-            ca_cert = str(config["ca-cert"]) if config.get("ca-cert") else None
             policy = {"k_min": int(config.get("k-min", DEFAULT_K_MIN))}
             if "w-min" in config:
                 policy["w_min"] = float(config["w-min"])
@@ -57,7 +60,8 @@ def _node(context: Context) -> Any:
             from secure_mor.clients.node import ClientNode
 
             data_dir = str(config["data-dir"]) if config.get("data-dir") else None
-            _NODES[key] = ClientNode(Path(state_dir), int(role.client_id), data_dir=data_dir, key_dir=key_dir)
+            _NODES[key] = ClientNode(Path(state_dir), int(role.client_id), data_dir=data_dir, key_dir=key_dir,
+                                     registry=registry, ca_cert=ca_cert)  # fmt: skip
     return _NODES[key]
 
 

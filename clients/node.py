@@ -10,6 +10,15 @@ starts a fresh process per message. It trains on the preference pairs in `data_d
 and signs with the key in `key_dir` (the institution's own, made there with `secure-mor
 keys new` and encrypted under $SECURE_MOR_KEY_PASSPHRASE) or under its state directory.
 
+It encrypts only under a public context that the key authority signed
+(crypto.context.verify_public_context). The server relays the context and its signature
+at setup, but the key that must have signed it is the authority's from the registry the
+client trusts itself: `registry` (a deployment's: the operator's, every entry signed by
+the CA `ca_cert`, which a registry needs) or the directory the parties publish to,
+`<state>/keys` (simulation). A context whose signature does not verify is refused and
+never stored; a stored one is verified again whenever a process loads it, and scoring,
+margins and router gradients run under no other.
+
 What leaves the node: its public key, its training metrics (epsilon spent, and the
 preference accuracy of its model on the public held-out set), and ciphertexts signed
 with its key. Scores, margins and router-gradient terms are masked with a mask only it
@@ -37,11 +46,13 @@ from PIL import Image
 from secure_mor.clients.client import ClientConfig, RewardClient, client_dir
 from secure_mor.clients.models import DEFAULT_ARCHS
 from secure_mor.clients.scoring import prompt_digests
-from secure_mor.crypto.context import PublicContext, load_public_context
+from secure_mor.crypto.context import ContextError, PublicContext, verify_public_context
 from secure_mor.crypto.params import ReleaseConfig
+from secure_mor.crypto.pki import PkiError, read_registry_signed
 from secure_mor.crypto.signing import KEY_PASSPHRASE_ENV, key_passphrase, load_or_create_signer, publish_public_key
 from secure_mor.crypto.wire import seal_reply
 from secure_mor.protocol import (
+    AUTHORITY_PARTY,
     ROLE_CLIENT,
     Payload,
     ProtocolError,
@@ -98,8 +109,10 @@ class ClientNode:
 
     def __init__(
         self, state_dir: Path | str, client_id: int, *, data_dir: Path | str | None = None,
-        key_dir: Path | str | None = None,
+        key_dir: Path | str | None = None, registry: Path | str | None = None, ca_cert: Path | str | None = None,
     ) -> None:
+        if registry and not ca_cert:  # an operator's registry is trusted only through its CA's signatures
+            raise ProtocolError(f"the key registry {registry} needs the operator's CA certificate (ca-cert)")
         self.state_dir = Path(state_dir)
         self.client_id = client_id
         self.directory = client_dir(self.state_dir, client_id)
@@ -108,6 +121,9 @@ class ClientNode:
         self.data_dir = Path(data_dir) if data_dir else None
         # A deployment's key (made by the institution beforehand) is never made here: a missing one is an error.
         self.key_dir = Path(key_dir) if key_dir else None
+        # Where the key authority's public key is read from, to verify its context: never from the server.
+        self.registry = Path(registry) if registry else self.state_dir / "keys"
+        self.ca_cert = Path(ca_cert) if ca_cert else None
         self._public: PublicContext | None = None
         self._loaded: RewardClient | None = None
         self._margins: np.ndarray | None = None
@@ -129,10 +145,32 @@ class ClientNode:
 
         return DataSpec.from_json(self._node_state()["data_spec"])
 
+    def _authority_key(self) -> str:
+        """The key authority's payload key from the registry this client trusts (see the module docstring)."""
+        try:
+            keys = read_registry_signed(self.registry, self.ca_cert)
+        except PkiError as err:
+            raise ProtocolError(f"{self.party}: {err}") from err
+        if AUTHORITY_PARTY not in keys:
+            raise ProtocolError(f"{self.party}: the key authority's public key is not in the registry {self.registry}")
+        return keys[AUTHORITY_PARTY]
+
+    def _verified(self, context: bytes, fingerprint: str, signature: bytes) -> PublicContext:
+        try:
+            return verify_public_context(context, fingerprint, signature, self._authority_key())
+        except ContextError as err:
+            raise ProtocolError(f"{self.party} refuses the public context: {err}") from err
+
     def _public_context(self) -> PublicContext:
+        """The stored context, verified again against the registry's authority key (ProtocolError
+        without one that verifies): what every reply is encrypted under."""
         if self._public is None:
             state = self._node_state()
-            self._public = load_public_context((self.directory / CONTEXT_FILE).read_bytes(), state["fingerprint"])
+            if "context_signature" not in state:
+                raise ProtocolError(f"{self.party} holds no verified public context (set up by an older version, "
+                                    "without the key authority's signature): set it up again")  # fmt: skip
+            self._public = self._verified((self.directory / CONTEXT_FILE).read_bytes(), state["fingerprint"],
+                                          bytes.fromhex(state["context_signature"]))  # fmt: skip
         return self._public
 
     def _client(self) -> RewardClient:
@@ -170,12 +208,15 @@ class ClientNode:
         return {"party": self.party, "role": ROLE_CLIENT, "public_key": signer.public_key_hex}
 
     def setup(self, payload: Mapping[str, Any]) -> Payload:
-        """Store the authority's public context (checked against its fingerprint) and the public split."""
+        """Store the authority's public context, once its signature verifies with the registry's
+        authority key (nothing is stored otherwise), and the public split."""
         context, fingerprint = bytes(payload["context"]), str(payload["fingerprint"])
-        load_public_context(context, fingerprint)  # refuses a context that does not match
+        signature = bytes(payload.get("context_signature", b""))
+        self._verified(context, fingerprint, signature)  # refuses a context the authority did not sign
+        data_spec = json.loads(str(payload["data_spec"]))
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / CONTEXT_FILE).write_bytes(context)
-        state = {"fingerprint": fingerprint, "data_spec": json.loads(str(payload["data_spec"]))}
+        state = {"fingerprint": fingerprint, "context_signature": signature.hex(), "data_spec": data_spec}
         (self.directory / NODE_FILE).write_text(json.dumps(state, indent=2))
         self._public = None
         return {"party": self.party}
@@ -326,6 +367,7 @@ class ClientNode:
 
     def margins(self, payload: Mapping[str, Any]) -> Payload:
         started = time.perf_counter()
+        self._public_context()  # nothing is computed or counted without a verified context
         items = bytes_array(payload["items"]).astype(np.int64)
         self._admit(str(payload["run_id"]), int(payload["step"]), items.tolist())
         margins = self._calibration_margins()[items]
@@ -333,6 +375,7 @@ class ClientNode:
 
     def router_gradient(self, payload: Mapping[str, Any]) -> Payload:
         started = time.perf_counter()
+        self._public_context()
         query = decode_gradient_query(payload)
         setup = self._pinned_setup()
         self._admit(str(payload["run_id"]), query.step, query.items.tolist())
@@ -343,6 +386,7 @@ class ClientNode:
 
     def score(self, payload: Mapping[str, Any]) -> Payload:
         started = time.perf_counter()
+        self._public_context()
         images = [Image.open(io.BytesIO(bytes(b))).convert("RGB") for b in payload["images"]]
         index, questions, answers = list(payload["image_index"]), list(payload["questions"]), list(payload["answers"])
         if not len(index) == len(questions) == len(answers) or any(not 0 <= i < len(images) for i in index):

@@ -85,7 +85,12 @@ from secure_mor.audits.ledger import (
     no_privacy_cost_event,
 )
 from secure_mor.crypto.blinding import secure_gaussian, secure_uniform
-from secure_mor.crypto.context import create_secret_context, load_secret_context, public_context_of
+from secure_mor.crypto.context import (
+    create_secret_context,
+    load_secret_context,
+    public_context_of,
+    sign_public_context,
+)
 from secure_mor.crypto.fusion import WeightError, decrypt_fused, fuse, validate_weights
 from secure_mor.crypto.packing import encrypt_packed
 from secure_mor.crypto.params import (
@@ -305,6 +310,12 @@ class KeyAuthority:
     @property
     def fingerprint(self) -> str:
         return self.public.fingerprint
+
+    @property
+    def context_signature(self) -> bytes:
+        """Its signature over the public context (crypto.context.context_statement): what lets a
+        client tell the authority's context from one the server made (the server only relays it)."""
+        return sign_public_context(self.signer, self.public)
 
     def decrypt(self, request: bytes) -> bytes:
         """Check the policy, fuse the verified client ciphertexts, decrypt, flood, round, sign, log.

@@ -148,6 +148,7 @@ class AuthorityNode:
             return {
                 "context": authority.public_context_bytes,
                 "fingerprint": authority.fingerprint,
+                "context_signature": authority.context_signature,  # clients verify it with the registry's key
                 "clients": sorted(authority.clients),
                 "k_min": self.policy.k_min,
                 "w_min": self.policy.w_min,  # the one floor: the server's router and fusions keep to it

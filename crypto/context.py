@@ -9,6 +9,12 @@ secret context at rest.
 - `context_fingerprint(data)` = sha256 hex of those bytes; wire messages name the
   context by it, and `load_public_context` refuses bytes with another fingerprint
   or bytes that carry a secret key.
+- `context_statement(fingerprint)` is what the key authority signs over its public context
+  (`sign_public_context`, Ed25519 with its payload key), and `verify_public_context` what
+  a client checks before it takes a context: the authority's signature, with the
+  authority's key from the registry the client itself trusts (never a key or a
+  fingerprint the server relays), then the bytes against the fingerprint. One function
+  builds the message for both sides.
 - `save_secret_context` / `load_secret_context` keep the full context (with the
   secret key) at rest: Scrypt(passphrase) -> 256-bit key, AES-256-GCM, file mode 0600.
   File format: b"SMRK" | u8 version | u32 header length | header JSON
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from secure_mor.crypto.params import DEFAULT_PARAMS, MAX_MODULUS_BITS_128, CkksParams
+from secure_mor.crypto.signing import SignatureError, Signer, verify
 
 KEY_FILE_MAGIC = b"SMRK"
 KEY_FILE_VERSION = 1
@@ -141,6 +149,41 @@ def public_context_of(ctx: ts.Context) -> PublicContext:
     """The public context of a secret one, as a client would load it."""
     data = export_public_context(ctx)
     return load_public_context(data, context_fingerprint(data))
+
+
+# The domain of the authority's signature over its public context: no other message the project
+# signs starts with it (wire frames start with b"SMR", ledger lines with b"{").
+CONTEXT_SIGNATURE_DOMAIN = b"secure-mor public CKKS context v1\x00"
+_FINGERPRINT = re.compile("[0-9a-f]{64}")
+
+
+def context_statement(fingerprint: str) -> bytes:
+    """What the key authority signs over its public context, and what a client verifies: the domain,
+    the holder of the context's secret key, and the context's fingerprint (SHA-256 of its public
+    bytes), which names it for the life of its authority directory. No run id, nonce or time: one
+    context serves every run, so its signature is one for its whole life."""
+    if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
+        raise ContextError("a context fingerprint is 64 lowercase hex digits")
+    return CONTEXT_SIGNATURE_DOMAIN + b"authority\x00" + fingerprint.encode()
+
+
+def sign_public_context(signer: Signer, public: PublicContext) -> bytes:
+    """The key authority's signature over its public context (crypto.authority.KeyAuthority)."""
+    return signer.sign(context_statement(public.fingerprint))
+
+
+def verify_public_context(data: bytes, fingerprint: str, signature: bytes, authority_key: str) -> PublicContext:
+    """The public context, only if `authority_key` (the key authority's Ed25519 key, hex, from the
+    verifier's own registry) signed its fingerprint, and the bytes are the fingerprint's and a public,
+    128-bit secure CKKS context (load_public_context). ContextError otherwise: a server that relays a
+    context of its own, with its own fingerprint, has no signature of the authority over it."""
+    statement = context_statement(fingerprint)
+    try:
+        verify(authority_key, bytes(signature), statement)
+    except (SignatureError, TypeError, ValueError) as err:
+        raise ContextError(f"public context {str(fingerprint)[:16]}... is not signed by the key authority "
+                           f"(its key in the registry): {err}") from err  # fmt: skip
+    return load_public_context(data, fingerprint)
 
 
 @dataclass(frozen=True)

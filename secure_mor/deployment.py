@@ -264,7 +264,9 @@ class LocalDeployment:
             return {"role": "authority", **where, "registry": str(self.registry(party)),
                     "ca-cert": str(self.pki.ca_cert), "k-min": self.k_min}  # fmt: skip
         client_id = int(party.removeprefix("client-"))
-        return {"role": "client", "client-id": client_id, **where, "data-dir": str(self.data_dir(party))}
+        # its registry: the key authority's key in it verifies the context the server relays
+        return {"role": "client", "client-id": client_id, **where, "data-dir": str(self.data_dir(party)),
+                "registry": str(self.registry(party)), "ca-cert": str(self.pki.ca_cert)}  # fmt: skip
 
     def start_node(
         self,

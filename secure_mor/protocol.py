@@ -10,11 +10,15 @@ float, str, bytes, bool, or lists of one of them); arrays travel as `.npy`
 bytes. The actions and their payloads:
 
     any node    identify        -> party, role, public_key (Ed25519, hex)
-    authority   setup           -> context (public CKKS context bytes), fingerprint, clients (the
+    authority   setup           -> context (public CKKS context bytes), fingerprint, context_signature
+                                   (Ed25519, by the authority's payload key, over
+                                   crypto.context.context_statement(fingerprint)), clients (the
                                    registry's), k_min, w_min (the authority's policy)
     authority   decrypt         request (SMRQ bytes) -> response (SMRA bytes), or refused (why: an
                                    item would get a second row in the context; nothing released)
-    client      setup           context, fingerprint
+    client      setup           context, fingerprint, context_signature (relayed from the authority's
+                                setup; the client verifies the signature with the authority's key in
+                                the registry it trusts itself and refuses, storing nothing, any other)
     client      train           epsilon, delta, [epochs, batch_size, lr, max_grad_norm, public_epochs]
                                 -> party, arch, family, budget_epsilon, total_epsilon, seconds, reused,
                                    <measure>_<family> (REWARD_MODEL_MEASURES)

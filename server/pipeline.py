@@ -8,7 +8,9 @@ Stages of `align(transport, run_dir, config)`, each resumable:
    evaluate it on the held-out set (`eval/sft.json`);
 2. connect: every node says who it is and publishes its Ed25519 key to the
    registry (`<run>/keys`); the server publishes its own; the key authority
-   opens its CKKS context and the clients receive the public context. In a
+   opens its CKKS context and signs it, and the server relays context and signature
+   to the clients, which take it only if the authority key of the registry they
+   trust themselves signed it (clients.node). In a
    deployment (`registry` set: the operator's registry of public keys), the
    server trusts only the registry's keys and refuses a node that presents another;
 3. clients: each trains its reward model with DP-SGD under (epsilon, delta), once
@@ -38,7 +40,7 @@ import numpy as np
 
 from secure_mor.audits.ledger import KIND_ROUTER_SETUP, Ledger, no_privacy_cost_event
 from secure_mor.config import DataSpec, RunDir
-from secure_mor.crypto.context import load_public_context
+from secure_mor.crypto.context import ContextError, verify_public_context
 from secure_mor.crypto.params import DEFAULT_K_MIN, ReleaseConfig, min_score_half_width
 from secure_mor.crypto.pki import PkiError, read_registry_signed
 from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_signer, publish_public_key
@@ -251,8 +253,12 @@ def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str
     if sorted(authority["clients"]) != sorted(clients):
         raise AlignError(f"the key authority knows clients {authority['clients']}, expected {clients}")
     context, fingerprint = bytes(authority["context"]), str(authority["fingerprint"])
-    pub = load_public_context(context, fingerprint)
-    _ok(transport.ask(clients, "setup", {"context": context, "fingerprint": fingerprint,
+    signature = bytes(authority.get("context_signature", b""))
+    try:  # the clients check the same against their own registry's authority key
+        pub = verify_public_context(context, fingerprint, signature, keys[AUTHORITY_PARTY])
+    except ContextError as err:
+        raise AlignError(f"the key authority's setup: {err}") from err
+    _ok(transport.ask(clients, "setup", {"context": context, "fingerprint": fingerprint, "context_signature": signature,
                                           "data_spec": json.dumps(spec.to_json())}), clients, "client setup")
     return Federation({p: keys[p] for p in parties}, pub, keys[AUTHORITY_PARTY], clients, float(authority["w_min"]),
                       int(authority["k_min"]))

@@ -26,11 +26,15 @@ from secure_mor.crypto.authority import (
 )
 from secure_mor.crypto.blinding import MaskKey
 from secure_mor.crypto.context import (
+    ContextError,
     PublicContext,
     ScryptParams,
+    context_statement,
     create_secret_context,
     public_context_of,
     save_secret_context,
+    sign_public_context,
+    verify_public_context,
 )
 from secure_mor.crypto.fusion import (
     WeightError,
@@ -316,6 +320,34 @@ def test_foreign_context_is_refused(world: World) -> None:
                          scores=np.zeros(10), mask_key=world.mask_key.public_hex)  # fmt: skip
     with pytest.raises(PayloadError, match="foreign context"):
         parse_reply(payload, world.pub, world.registry)
+
+
+def test_clients_take_only_a_public_context_the_authority_signed(world: World) -> None:
+    """The server relays the authority's public context at setup; the clients verify the authority's
+    signature over its fingerprint with the registry's authority key, so a context the server made
+    itself (its fingerprint matches its bytes, and the server holds its secret key) is refused."""
+    authority, key = world.authority, world.authority.signer.public_key_hex
+    signature = authority.context_signature
+    verified = verify_public_context(world.pub.data, world.pub.fingerprint, signature, key)
+    assert verified.fingerprint == world.pub.fingerprint
+    own = public_context_of(create_secret_context())  # the server's own context, and its fingerprint
+    with pytest.raises(ContextError, match="not signed by the key authority"):  # under the authority's signature
+        verify_public_context(own.data, own.fingerprint, signature, key)
+    stranger = Signer.generate("authority")  # signed properly, by a key that is not the registry's authority key
+    with pytest.raises(ContextError, match="not signed by the key authority"):
+        verify_public_context(own.data, own.fingerprint, sign_public_context(stranger, own), key)
+    with pytest.raises(ContextError, match="fingerprint"):  # the authority's fingerprint over other bytes
+        verify_public_context(own.data, world.pub.fingerprint, signature, key)
+    # Domain separation: the authority's signature over anything but this statement is no context signature.
+    for message in (world.pub.fingerprint.encode(), bytes.fromhex(world.pub.fingerprint), b"", b"SMRA" + signature):
+        with pytest.raises(ContextError, match="not signed by the key authority"):
+            verify_public_context(world.pub.data, world.pub.fingerprint, authority.signer.sign(message), key)
+    for bad in (b"", b"\x00" * 63, signature + b"\x00"):
+        with pytest.raises(ContextError, match="not signed by the key authority"):
+            verify_public_context(world.pub.data, world.pub.fingerprint, bad, key)
+    with pytest.raises(ContextError, match="fingerprint"):
+        context_statement(world.pub.fingerprint.upper())
+    assert sign_public_context(authority.signer, world.pub) == signature  # one per context: no run in it
 
 
 def _header(world: World, n: int, **fields) -> dict:

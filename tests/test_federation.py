@@ -37,4 +37,5 @@ def test_secure_alignment_runs_end_to_end_on_flower_and_leaves_no_process(tmp_pa
     # the key authority ran on its own node: its keys and release state are under authority/
     assert (tmp_path / "authority" / "secret.key").exists() and (tmp_path / "authority" / "released.jsonl").exists()
     check = verify_ledger(tmp_path / "ledger.jsonl", read_registry(tmp_path / "keys"), results["ledger"]["head"])
-    assert check.ok and check.entries == 3 + 2 * 2 + 2, check
+    # 3 DP trainings, the router's setup, a margin and a gradient release per router step, one release per round
+    assert check.ok and check.entries == 3 + 1 + 2 * 2 + 2, check

@@ -1,10 +1,12 @@
 """What a SuperNode's node config points a node at: a client's own preference data (`data-dir`)
 and the signing key the institution made beforehand, encrypted (`key-dir`), never one the node
-makes itself; and where the key authority's passphrase may not be: beside its key."""
+makes itself; the registry (`registry`, `ca-cert`) whose authority key a client verifies the
+relayed CKKS context with; and where the key authority's passphrase may not be: beside its key."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 
 import pytest
@@ -12,8 +14,8 @@ import pytest
 from secure_mor.clients.node import ClientNode
 from secure_mor.config import DataSpec
 from secure_mor.crypto.authority_node import AuthorityNode
-from secure_mor.crypto.context import context_fingerprint, create_secret_context, export_public_context
-from secure_mor.crypto.pki import party_keys
+from secure_mor.crypto.context import create_secret_context, public_context_of, sign_public_context
+from secure_mor.crypto.pki import init_pki, party_keys, register_party
 from secure_mor.crypto.signing import (
     KEY_PASSPHRASE_ENV,
     SECRETS_DIR_ENV,
@@ -32,10 +34,18 @@ def data():
     return DataSpec.of_run(num_clients=3, seed=0, pairs_per_client=40, calibration_pairs=60).load()
 
 
+def _signed_setup(authority: Signer, spec: DataSpec) -> dict:
+    """A client's setup: a public context signed by `authority` (what the server relays)."""
+    pub = public_context_of(create_secret_context())
+    signature = sign_public_context(authority, pub)
+    return {"context": pub.data, "fingerprint": pub.fingerprint, "context_signature": signature,
+            "data_spec": json.dumps(spec.to_json())}  # fmt: skip
+
+
 def _set_up(node: ClientNode, spec: DataSpec) -> None:
-    context = export_public_context(create_secret_context())
-    spec_json = json.dumps(spec.to_json())
-    node.setup({"context": context, "fingerprint": context_fingerprint(context), "data_spec": spec_json})
+    authority = Signer.generate("authority")
+    publish_public_key(authority, node.state_dir / "keys")  # the simulation's registry: what the parties publish
+    node.setup(_signed_setup(authority, spec))
 
 
 def test_a_client_node_trains_on_its_data_dir_and_signs_with_its_key_dir(tmp_path, data, monkeypatch):
@@ -91,6 +101,38 @@ def test_a_missing_or_unencrypted_key_or_bad_data_is_refused_before_any_work(tmp
 def test_an_operators_registry_is_never_read_without_its_ca(tmp_path):
     with pytest.raises(ProtocolError, match="needs the operator's CA certificate"):
         AuthorityNode(tmp_path / "state", registry=tmp_path / "registry")
+
+
+def test_a_deployed_client_takes_only_the_context_its_registrys_authority_signed(tmp_path, monkeypatch):
+    """In a deployment a client reads the key authority's payload key from the operator's registry
+    (node config `registry`, its entries signed by the CA `ca-cert`), never from the server: the
+    authority's context is taken, one signed by another key or under a registry entry the CA did
+    not sign is refused and not stored."""
+    spec = DataSpec.of_run(num_clients=3, seed=0, pairs_per_client=40, calibration_pairs=60)
+    pki = init_pki(tmp_path / "pki")
+    for party in ("authority", "server"):  # each makes its keys where it runs; the operator registers them
+        party_keys(tmp_path / party, party, "a passphrase", supernode=party != "server")
+        register_party(pki.directory, party, tmp_path / party)
+    monkeypatch.setenv(KEY_PASSPHRASE_ENV, "a passphrase")
+    setup = AuthorityNode(tmp_path / "authority-state", registry=pki.registry, ca_cert=pki.ca_cert,
+                          key_dir=tmp_path / "authority").handle("setup", {})  # fmt: skip
+    relayed = {**{k: setup[k] for k in ("context", "fingerprint", "context_signature")},
+               "data_spec": json.dumps(spec.to_json())}  # fmt: skip
+    with pytest.raises(ProtocolError, match="needs the operator's CA certificate"):
+        ClientNode(tmp_path / "client", 0, registry=pki.registry)
+    stranger = Signer.generate("authority")
+    forged = tmp_path / "forged-registry"  # the authority's entry replaced, the CA's signature kept
+    shutil.copytree(pki.registry, forged)
+    publish_public_key(stranger, forged)
+    for registry, why in ((pki.registry, "not signed by the key authority"),
+                          (forged, "registry entry 'authority' .* is not signed by the operator's CA")):  # fmt: skip
+        node = ClientNode(tmp_path / "client", 0, registry=registry, ca_cert=pki.ca_cert)
+        with pytest.raises(ProtocolError, match=why):
+            node.setup(_signed_setup(stranger, spec))
+        assert not (tmp_path / "client").exists()  # nothing stored
+    node = ClientNode(tmp_path / "client", 0, registry=pki.registry, ca_cert=pki.ca_cert)
+    node.setup(relayed)
+    assert node._public_context().fingerprint == setup["fingerprint"]
 
 
 def test_each_authority_directory_is_a_context_of_its_own(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from secure_mor.audits.ledger import (
 )
 from secure_mor.clients.client import ClientConfig, RewardClient
 from secure_mor.clients.models import architecture
-from secure_mor.clients.node import ClientNode
+from secure_mor.clients.node import CONTEXT_FILE, NODE_FILE, ClientNode
 from secure_mor.clients.text import CharTokenizer
 from secure_mor.clients.training import PrivacyState
 from secure_mor.config import DataSpec, RunDir
@@ -34,7 +34,7 @@ from secure_mor.crypto.authority_node import AuthorityNode
 from secure_mor.crypto.blinding import MaskKey
 from secure_mor.crypto.fusion import renormalise
 from secure_mor.crypto.params import DEFAULT_W_MIN
-from secure_mor.crypto.signing import load_or_create_signer, publish_public_key, read_registry
+from secure_mor.crypto.signing import Signer, load_or_create_signer, publish_public_key, read_registry
 from secure_mor.crypto.wire import parse_reply, parse_response
 from secure_mor.data import normalize_text
 from secure_mor.policy import SFTSettings
@@ -354,6 +354,58 @@ def test_the_server_key_the_authority_trusts_comes_from_the_registry_not_the_ser
     assert setup["clients"] == CLIENTS  # the payload's "client-9" is ignored
 
 
+class DeviatingServer(LocalTransport):
+    """A server that relays to the clients at their setup what `relay` makes of it, not the key
+    authority's context."""
+
+    def __init__(self, nodes, relay) -> None:
+        super().__init__(nodes)
+        self.relay = relay
+
+    def ask(self, parties, action, payloads, timeout=None):
+        if action == "setup" and AUTHORITY_PARTY not in parties:
+            payloads = self.relay(dict(payloads))
+        return super().ask(parties, action, payloads, timeout)
+
+
+def _servers_own_authority(tmp_path: Path) -> dict:
+    """The setup of a key authority the server runs itself: a CKKS context whose secret key the
+    server holds, signed by a key of its own (not the registry's authority key)."""
+    state = tmp_path / "the-servers-own"
+    publish_public_key(Signer.generate(SERVER_PARTY), state / "keys")
+    return AuthorityNode(state).handle("setup", {})
+
+
+@pytest.mark.parametrize("signed_by", ["the authority (its signature relayed)", "the server's own authority key"])
+def test_attack_clients_refuse_a_context_the_server_made(tmp_path, signed_by):
+    """Review: the server relays the public context (and its fingerprint) to the clients. A deviating
+    server hands out a context of its own, with the fingerprint of its bytes, and reads every reply.
+    The clients take only a context the registry's authority key signed, and store nothing else."""
+    own = _servers_own_authority(tmp_path)
+
+    def relay(payload):
+        payload.update(context=own["context"], fingerprint=own["fingerprint"])  # a matching fingerprint
+        if signed_by.startswith("the server"):
+            payload["context_signature"] = own["context_signature"]
+        return payload
+
+    nodes = nodes_of(tmp_path)
+    with pytest.raises(AlignError, match="client setup failed on 3 node") as refused:
+        connect(DeviatingServer(nodes, relay), RunDir(tmp_path), DataSpec(), CLIENTS)
+    assert str(refused.value).count("not signed by the key authority") == 3, refused.value
+    for client in CLIENTS:
+        assert not (nodes[client].directory / CONTEXT_FILE).exists()
+        assert not (nodes[client].directory / NODE_FILE).exists()
+    # The honest relay of the same authority's setup is taken.
+    federation = connect(LocalTransport(nodes), RunDir(tmp_path), DataSpec(), CLIENTS)
+    for client in CLIENTS:
+        assert ClientNode(tmp_path, int(client[-1]))._public_context().fingerprint == federation.pub.fingerprint
+    # ... and a deviating setup later leaves the stored context as it was.
+    with pytest.raises(AlignError, match="not signed by the key authority"):
+        connect(DeviatingServer(nodes, relay), RunDir(tmp_path), DataSpec(), CLIENTS)
+    assert ClientNode(tmp_path, 0)._public_context().fingerprint == federation.pub.fingerprint
+
+
 def test_unknown_fusion_and_objective_are_refused_before_any_work(tmp_path):
     with pytest.raises(Exception, match="fusion"):
         align(LocalTransport({}), tmp_path, tiny("best"), log=lambda m: None)
@@ -478,6 +530,40 @@ def test_attack_a_reencoded_png_and_a_respelled_question_are_one_prompt(model_no
     apart = {**request, "questions": ["What color is the shape?", "What color is the shape ?", questions[0]]}
     assert session.fused_rewards(apart, np.tile(rows[0], (3, 1))) is None
     assert "as another item" in Ledger(run / "ledger.jsonl").entries()[-1]["details"]["reason"]
+
+
+def test_clients_score_only_under_a_verified_context(model_nodes):
+    """Scoring, margins and router gradients run only under a context the registry's authority key
+    signed, verified again whenever a node loads it: a context stored without its signature (an
+    older version's setup) or whose signer is no longer the registry's authority key is refused
+    before any work."""
+    run, nodes, federation = model_nodes
+    node = nodes["client-0"]
+    request = {**score_request(*_items_of_one_image(2)), "run_id": "verified", "step": 0, "nonce": "0" * 32,
+               "mask_key": MaskKey().public_hex}  # fmt: skip
+    reply = node.handle("score", request)["reply"]
+    assert parse_reply(reply, federation.pub, federation.registry).client_id == "client-0"
+    state_path = node.directory / NODE_FILE
+    stored = json.loads(state_path.read_text())
+    unsigned = {k: v for k, v in stored.items() if k != "context_signature"}
+    state_path.write_text(json.dumps(unsigned))
+    for action in ("score", "margins", "router_gradient"):
+        with pytest.raises(ProtocolError, match="no verified public context"):
+            ClientNode(run, 0).handle(action, request)
+    state_path.write_text(json.dumps(stored))
+    authority_key = run / "keys" / f"{AUTHORITY_PARTY}.pub"
+    authority_key.write_text(Signer.generate(AUTHORITY_PARTY).public_key_hex + "\n")  # another authority key
+    for action in ("score", "margins", "router_gradient"):
+        with pytest.raises(ProtocolError, match="not signed by the key authority"):
+            ClientNode(run, 0).handle(action, request)
+    authority_key.unlink()
+    with pytest.raises(ProtocolError, match="key authority's public key is not in the registry"):
+        ClientNode(run, 0).handle("score", request)
+
+
+def _items_of_one_image(n: int):
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    return [image] * n, ["What shape is it?"] * n, ["circle"] * n
 
 
 def test_a_dropout_on_a_recurring_prompt_skips_the_round_within_one_run(model_nodes):
