@@ -45,6 +45,7 @@ from secure_mor.clients.models import architecture
 from secure_mor.clients.scoring import ScoreItem, score
 from secure_mor.clients.text import TextEncoder, encoder_from_json
 from secure_mor.clients.training import (
+    PRIVACY_UNIT,
     PrivacyState,
     ProgressFn,
     TrainConfig,
@@ -203,7 +204,7 @@ class RewardClient:
         details = {
             "client_id": self.config.client_id,
             "arch": self.config.arch,
-            "privacy_unit": "annotation (one question about one image: the answer ranked first and those below it)",
+            "privacy_unit": PRIVACY_UNIT,
             "sampling": "poisson",
             "annotations": result.annotations,
             "epochs": config.epochs,

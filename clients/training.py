@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 ACCOUNTANTS = ("prv", "rdp")
+PRIVACY_UNIT = "annotation (one question about one image: the answer ranked first and those below it)"
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")  # Opacus' per-sample gradient modes; "ew" = expanded weights
 
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), Opacus' history form

@@ -43,11 +43,11 @@ def run_empirical_audit(config: EmpiricalAuditConfig, run_dir: Path | str | None
         train_reward_model,
     )
     from secure_mor.config import DataSpec, RunDir
-    from secure_mor.data import public_annotations
+    from secure_mor.data import SplitConfig, public_annotations
 
     start = time.perf_counter()
     spec = RunDir(run_dir).data_spec() if run_dir else DataSpec.of_run(max(3, config.client + 1), config.seed,
-                                                                        config.pairs, 1500)
+                                                                        config.pairs, SplitConfig().calibration_pairs)
     if config.client >= len(spec.split.clients):
         raise ValueError(f"the split has {len(spec.split.clients)} clients: no client {config.client}")
     data = spec.load()

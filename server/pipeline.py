@@ -103,13 +103,13 @@ class AlignConfig:
     allow_single_client: bool = False
     reply_timeout: float = 600.0
     grpo: GRPOSettings = field(default_factory=lambda: DEFAULT_GRPO)
-    router: RouterTrainingConfig = field(default_factory=lambda: RouterTrainingConfig(steps=15, batch_size=96))
+    router: RouterTrainingConfig = field(default_factory=lambda: RouterTrainingConfig(steps=30, batch_size=96))
     sft: SFTSettings = field(default_factory=SFTSettings)
     client_training: Mapping[str, Any] = field(default_factory=dict)
     eval_per_family: int = 200
     curve_per_family: int = 50
     pairs_per_client: int = 800
-    calibration_pairs: int = 1500
+    calibration_pairs: int = 3000
     resume: bool = False
     registry: str = ""  # the operator's registry of public payload keys ("": what the nodes publish, simulation)
     ca_cert: str = ""  # the operator's CA certificate: every registry entry must carry its signature

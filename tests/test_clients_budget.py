@@ -18,7 +18,7 @@ from opacus.accountants.rdp import RDPAccountant
 
 from secure_mor.audits.ledger import KIND_DP_TRAINING, Ledger, verify_ledger
 from secure_mor.clients.client import UNBOUNDED_EPSILON, ClientConfig, RewardClient, train_client
-from secure_mor.clients.training import BudgetExceeded, TrainConfig
+from secure_mor.clients.training import PRIVACY_UNIT, BudgetExceeded, TrainConfig
 from secure_mor.crypto.signing import SignatureError, canonical_json, load_signer, read_registry
 from secure_mor.data import SplitConfig, build_federated_data
 
@@ -73,8 +73,8 @@ def test_prv_epsilon_matches_an_independent_pld_accountant(tmp_path, pairs):
     assert entry["epsilon"] <= 2.0 + 0.01  # calibrated to the request
     assert entry["total_epsilon"] == pytest.approx(entry["epsilon"], abs=0.02)  # the first run
     assert entry["budget"] == {"epsilon": 8.0, "delta": DELTA}
-    assert entry["details"]["privacy_unit"] == "preference pair"
-    assert entry["details"]["pairs"] == len(pairs)
+    assert entry["details"]["privacy_unit"] == PRIVACY_UNIT
+    assert entry["details"]["annotations"] == len(pairs)
 
 
 def test_runs_compose_and_match_dp_accounting_rdp(tmp_path, pairs):

@@ -134,7 +134,7 @@ def test_minilm_features_kept_on_disk_score_the_same_without_loading_minilm(tmp_
     first = RewardClient.load(tmp_path, 2).score(items)
     np.testing.assert_array_equal(first, trained.score(items))
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
-    assert [p.name for p in files if p.name.startswith("minilm-features")] == ["minilm-features-64-32.npz"]
+    assert [p.name for p in files if p.name.startswith("minilm-features")] == ["minilm-features-64-128.npz"]
 
     from secure_mor.clients import text
 
