@@ -366,7 +366,7 @@ def align(
     epsilon: Annotated[float, typer.Option(help="each client's DP budget epsilon (inf: non-private)")] = 4.0,
     seed: SeedOption = 0,
     objective: Annotated[str, typer.Option(help="alignment objective: correctness | sentences")] = "correctness",
-    steps: Annotated[int, typer.Option(help="GRPO optimizer steps")] = 40,
+    steps: Annotated[int, typer.Option(help="GRPO optimizer steps")] = 60,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     config: Annotated[
         list[str] | None, typer.Option(help="further Flower run-config values, KEY=VALUE (see pyproject.toml)")

@@ -75,6 +75,7 @@ TINY_RUN: dict[str, object] = {
     "sft-vision-epochs": 1,
     "pairs-per-client": 100,
     "calibration-pairs": 300,
+    "answer-prior-questions": 3,
     "client-epochs": 2,
     "client-public-epochs": 1,
     "router-steps": 2,

@@ -133,6 +133,7 @@ def align_config(run_config: Mapping[str, Any]) -> AlignConfig:
                         vision_epochs=int(c["sft-vision-epochs"])),
         client_training=client_training, eval_per_family=int(c["eval-per-family"]),
         pairs_per_client=int(c["pairs-per-client"]), calibration_pairs=int(c["calibration-pairs"]),
+        answer_prior_questions=int(c.get("answer-prior-questions", AlignConfig.answer_prior_questions)),
         resume=bool(c["resume"]), registry=str(c.get("registry", "")), ca_cert=str(c.get("ca-cert", "")),
         allow_single_client=bool(c.get("allow-single-client", False)),
     )

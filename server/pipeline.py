@@ -90,7 +90,10 @@ class AlignConfig:
     reply_timeout: seconds a scoring round waits for the clients (later replies are dropped);
     client_training: further settings for the clients' DP training (e.g. epochs);
     eval_per_family: held-out questions per family for the policy evaluation; curve_per_family: for the
-    held-out accuracy curve during GRPO (another draw of the held-out set).
+    held-out accuracy curve during GRPO (another draw of the held-out set);
+    answer_prior_questions: labelled questions per family on which every answer is scored before GRPO, to take the
+    fused reward's image-independent answer preference out of it (`FederatedReward.learn_answer_prior`;
+    0: off).
     """
 
     fusion: str = "mor"
@@ -109,6 +112,7 @@ class AlignConfig:
     eval_per_family: int = 200
     curve_per_family: int = 50
     pairs_per_client: int = 800
+    answer_prior_questions: int = 48
     calibration_pairs: int = 3000
     resume: bool = False
     registry: str = ""  # the operator's registry of public payload keys ("": what the nodes publish, simulation)
@@ -413,6 +417,15 @@ def _npy(array: np.ndarray) -> bytes:
 # ---------------------------------------------------------------- stage 5: GRPO on the fused reward
 
 
+ANSWER_PRIOR_SHRINKAGE = (0.0, 0.25, 0.5, 0.75, 1.0)  # the factors learn_answer_prior chooses from
+
+
+def _top1(rewards: np.ndarray, truth: np.ndarray) -> float:
+    """Share of rows whose best-rewarded column is the true one (ties: a random pick among them)."""
+    best = rewards == rewards.max(-1, keepdims=True)
+    return float(np.mean(best[np.arange(len(truth)), truth] / best.sum(-1)))
+
+
 class FederatedReward:
     """TRL reward function: the router-fused, encrypted clients' reward of each completion,
     decrypted by the key authority (see `server.session`). None for a skipped round.
@@ -435,6 +448,66 @@ class FederatedReward:
         self.features_of, self.family_clients, self.answers = features_of, family_clients, answers
         self.rows: dict[str, np.ndarray] = {}  # the router's row of each prompt seen (fusion mor)
         self.seconds = {"weights": 0.0, "round": 0.0}
+        self.answer_prior: dict[str, dict[str, float]] = {}  # family -> answer -> offset (learn_answer_prior)
+
+    def learn_answer_prior(self, labelled: Any, per_family: int, seed: int, batch: int = 128) -> dict[str, Any]:
+        """The fused reward's preference for each answer whatever the image, which `__call__` subtracts.
+
+        From the server's own labelled questions (`labelled`: its SFT set), up to `per_family` of each
+        family with every true answer equally often; each answer of the family, in every style, is
+        scored on them as GRPO would score it (same rounds, same router rows, each release in the
+        ledger). An answer's offset is its mean fused reward minus the mean of all the family's answers
+        in the same style, averaged over styles: what the reward pays for it whatever the image (with
+        the true answers balanced, a reward without answer prior, the oracle's, gets offsets 0).
+        Subtracting it leaves the image-dependent part of the reward and the style preference (one level
+        per style). The offsets are shrunk per family by the factor in ANSWER_PRIOR_SHRINKAGE under
+        which the corrected fused reward ranks the true answer first most often on those questions
+        (ties: the smaller factor), as the released values show: a correction must not reorder answers
+        the reward tells apart. Measured on easy-VQA at epsilon 4: the fused reward paid "rectangle"
+        0.47 and "triangle" -0.64 above the mean on every shape question, and the policy, which cannot
+        tell shapes apart, answered "rectangle" to 190 of 200 after GRPO; the full correction made it
+        answer "red" to brown (the colour model's "brown" offset, +0.76, is larger than its margin)."""
+        from secure_mor.data import ANSWER_STYLES, column, styled_answer
+        from secure_mor.protocol import score_request
+
+        rng = np.random.default_rng(seed)
+        true_answers, families = np.asarray(column(labelled, "answer")), np.asarray(column(labelled, "family"))
+        chosen: list[int] = []
+        for f in [f for f in FAMILIES if f in self.answers]:
+            each = -(-per_family // len(self.answers[f]))
+            for a in self.answers[f]:
+                pool = np.flatnonzero((families == f) & (true_answers == a))
+                chosen += rng.choice(pool, min(each, len(pool)), replace=False).tolist()
+        rows = [(i, families[i], a, s) for i in chosen for a in self.answers[families[i]] for s in ANSWER_STYLES]
+        released: dict[tuple[int, str, str], float] = {}
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            sample = labelled.select([i for i, *_ in chunk])
+            texts = [styled_answer(a, f, s) for _, f, a, s in chunk]
+            w = self.weights(sample["image"], sample["question"], sample["family"], sample["image_id"])
+            values = self.session.fused_rewards(score_request(sample["image"], sample["question"], texts), w)
+            for (i, _, a, s), v in zip(chunk, values if values is not None else [], strict=False):
+                released[(i, a, s)] = float(v)
+        report: dict[str, Any] = {"questions_per_family": per_family, "released": len(released), "families": {}}
+        for f in [f for f in FAMILIES if f in self.answers]:
+            questions = sorted({i for i, _, _ in released if families[i] == f})
+            if not questions:
+                continue
+            # R[question, answer, style]; a value missing from a skipped round counts as the family's mean
+            r = np.full((len(questions), len(self.answers[f]), len(ANSWER_STYLES)), np.nan)
+            for q, i in enumerate(questions):
+                for j, a in enumerate(self.answers[f]):
+                    for t, style in enumerate(ANSWER_STYLES):
+                        r[q, j, t] = released.get((i, a, style), np.nan)
+            r = np.where(np.isnan(r), np.nanmean(r), r)
+            offset = (r.mean(0) - r.mean((0, 1))).mean(-1)  # per answer: above its style's mean, whatever the image
+            truth = np.array([self.answers[f].index(str(a)) for a in true_answers[questions]])
+            top1 = {lam: _top1((r - lam * offset[None, :, None]).max(-1), truth) for lam in ANSWER_PRIOR_SHRINKAGE}
+            lam = max(ANSWER_PRIOR_SHRINKAGE, key=lambda x: (round(top1[x], 9), -x))
+            self.answer_prior[f] = {a: float(lam * o) for a, o in zip(self.answers[f], offset, strict=True)}
+            report["families"][f] = {"questions": len(questions), "shrinkage": lam, "offsets": self.answer_prior[f],
+                                     "fused_top1": {str(x): v for x, v in top1.items()}}
+        return report
 
     def weights(self, images: Sequence[Any], questions: Sequence[str], families: Sequence[str],
                 image_ids: Sequence[str]) -> np.ndarray:
@@ -476,7 +549,9 @@ class FederatedReward:
         self.seconds["round"] += time.perf_counter() - computed
         if values is None:
             return [None] * len(answers)
-        fused = dict(zip(scored, (float(v) for v in values), strict=True))
+        fused = {i: float(v) - self.answer_prior.get(family[i], {}).get(extract_answer(answers[i], question[i],
+                                                                                 self.answers), 0.0)
+                 for i, v in zip(scored, values, strict=True)}
         prompt = [f"{i}\0{q}" for i, q in zip(image_id, question, strict=True)]
         worst: dict[str, float] = {}
         for i, value in fused.items():
@@ -545,6 +620,10 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     )
     reward = FederatedReward(session, config, router, features_of, family_map(run.data_spec().split.clients),
                              data.answers)
+    answer_prior = None
+    if config.answer_prior_questions:
+        log(f"answer prior: every answer scored on {config.answer_prior_questions} labelled questions per family")
+        answer_prior = reward.learn_answer_prior(data.sft, config.answer_prior_questions, config.seed)
     results = align_policy(run, data, config, reward, out, timings, log)
     ledger = Ledger(run.path / "ledger.jsonl").head()  # the auditor's anchor (audit verify, report)
     results.update(
@@ -552,6 +631,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
         run_id=state["run_id"],
         clients=clients,
         router=router_report,
+        answer_prior=answer_prior,
         ledger={"path": str(run.path / "ledger.jsonl"), "entries": ledger.entries,
                 "head": ledger.head if ledger.entries else None},
     )

@@ -19,6 +19,7 @@ TINY = {
     "eval_per_family": 4,
     "pairs_per_client": 60,
     "calibration_pairs": 150,
+    "answer_prior_questions": 3,
 }
 TINY_AUDIT = {"canaries": 20, "guesses": (10,)}
 

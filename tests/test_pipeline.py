@@ -61,6 +61,7 @@ def tiny(fusion: str = "mor", **kw) -> AlignConfig:
         "eval_per_family": 8,
         "pairs_per_client": 100,
         "calibration_pairs": 300,
+        "answer_prior_questions": 3,
         **kw,
     }
     return AlignConfig(**settings)
@@ -587,3 +588,59 @@ def test_a_dropout_on_a_recurring_prompt_skips_the_round_within_one_run(model_no
     assert _session(run, LocalTransport(nodes), federation, "other").fused_rewards(request, weights[:, ::-1]) is None
     steps = [e["details"]["step"] for e in Ledger(run / "ledger.jsonl").entries() if e["details"]["run_id"] == "grpo"]
     assert steps == [0, 1, 2]  # one run, its own step numbers: released, skipped, released
+
+
+class _RuleSession:
+    """A stand-in for SecureSession whose fused reward is a known rule of the answer text."""
+
+    w_min = DEFAULT_W_MIN
+
+    def __init__(self, rule) -> None:
+        self.rule, self.released = rule, 0
+
+    def fused_rewards(self, request, weights):
+        self.released += len(request["answers"])
+        return np.array([self.rule(q, a) for q, a in zip(request["questions"], request["answers"], strict=True)])
+
+
+def test_the_answer_prior_is_what_the_reward_pays_whatever_the_image_and_is_taken_out():
+    from datasets import Dataset
+
+    from secure_mor.data import styled_answer
+
+    answers = {"shape": ["circle", "rectangle", "triangle"], "presence": ["no", "yes"]}
+    bias = {"circle": 0.2, "rectangle": 0.9, "triangle": -0.5, "no": -0.3, "yes": 0.1}
+    rows = [(f, a) for f, values in answers.items() for a in values for _ in range(6)]
+    questions = {"shape": "What shape is in the image?", "presence": "Is there a circle in the image?"}
+    labelled = Dataset.from_dict({
+        "image": [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(len(rows))],
+        "question": [f"{questions[f]} #{a}" for f, a in rows], "answer": [a for _, a in rows],
+        "family": [f for f, _ in rows], "image_id": [f"public/{i}" for i in range(len(rows))],
+    })  # fmt: skip
+
+    def rule(question, answer):  # right answer + a prior per answer + a level for sentences
+        word = next(w for w in normalize_text(answer).split() if w in bias)
+        return float(question.endswith(f"#{word}")) + bias[word] + 0.5 * (answer != word)
+
+    session = _RuleSession(rule)
+    reward = FederatedReward(session, AlignConfig(fusion="uniform"), None, None, {}, answers)
+    report = reward.learn_answer_prior(labelled, per_family=6, seed=0)
+    assert report["released"] == session.released == 6 * 3 * 2 + 6 * 2 * 2  # every answer, both styles
+    # shape: the prior outweighs the right-answer bonus ("rectangle" beats a true "triangle"); half the
+    # correction is the least that ranks every true answer first. presence: the raw reward already does.
+    shape, presence = report["families"]["shape"], report["families"]["presence"]
+    assert [shape["fused_top1"][x] for x in ("0.0", "0.25", "0.5", "1.0")] == pytest.approx([2 / 3, 2 / 3, 1, 1])
+    assert shape["shrinkage"] == 0.5 and presence["shrinkage"] == 0.0
+    centre = np.mean([bias[a] for a in answers["shape"]])  # the true answers are balanced: the bonus is level
+    assert all(abs(shape["offsets"][a] - 0.5 * (bias[a] - centre)) < 1e-9 for a in answers["shape"])
+    assert presence["offsets"] == {"no": 0.0, "yes": 0.0}
+
+    # GRPO's rewards: the prior is gone, the style level and the image-dependent part stay
+    q = questions["shape"]
+    completions = [[{"role": "assistant", "content": t}] for t in
+                   ("rectangle", "triangle", styled_answer("circle", "shape", "sentence"), ".")]
+    images = [labelled[0]["image"]] * 4
+    values = reward(None, completions, images, [q] * 4, ["shape"] * 4, ["public/0"] * 4)
+    assert values[0] - values[1] == pytest.approx(0.5 * (bias["rectangle"] - bias["triangle"]))  # half the prior left
+    assert values[2] == pytest.approx(bias["circle"] - shape["offsets"]["circle"] + 0.5)  # the sentence level stays
+    assert values[3] == pytest.approx(min(values[:3]))  # a non-answer: the worst answer of its prompt
