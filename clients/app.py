@@ -11,8 +11,8 @@ public payload keys (default: `<state-dir>/keys`, what the parties publish in a 
 and `ca-cert` the operator's CA, whose signature a node requires on every entry of a
 `registry` (and a `registry` requires a `ca-cert`): the authority reads the clients' and the
 server's keys there, a client the key authority's, with which it verifies the public context
-the server relays; for a client, `data-dir` is its own preference pairs
-(`secure_mor.data.save_preference_pairs`; default: its share of the public split).
+the server relays; for a client, `data-dir` is its own annotations
+(`secure_mor.data.save_annotations`; default: its share of the public split).
 The authority's K_min and w_min come from its own node config (`k-min`, default
 crypto.params.DEFAULT_K_MIN; `w-min`, default crypto.params.DEFAULT_W_MIN), never from the
 server's run config; it announces both to the server at setup. Its CKKS context lives in

@@ -290,15 +290,24 @@ def summary(rows: list[dict[str, Any]]) -> str:
     sentence share, for every fusion and epsilon (SFT and oracle spend no client budget)."""
     lines = []
     cells = _cells(rows)
+    sft = {(r["seed"], r["objective"]): r for r in rows if r["fusion"] == SFT}
     for objective in sorted({r["objective"] for r in rows}, key=OBJECTIVES.index):
         lines += [f"### Objective `{objective}`", "",
-                  "| fusion | epsilon | seeds | overall | " + " | ".join(FAMILIES) + " | sentences |",
-                  "|---" * (5 + len(FAMILIES)) + "|"]
+                  "| fusion | epsilon | seeds | overall | " + " | ".join(FAMILIES)
+                  + " | sentences | lift over SFT | worst family change |",
+                  "|---" * (7 + len(FAMILIES)) + "|"]
         keys = [k for k in cells if k[0] == objective]
         for fusion in fusion_order({k[1] for k in keys}):
             for eps in sorted({k[2] for k in keys if k[1] == fusion}, key=str):
                 group = cells[objective, fusion, eps]
                 values = [_mean_sd([float(r[m]) for r in group]) for m in ("overall", *FAMILIES, "sentences")]
+                # paired with the SFT start of the same seed: the seeds' SFT policies differ more than the fusions
+                starts = [(r, sft.get((r["seed"], objective))) for r in group]
+                if fusion != SFT and all(start for _, start in starts):
+                    values.append(_mean_sd([float(r["overall"]) - float(start["overall"]) for r, start in starts]))
+                    values.append(_mean_sd([min(float(r[f]) - float(start[f]) for f in FAMILIES) for r, start in starts]))
+                else:
+                    values += ["", ""]
                 lines.append(f"| {fusion} | {eps} | {len(group)} | " + " | ".join(values) + " |")
         lines.append("")
     return "\n".join(lines)

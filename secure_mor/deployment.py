@@ -382,14 +382,14 @@ class LocalDeployment:
         return shlex.join([*args, run_overrides(self.run_config(overrides))])
 
     def export_client_data(self, overrides: Mapping[str, object]) -> None:
-        """Give each client institution its private preference pairs in its own `data-dir`: here, its
+        """Give each client institution its private annotations in its own `data-dir`: here, its
         share of the public easy-VQA split the run asks for (what `secure-mor data export` writes)."""
         if all(self.data_dir(p).exists() for p in self.parties if p != AUTHORITY_PARTY):
             return
         from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
         from secure_mor.config import DataSpec
-        from secure_mor.data import save_preference_pairs
+        from secure_mor.data import save_annotations
 
         config = {**app_run_config(self.app_dir), **self.run_config(overrides)}
         spec = DataSpec.of_run(int(config["num-clients"]), int(config["seed"]), int(config["pairs-per-client"]),
@@ -400,7 +400,7 @@ class LocalDeployment:
         try:
             for k in range(self.num_clients):
                 if not self.data_dir(f"client-{k}").exists():
-                    save_preference_pairs(data.clients[k], self.data_dir(f"client-{k}"))
+                    save_annotations(data.clients[k], self.data_dir(f"client-{k}"))
         finally:
             if bars:
                 enable_progress_bar()

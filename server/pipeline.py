@@ -17,8 +17,11 @@ Stages of `align(transport, run_dir, config)`, each resumable:
    per run directory (a later `align` in the same directory reuses it, spending nothing);
 4. router (fusion "mor"): trained on the public calibration preferences without
    seeing any client's margins (`server.router_training`), once per run directory;
-5. GRPO (TRL) with `FederatedReward`; checkpoints; `resume` continues a killed run;
-6. evaluation of the aligned policy, and `results.json`.
+5. answer prior: every answer scored on the server's labelled questions, to take the fused
+   reward's image-independent preference for some answers out of it
+   (`FederatedReward.learn_answer_prior`);
+6. GRPO (TRL) with `FederatedReward`; checkpoints; `resume` continues a killed run;
+7. evaluation of the aligned policy, and `results.json`.
 
 Outputs of one configuration go to `<run>/align/<label>/` (label: the fusion,
 e.g. `mor`, `uniform`, `single-1`), so several fusions can share one run
@@ -620,10 +623,14 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     )
     reward = FederatedReward(session, config, router, features_of, family_map(run.data_spec().split.clients),
                              data.answers)
-    answer_prior = None
-    if config.answer_prior_questions:
+    answer_prior, prior_path = None, out / "answer_prior.json"
+    if prior_path.exists():  # a resumed run keeps the prior it measured (and released) before
+        answer_prior = json.loads(prior_path.read_text())
+        reward.answer_prior = {f: v["offsets"] for f, v in answer_prior["families"].items()}
+    elif config.answer_prior_questions:
         log(f"answer prior: every answer scored on {config.answer_prior_questions} labelled questions per family")
         answer_prior = reward.learn_answer_prior(data.sft, config.answer_prior_questions, config.seed)
+        run.write_json(prior_path, answer_prior)
     results = align_policy(run, data, config, reward, out, timings, log)
     ledger = Ledger(run.path / "ledger.jsonl").head()  # the auditor's anchor (audit verify, report)
     results.update(
@@ -654,7 +661,7 @@ def grpo_prompts(data: FederatedData, seed: int) -> Any:
 
 def align_policy(run: RunDir, data: FederatedData, config: AlignConfig, reward: Callable[..., list],
                  out: Path, timings: dict[str, float], log: Log) -> dict[str, Any]:
-    """Stages 5 and 6: GRPO on `reward` from the SFT policy, then the held-out evaluation; returns the
+    """Stages 6 and 7: GRPO on `reward` from the SFT policy, then the held-out evaluation; returns the
     results common to every reward (accuracy, GRPO's reward and held-out curves, timings)."""
     from secure_mor.server.grpo import run_grpo
 

@@ -39,11 +39,13 @@ def test_train_then_eval_writes_the_run_directory(tmp_path):
     assert "refused" in refused.output
     assert verify_ledger(tmp_path / "ledger.jsonl", read_registry(tmp_path / "keys")).ok
 
-    evaluated = runner.invoke(client_app, ["eval", "--out", out])
+    evaluated = runner.invoke(client_app, ["eval", "--out", out], env={"COLUMNS": "200"})  # one table row per line
     assert evaluated.exit_code == 0, evaluated.output
     assert "client-2 (minilm-head)" in evaluated.output and "presence" in evaluated.output
     metrics = json.loads((directory / "metrics.json").read_text())
-    assert set(metrics["evaluation"]) == {"color", "shape", "presence"}
+    assert set(metrics["evaluation"]) == {"top1", "image_dependence", "pairwise"}
+    assert all(set(v) == {"color", "shape", "presence"} and all(0 <= x <= 1 for x in v.values())
+               for v in metrics["evaluation"].values())
     assert len(metrics["runs"]) == 1 and metrics["runs"][0]["noise_multiplier"] > 0
 
 

@@ -70,7 +70,9 @@ def test_opacus_per_sample_gradient_is_the_per_annotation_gradient(name, mode, a
     listwise_loss(candidate_rewards(wrapped, *rows.tensors)).backward()
     for key, param in model.named_parameters():
         assert param.grad_sample.shape == (ROWS, *param.shape), key  # one row per annotation, never one per answer
-        torch.testing.assert_close(param.grad_sample, reference[key], rtol=1e-4, atol=1e-6, msg=key)
+        # float32 summation order differs between the two paths: ~3e-6 on entries of ~10
+        atol = 1e-6 * max(1.0, float(reference[key].abs().max()))
+        torch.testing.assert_close(param.grad_sample, reference[key], rtol=1e-4, atol=atol, msg=key)
 
 
 def test_clipping_bounds_each_annotation_contribution(annotations):

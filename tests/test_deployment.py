@@ -149,7 +149,8 @@ def test_secure_alignment_on_the_deployment_runtime_survives_lost_client_nodes_a
     deployment = LocalDeployment(tmp_path, num_clients=3, k_min=2)
     try:
         deployment.start()
-        run_id = deployment.submit({**TINY_RUN, "grpo-steps": 3, "reply-timeout": 120.0})
+        # no answer-prior rounds: the nodes are lost at chosen GRPO steps
+        run_id = deployment.submit({**TINY_RUN, "grpo-steps": 3, "reply-timeout": 120.0, "answer-prior-questions": 0})
         _wait_for_grpo_step(deployment, 1)
         deployment.stop_node("client-2")
         _wait_for_grpo_step(deployment, 2)

@@ -17,9 +17,9 @@ from secure_mor.audits.empirical import (
     count_correct,
     epsilon_lower_bound,
     p_value,
-    run_empirical_audit,
     write_result,
 )
+from secure_mor.experiments.audit import run_empirical_audit
 
 DELTA = 1e-5
 

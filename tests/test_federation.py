@@ -30,12 +30,13 @@ def test_secure_alignment_runs_end_to_end_on_flower_and_leaves_no_process(tmp_pa
     assert _flower_and_ray_processes() <= before
 
     results = json.loads((tmp_path / "align" / "mor" / "results.json").read_text())
-    assert results["schema"] == "secure-mor/results/v1" and results["config"]["fusion"] == "mor"
-    assert results["grpo"]["steps"] == 2 and results["grpo"]["rounds"] == 2 and results["router"]["steps"] == 2
+    assert results["schema"] == "secure-mor/results/v2" and results["config"]["fusion"] == "mor"
+    assert results["grpo"]["steps"] == 2 and results["router"]["steps"] == 2
+    assert results["grpo"]["rounds"] == 2 + 2 and results["answer_prior"]["released"] > 0  # GRPO, answer prior
     assert {c["arch"] for c in results["clients"].values()} == {"cnn-gru", "vit-xattn", "minilm-head"}
     assert all(0 < c["total_epsilon"] <= 4.0 for c in results["clients"].values())
     # the key authority ran on its own node: its keys and release state are under authority/
     assert (tmp_path / "authority" / "secret.key").exists() and (tmp_path / "authority" / "released.jsonl").exists()
     check = verify_ledger(tmp_path / "ledger.jsonl", read_registry(tmp_path / "keys"), results["ledger"]["head"])
     # 3 DP trainings, the router's setup, a margin and a gradient release per router step, one release per round
-    assert check.ok and check.entries == 3 + 1 + 2 * 2 + 2, check
+    assert check.ok and check.entries == 3 + 1 + 2 * 2 + 2 + 2, check

@@ -113,7 +113,7 @@ def test_trainer_samples_stops_at_eos_and_expands_the_image_tokens(tmp_path, tin
         conversation=[prompt], add_generation_prompt=True, tokenize=True, return_dict=True
     )
     image_tokens = sum(token == trainer.model.config.image_token_id for token in tokenized["input_ids"][0])
-    assert image_tokens == trainer.model.config.image_seq_length == 16
+    assert image_tokens == trainer.model.config.image_seq_length == 64  # 64x64 images in 8x8 patches
     assert np.asarray(tokenized["pixel_values"]).shape == (1, 3, 64, 64)
 
 

@@ -4,6 +4,7 @@ authority, real CKKS; what the server receives; dropouts, late replies, K_min; r
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 import json
 import statistics
 from collections import Counter
@@ -61,7 +62,7 @@ def tiny(fusion: str = "mor", **kw) -> AlignConfig:
         "eval_per_family": 8,
         "pairs_per_client": 100,
         "calibration_pairs": 300,
-        "answer_prior_questions": 3,
+        "answer_prior_questions": 0,  # the tiny_run fixture turns it on
         **kw,
     }
     return AlignConfig(**settings)
@@ -104,7 +105,7 @@ def tiny_run(tmp_path_factory):
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("align")
     transport = RecordingTransport(nodes_of(run))
-    results = align(transport, run, tiny(), log=lambda m: None)
+    results = align(transport, run, tiny(answer_prior_questions=3), log=lambda m: None)
     return run, transport, results
 
 
@@ -122,20 +123,27 @@ def test_tiny_alignment_writes_results_and_a_verifiable_ledger(tiny_run):
     assert results["router"]["steps"] == 2 and results["grpo"]["steps"] == 2
     router = results["router"]["held_out_weights"]
     assert set(router) == {"correctness", "sentences"} and set(router["correctness"]) == {"color", "shape", "presence"}
-    assert all(abs(sum(w) - 1) < 1e-6 for w in router["correctness"].values())
+    assert all(abs(sum(w) - 1) < 3e-4 for w in router["correctness"].values())  # each mean rounded to 4 places
     curve = results["grpo"]["held_out_curve"]
     assert [p["step"] for p in curve] == [0, 2] and all(0 <= p["accuracy"] <= 1 for p in curve)
     assert results["grpo"]["reward_first_quarter"] is not None
-    assert results["grpo"]["rounds"] == 2 and results["grpo"]["skipped_rounds"] == 0
+    # the answer prior: 3 questions per family (at least one per true answer), every answer in both styles
+    prior = results["answer_prior"]
+    assert prior["released"] == (8 * 8 + 3 * 3 + 4 * 2) * 2 and set(prior["families"]) == {"color", "shape", "presence"}
+    for family in prior["families"].values():
+        assert family["shrinkage"] in (0.0, 0.25, 0.5, 0.75, 1.0) and set(family["fused_top1"]) == {
+            "0.0", "0.25", "0.5", "0.75", "1.0"}
+        assert abs(sum(family["offsets"].values())) < 1e-9  # centred: only the preference between answers moves
+    assert results["grpo"]["rounds"] == 2 + 2 and results["grpo"]["skipped_rounds"] == 0  # GRPO, answer prior
     assert (run / "align" / "mor" / "grpo_log.json").exists()
 
     check = verify_ledger(run / "ledger.jsonl", read_registry(run / "keys"), expected_head=results["ledger"]["head"])
     assert check.ok, check
     kinds = Counter(e["kind"] for e in Ledger(run / "ledger.jsonl").entries())
     # 3 DP trainings; the router's setup; per router step one margin and one gradient release; one
-    # release per GRPO round
+    # release per answer-prior round (162 items in rounds of 128) and per GRPO round
     assert kinds == {KIND_DP_TRAINING: 3, KIND_ROUTER_SETUP: 1, KIND_ROUTER_GRADIENT_RELEASE: 2,
-                     KIND_REWARD_RELEASE: 2 + 2}  # fmt: skip
+                     KIND_REWARD_RELEASE: 2 + 2 + 2}  # fmt: skip
 
 
 def test_the_server_never_holds_a_client_plaintext_score(tiny_run):
@@ -164,7 +172,7 @@ def test_the_server_never_holds_a_client_plaintext_score(tiny_run):
         for (p, a, reply), sent in zip(transport.received, transport.sent, strict=True)
         if p == AUTHORITY_PARTY and a == "decrypt"
     ]
-    assert len(decrypted) == 2 + 2 + 2  # router margins, router gradients, GRPO rounds
+    assert len(decrypted) == 2 + 2 + 2 + 2  # router margins, router gradients, answer prior, GRPO rounds
     for request, response in decrypted:
         assert np.max(np.abs(parse_response(response, federation.authority_key, request))) > 1e6
 
@@ -255,13 +263,14 @@ def test_a_killed_alignment_resumes_without_losing_or_duplicating_ledger_entries
     config = tiny(
         "uniform",
         grpo=GRPOSettings(max_steps=4, batch_size=8, steps_per_generation=1, save_steps=1, max_completion_length=6),
+        answer_prior_questions=3,
     )
     calls = []
 
     def crash_on_third_round(party, action, payload):
         if action == "score" and party == "client-0":
             calls.append(payload["step"])
-            if len(calls) == 3:
+            if len(calls) == 2 + 3:  # after the answer prior's 2 rounds, GRPO's third
                 raise Crash
 
     # another fusion over the same prompts: a key-authority context of its own (the mor run's rows are
@@ -275,7 +284,7 @@ def test_a_killed_alignment_resumes_without_losing_or_duplicating_ledger_entries
     results = align(
         LocalTransport(nodes_of(run, "uniform")),
         run,
-        tiny("uniform", grpo=config.grpo, resume=True),
+        replace(config, resume=True),
         log=lambda m: None,
     )
     assert results["grpo"]["steps"] == 4 and results["grpo"]["resumed_from"].endswith("checkpoint-2")
@@ -286,9 +295,10 @@ def test_a_killed_alignment_resumes_without_losing_or_duplicating_ledger_entries
         if e["kind"] == KIND_REWARD_RELEASE and e["details"]["run_id"] == results["run_id"]
     ]
     steps = [d["step"] for d in releases]
-    # rounds 0, 1 released; round 2 crashed before any release (its number is never reused);
-    # the resumed run scores rounds 3 and 4 (steps 3 and 4 of GRPO)
-    assert steps == [0, 1, 3, 4]
+    # rounds 0, 1: the answer prior; 2, 3: GRPO; round 4 crashed before any release (its number is
+    # never reused); the resumed run keeps the answer prior it measured and scores rounds 5 and 6
+    assert steps == [0, 1, 2, 3, 5, 6]
+    assert results["answer_prior"]["released"] == (8 * 8 + 3 * 3 + 4 * 2) * 2
     assert len({d["nonce"] for d in releases}) == len(releases)
     assert verify_ledger(run / "ledger.jsonl", read_registry(run / "keys")).ok
     assert Counter(e["kind"] for e in Ledger(run / "ledger.jsonl").entries())[KIND_DP_TRAINING] == 3

@@ -38,7 +38,7 @@ def test_short_sft_raises_held_out_accuracy_above_the_untrained_model(tmp_path, 
     model, processor = build_tiny_vlm(vocabulary_texts(federated))
     held_out = federated.evaluation.shuffle(seed=0).select(range(150))
     before = evaluate_policy(model, processor, held_out, federated.answers)["overall"]["accuracy"]
-    settings = SFTSettings(examples=960, epochs=1.0, learning_rate=2e-3, vision_epochs=0)
+    settings = SFTSettings(examples=960, epochs=1.0, learning_rate=2e-3, vision_epochs=0, sentence_rate=0.0)
     log = run_sft(model, processor, federated.sft, settings, tmp_path)
     after = evaluate_policy(model, processor, held_out, federated.answers)["overall"]["accuracy"]
     assert log["history"][-1]["train_loss"] < log["history"][0]["loss"]
