@@ -305,7 +305,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
                 starts = [(r, sft.get((r["seed"], objective))) for r in group]
                 if fusion != SFT and all(start for _, start in starts):
                     values.append(_mean_sd([float(r["overall"]) - float(start["overall"]) for r, start in starts]))
-                    values.append(_mean_sd([min(float(r[f]) - float(start[f]) for f in FAMILIES) for r, start in starts]))
+                    worst = [min(float(r[f]) - float(start[f]) for f in FAMILIES) for r, start in starts]
+                    values.append(_mean_sd(worst))
                 else:
                     values += ["", ""]
                 lines.append(f"| {fusion} | {eps} | {len(group)} | " + " | ".join(values) + " |")

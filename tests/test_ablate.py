@@ -51,7 +51,8 @@ def test_tiny_ablation_writes_csv_and_plots_and_resumes(tmp_path):
     for eps in ("inf", "4"):
         report = json.loads((tmp_path / f"seed-0/eps-{eps}/audits/empirical-cnn-gru-eps{eps}-seed0.json").read_text())
         assert report["schema"] == "secure-mor/empirical-audit/v1" and report["pairs"] == TINY["pairs_per_client"]
-    for name in ("policy_accuracy.png", "style.png", "reward_models.png", "router_weights.png", "empirical_epsilon.png"):
+    plots = ("policy_accuracy.png", "style.png", "reward_models.png", "router_weights.png", "empirical_epsilon.png")
+    for name in plots:
         with Image.open(tmp_path / name) as image:
             assert image.size[0] > 400 and len(image.convert("L").getcolors(2**16)) > 10  # a real drawing
 

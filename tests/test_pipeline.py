@@ -4,10 +4,10 @@ authority, real CKKS; what the server receives; dropouts, late replies, K_min; r
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 import json
 import statistics
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
