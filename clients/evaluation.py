@@ -37,6 +37,7 @@ from secure_mor.clients.text import TextEncoder, trim_padding
 from secure_mor.clients.training import candidate_rewards, encode_annotations
 from secure_mor.data import ANSWER_STYLES, FAMILIES, FederatedData, column, make_preference_pairs, styled_answer
 from secure_mor.protocol import REWARD_MODEL_MEASURES
+from secure_mor.ranking import top1
 
 
 def held_out_pairs(data: FederatedData, style: str, seed: int = 0) -> dict[str, Dataset]:
@@ -79,13 +80,6 @@ def answer_rewards(
     return np.concatenate(out).reshape(len(questions), len(answers), len(ANSWER_STYLES)).max(-1)
 
 
-def _top1(rewards: np.ndarray, truth: np.ndarray) -> float:
-    """Mean chance that the best-rewarded answer is the true one, ties broken at random (a reward that
-    is the same for every answer, as clipping can make it, tells GRPO nothing)."""
-    best = rewards == rewards.max(-1, keepdims=True)
-    return float(np.mean(best[np.arange(len(truth)), truth] / best.sum(-1)))
-
-
 def ranking_metrics(
     model: nn.Module, encoder: TextEncoder, rows: Dataset, answers: Mapping[str, Sequence[str]], seed: int = 0,
     clip: float | None = None,
@@ -103,7 +97,7 @@ def ranking_metrics(
         rewards = answer_rewards(model, encoder, images, questions, answers[family], family, clip)
         swap = np.roll(rng.permutation(len(part)), 1) if len(part) > 1 else np.arange(len(part))
         swapped = answer_rewards(model, encoder, images[swap], questions, answers[family], family, clip)
-        out["top1"][family] = _top1(rewards, truth)
+        out["top1"][family] = top1(rewards, truth)
         out["image_dependence"][family] = float(np.mean(rewards.argmax(-1) != swapped.argmax(-1)))
     return out
 

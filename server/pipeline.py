@@ -50,6 +50,7 @@ from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_sig
 from secure_mor.data import FAMILIES, FederatedData, calibration_set
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, REWARD_MODEL_MEASURES, SERVER_PARTY
+from secure_mor.ranking import top1 as top1_of
 from secure_mor.routing import Router, RouterConfig, RouterSetup, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
 from secure_mor.server.router import ONE_CLIENT_FUSIONS, family_map, parse_fusion, prompt_features, weights_for
@@ -423,12 +424,6 @@ def _npy(array: np.ndarray) -> bytes:
 ANSWER_PRIOR_SHRINKAGE = (0.0, 0.25, 0.5, 0.75, 1.0)  # the factors learn_answer_prior chooses from
 
 
-def _top1(rewards: np.ndarray, truth: np.ndarray) -> float:
-    """Share of rows whose best-rewarded column is the true one (ties: a random pick among them)."""
-    best = rewards == rewards.max(-1, keepdims=True)
-    return float(np.mean(best[np.arange(len(truth)), truth] / best.sum(-1)))
-
-
 class FederatedReward:
     """TRL reward function: the router-fused, encrypted clients' reward of each completion,
     decrypted by the key authority (see `server.session`). None for a skipped round.
@@ -505,7 +500,7 @@ class FederatedReward:
             r = np.where(np.isnan(r), np.nanmean(r), r)
             offset = (r.mean(0) - r.mean((0, 1))).mean(-1)  # per answer: above its style's mean, whatever the image
             truth = np.array([self.answers[f].index(str(a)) for a in true_answers[questions]])
-            top1 = {lam: _top1((r - lam * offset[None, :, None]).max(-1), truth) for lam in ANSWER_PRIOR_SHRINKAGE}
+            top1 = {lam: top1_of((r - lam * offset[None, :, None]).max(-1), truth) for lam in ANSWER_PRIOR_SHRINKAGE}
             lam = max(ANSWER_PRIOR_SHRINKAGE, key=lambda x: (round(top1[x], 9), -x))
             self.answer_prior[f] = {a: float(lam * o) for a, o in zip(self.answers[f], offset, strict=True)}
             report["families"][f] = {"questions": len(questions), "shrinkage": lam, "offsets": self.answer_prior[f],
