@@ -302,6 +302,11 @@ def make_annotations(
         chosen.append(styled_answer(first, family, row_style))
         rejected.append(ranked_below)
         flipped.append(first != answer)
+    return _annotation_rows(rows, chosen, rejected, flipped)
+
+
+def _annotation_rows(rows: Dataset, chosen: list[str], rejected: list[list[str]], flipped: list[bool]) -> Dataset:
+    """The annotation schema (ANNOTATION_COLUMNS) over the VQA `rows` the texts were written for."""
     return Dataset.from_dict(
         {
             "image": encoded_images(rows),
@@ -351,18 +356,7 @@ def make_preference_pairs(
         chosen.append(bad if swap else good)
         rejected.append([good if swap else bad])
         flipped.append(swap)
-    return Dataset.from_dict(
-        {
-            "image": encoded_images(rows),
-            "question": column(rows, "question"),
-            "chosen_text": chosen,
-            "rejected_texts": rejected,
-            "family": column(rows, "family"),
-            "image_id": column(rows, "image_id"),
-            "label_flipped": flipped,
-        },
-        features=_annotation_features(),
-    )
+    return _annotation_rows(rows, chosen, rejected, flipped)
 
 
 # ----------------------------------------------------------- federated split
