@@ -400,7 +400,7 @@ def plot_router(rows: list[dict[str, Any]], out: Path, epsilons: list[Any]) -> N
     clients = sorted({k.rsplit("_", 1)[1] for r in mor for k in r if k.startswith("router_")})
     objectives = sorted({r["objective"] for r in mor}, key=OBJECTIVES.index)
     shown = [e for e in epsilons if any(str(r["epsilon"]) == str(e) for r in mor)]
-    fig, axes = plt.subplots(len(objectives), len(shown), figsize=(4.2 * len(shown), 3.4 * len(objectives)),
+    fig, axes = plt.subplots(len(objectives), len(shown), figsize=(max(4.2 * len(shown), 6.0), 3.4 * len(objectives)),
                              squeeze=False)
     for a, objective in enumerate(objectives):
         for b, eps in enumerate(shown):
@@ -414,7 +414,7 @@ def plot_router(rows: list[dict[str, Any]], out: Path, epsilons: list[Any]) -> N
             ax.set_xticks(range(len(clients)), clients)
             ax.set_yticks(range(len(FAMILIES)), FAMILIES)
             ax.set_title(f"{objective}, epsilon {eps if eps == 'inf' else f'{eps:g}'}")
-    fig.suptitle("Learned router: mean weight per held-out question family (rows) and client (columns)")
+    fig.suptitle("Learned router: mean weight per held-out\nquestion family (rows) and client (columns)")
     fig.tight_layout()
     fig.savefig(out / "router_weights.png", dpi=120)
     plt.close(fig)
