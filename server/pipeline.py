@@ -572,6 +572,8 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     kind, _ = parse_fusion(config.fusion, config.num_clients)
     if config.objective not in OBJECTIVES:
         raise AlignError(f"unknown objective {config.objective!r}; known: {list(OBJECTIVES)}")
+    if config.answer_prior_questions < 0:
+        raise AlignError(f"answer-prior-questions must be >= 0 (0: off), got {config.answer_prior_questions}")
     if config.registry and not config.ca_cert:
         raise AlignError("a key registry is trusted only through the operator's CA: set ca-cert with registry")
     if kind in ONE_CLIENT_FUSIONS and config.registry and not config.allow_single_client:

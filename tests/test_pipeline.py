@@ -422,6 +422,8 @@ def test_unknown_fusion_and_objective_are_refused_before_any_work(tmp_path):
         align(LocalTransport({}), tmp_path, tiny("best"), log=lambda m: None)
     with pytest.raises(Exception, match="objective"):
         align(LocalTransport({}), tmp_path, tiny(objective="speed"), log=lambda m: None)
+    with pytest.raises(AlignError, match="answer-prior-questions must be >= 0"):
+        align(LocalTransport({}), tmp_path, tiny(answer_prior_questions=-1), log=lambda m: None)
     deployment = {"registry": str(tmp_path / "registry"), "ca_cert": str(tmp_path / "ca.crt")}
     for fusion in ("single:1", "by-family"):  # in a deployment, only when the run config allows it
         with pytest.raises(AlignError, match="reveals one client's scores.*allow-single-client=true"):
