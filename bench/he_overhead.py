@@ -29,6 +29,7 @@ benchmark; `results.json` of a Flower run reports it (`timings.scoring`).
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 import time
 from dataclasses import replace
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import PrinterCallback
 
 from secure_mor.audits.ledger import Ledger
@@ -56,55 +58,60 @@ from secure_mor.server.pipeline import (
     prepare_policy,
     start_client_training,
 )
-from secure_mor.server.router import weights_for
 from secure_mor.server.session import SecureSession
 from secure_mor.server.transport import LocalTransport
 
 CLIENTS = ["client-0", "client-1", "client-2"]
 
 
-class InsecurePlaintextReward:
-    """INSECURE: reads each client's plaintext scores. Benchmark baseline only."""
+def request_items(request: dict) -> list:
+    """The (image, question, answer) items of a scoring request, images decoded as the clients decode them."""
+    images = [Image.open(io.BytesIO(png)) for png in request["images"]]
+    return [(images[i], q, a) for i, q, a in zip(request["image_index"], request["questions"], request["answers"],
+                                                 strict=True)]  # fmt: skip
 
-    __name__ = "fused_reward"
 
-    def __init__(self, nodes: dict, config: AlignConfig, w_min: float) -> None:
-        self.nodes, self.config, self.w_min = nodes, config, w_min
+class InsecurePlaintextSession:
+    """INSECURE: reads each client's plaintext scores and fuses them in the clear. Benchmark baseline
+    only. It stands in for SecureSession under the same FederatedReward, so both arms send the same
+    items (answers only, one router row per item) and differ only in the crypto."""
+
+    def __init__(self, nodes: dict, w_min: float) -> None:
+        self.nodes, self.w_min = nodes, w_min
         self.seconds = {"scoring": 0.0, "fusion": 0.0}
 
-    def __call__(self, prompts, completions, image, question, family, **kwargs):
+    def fused_rewards(self, request: dict, weights: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
-        items = [(i, q, c[-1]["content"]) for i, q, c in zip(image, question, completions, strict=True)]
+        items = request_items(request)
         scores = [self.nodes[c]._client().score(items) for c in CLIENTS]
         scored = time.perf_counter()
-        w = weights_for(self.config.fusion, n=len(items), k=len(CLIENTS), w_min=self.w_min)
-        fused = insecure_plaintext_fusion(scores, w)
+        fused = insecure_plaintext_fusion(scores, weights)
         self.seconds["scoring"] += scored - started
         self.seconds["fusion"] += time.perf_counter() - scored
-        return fused.tolist()
+        return fused
 
 
-class RecordedReward(FederatedReward):
-    """The secure reward, keeping each round's items and released rewards (a list append: no
-    measurable time) so that the release error can be measured after the arm."""
+class RecordedSession(SecureSession):
+    """The secure session, keeping each round's request, weights and released rewards (a list append:
+    no measurable time) so that the release error can be measured after the arm."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.rounds: list[tuple[list, list[float | None]]] = []
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.recorded: list[tuple[dict, np.ndarray, np.ndarray | None]] = []
 
-    def __call__(self, prompts, completions, image, question, family, **kwargs):
-        values = super().__call__(prompts, completions, image, question, family, **kwargs)
-        items = [(i, q, c[-1]["content"]) for i, q, c in zip(image, question, completions, strict=True)]
-        self.rounds.append((items, values))
+    def fused_rewards(self, request, weights):
+        values = super().fused_rewards(request, weights)
+        self.recorded.append((request, np.asarray(weights), values))
         return values
 
 
-def release_error(reward: RecordedReward, plain: InsecurePlaintextReward) -> float:
+def release_error(session: RecordedSession, nodes: dict) -> float:
     """Largest |released - plaintext fusion| over every round of the secure arm (scored again, in the clear)."""
     worst = 0.0
-    for items, values in reward.rounds:
-        scores = [plain.nodes[c]._client().score(items) for c in CLIENTS]
-        w = weights_for(plain.config.fusion, n=len(items), k=len(CLIENTS), w_min=plain.w_min)
+    for request, w, values in session.recorded:
+        if values is None:
+            continue
+        scores = [nodes[c]._client().score(request_items(request)) for c in CLIENTS]
         worst = max(worst, float(np.max(np.abs(np.asarray(values) - insecure_plaintext_fusion(scores, w)))))
     return worst
 
@@ -175,12 +182,13 @@ def main() -> None:
     errors: list[float] = []
     for repeat in range(args.repeats):
         fresh_clients()
-        plain = InsecurePlaintextReward(nodes, config, federation.w_min)
-        spent = run_arm(run, prompts, plain, settings, Path(scratch.name) / f"plain-{repeat}")
+        plain = InsecurePlaintextSession(nodes, federation.w_min)
+        reward = FederatedReward(plain, config, None, None, {}, data.answers)
+        spent = run_arm(run, prompts, reward, settings, Path(scratch.name) / f"plain-{repeat}")
         rows["plaintext (INSECURE)"].append(
             {**spent, "scoring": plain.seconds["scoring"], "crypto": plain.seconds["fusion"]}
         )
-        session = SecureSession(
+        session = RecordedSession(
             transport=transport,
             pub=federation.pub,
             signer=load_or_create_signer(SERVER_PARTY, root / SERVER_PARTY / "keys"),
@@ -193,13 +201,13 @@ def main() -> None:
             w_min=federation.w_min,
         )
         fresh_clients()
-        secure = RecordedReward(session, config, None, None, {})
+        secure = FederatedReward(session, config, None, None, {}, data.answers)
         spent = run_arm(run, prompts, secure, settings, Path(scratch.name) / f"secure-{repeat}")
         t = session.timings
         rows["secure"].append(
             {**spent, "scoring": t.client_compute, "crypto": t.server_crypto + t.authority_round_trip}
         )
-        errors.append(release_error(secure, plain))
+        errors.append(release_error(session, nodes))
 
     rounds = args.steps // settings.steps_per_round
     print(
