@@ -532,8 +532,8 @@ class FederatedReward:
 
         started = time.perf_counter()
         answers = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
-        scored = [i for i, (a, q) in enumerate(zip(answers, question, strict=True))
-                  if extract_answer(a, q, self.answers)]
+        words = [extract_answer(a, q, self.answers) for a, q in zip(answers, question, strict=True)]
+        scored = [i for i, word in enumerate(words) if word]
         if not scored:
             return [0.0] * len(answers)
 
@@ -547,8 +547,7 @@ class FederatedReward:
         self.seconds["round"] += time.perf_counter() - computed
         if values is None:
             return [None] * len(answers)
-        fused = {i: float(v) - self.answer_prior.get(family[i], {}).get(extract_answer(answers[i], question[i],
-                                                                                 self.answers), 0.0)
+        fused = {i: float(v) - self.answer_prior.get(family[i], {}).get(words[i], 0.0)
                  for i, v in zip(scored, values, strict=True)}
         prompt = [f"{i}\0{q}" for i, q in zip(image_id, question, strict=True)]
         worst: dict[str, float] = {}
