@@ -282,14 +282,15 @@ def accuracy_report(completions: list[str], rows: Dataset, answers_by_family: di
 
     `accuracy`: the extracted answer word is right (style-independent);
     `exact_match`: the normalised completion equals the answer;
-    `sentences`: the share of completions that are full sentences (`is_sentence`).
+    `sentences`: the share of completions that are full sentences (`is_sentence`);
+    `right_sentences`: the share that are both right and full sentences (the `sentences` objective).
     """
     per_family: dict[str, dict[str, float]] = {}
-    totals = {"n": 0, "correct": 0, "exact": 0, "sentences": 0}
+    totals = {"n": 0, "correct": 0, "exact": 0, "sentences": 0, "right_sentences": 0}
     for completion, question, answer, family in zip(
         completions, column(rows, "question"), column(rows, "answer"), column(rows, "family"), strict=True
     ):
-        stats = per_family.setdefault(family, {"n": 0, "correct": 0, "exact": 0, "sentences": 0})
+        stats = per_family.setdefault(family, {"n": 0, "correct": 0, "exact": 0, "sentences": 0, "right_sentences": 0})
         correct = extract_answer(completion, question, answers_by_family) == normalize_text(answer)
         exact = normalize_text(completion) == normalize_text(answer)
         for bucket in (stats, totals):
@@ -297,11 +298,12 @@ def accuracy_report(completions: list[str], rows: Dataset, answers_by_family: di
             bucket["correct"] += int(correct)
             bucket["exact"] += int(exact)
             bucket["sentences"] += int(is_sentence(completion))
+            bucket["right_sentences"] += int(correct and is_sentence(completion))
 
     def summarise(bucket: dict[str, float]) -> dict[str, float]:
         n = max(bucket["n"], 1)
         return {"n": bucket["n"], "accuracy": bucket["correct"] / n, "exact_match": bucket["exact"] / n,
-                "sentences": bucket["sentences"] / n}
+                "sentences": bucket["sentences"] / n, "right_sentences": bucket["right_sentences"] / n}
 
     ordered = [f for f in FAMILIES if f in per_family] + sorted(set(per_family) - set(FAMILIES))
     return {

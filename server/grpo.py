@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,6 +85,8 @@ RewardFn = Callable[..., list[float | None]]
 
 LOG_FILE = "grpo_log.json"
 POLICY_DIR = "policy"
+BEST_DIR = "best-policy"  # the policy with the best held-out `select` metric so far (run_grpo)
+BEST_FILE = "best.json"
 PASSTHROUGH_COLUMNS = ("question", "family", "image_id")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 
@@ -263,11 +266,14 @@ class _StepCallback(TrainerCallback):
     """
 
     def __init__(self, log_path: Path, settings: GRPOSettings, on_step: Callable[[int, int], None] | None,
-                 held_out: HeldOutFn | None) -> None:
+                 held_out: HeldOutFn | None, select: str | None) -> None:
         self.log_path = log_path
         self.settings = settings
         self.on_step = on_step
         self.held_out = held_out
+        self.select = select
+        self.best_dir = log_path.parent / BEST_DIR
+        self.best: dict[str, Any] | None = None  # {"step", "value"} of the policy kept in best_dir
 
     def _measure(self, state: Any, model: Any, processing_class: Any) -> None:
         was_training = model.training
@@ -275,9 +281,17 @@ class _StepCallback(TrainerCallback):
         model.train(was_training)
         state.log_history.append({"step": state.global_step, **{f"held_out/{k}": v for k, v in metrics.items()}})
         write_log(self.log_path, self.settings, state.log_history)
+        if self.select is not None and (self.best is None or metrics[self.select] > self.best["value"]):
+            model.save_pretrained(self.best_dir)
+            self.best = {"step": state.global_step, "metric": self.select, "value": metrics[self.select]}
+            (self.best_dir / BEST_FILE).write_text(json.dumps(self.best))
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
                        **kwargs: Any) -> None:
+        if self.select is not None and (self.best_dir / BEST_FILE).exists():
+            best = json.loads((self.best_dir / BEST_FILE).read_text())
+            # A kept policy from after the checkpoint a resumed run restarts at belongs to a lost tail.
+            self.best = best if best["step"] <= state.global_step and best["metric"] == self.select else None
         if self.held_out and state.global_step == 0:
             self._measure(state, model, processing_class)
 
@@ -425,6 +439,7 @@ def run_grpo(
     on_step: Callable[[int, int], None] | None = None,
     resume: bool = False,
     held_out: HeldOutFn | None = None,
+    select: str | None = None,
 ) -> dict[str, Any]:
     """GRPO on the policy saved at `policy_path`, scored by `reward_fn`.
 
@@ -450,9 +465,15 @@ def run_grpo(
 
     `held_out(policy, processor)`, if given, is measured before the first step and every
     `settings.held_out_steps` optimizer steps (and after the last): the held-out curve.
+    `select`, one of its metrics: the saved policy is the one measured best on it (the first
+    of equals, the starting policy included: step 0), not the last step's; early stopping
+    that needs no second run.
 
-    Returns `{"history", "held_out", "global_step", "resumed_from", "policy_path", "log_path"}`.
+    Returns `{"history", "held_out", "global_step", "resumed_from", "policy_path", "log_path",
+    "selected"}` (`selected`: the kept policy's `{"step", "metric", "value"}`, or None).
     """
+    if select is not None and held_out is None:
+        raise ValueError("select names a held-out metric: pass held_out too")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     last = get_last_checkpoint(str(output_dir))
@@ -462,17 +483,18 @@ def run_grpo(
             "or use a fresh output directory"
         )
     log_path = output_dir / LOG_FILE
-    trainer = build_grpo_trainer(
-        policy_path, prompts, reward_fn, settings, output_dir,
-        callbacks=[_StepCallback(log_path, settings, on_step, held_out)],
-    )
+    steps = _StepCallback(log_path, settings, on_step, held_out, select)
+    trainer = build_grpo_trainer(policy_path, prompts, reward_fn, settings, output_dir, callbacks=[steps])
     trainer.remove_callback(PrinterCallback)  # the history goes to grpo_log.json
     trainer.train(resume_from_checkpoint=last)
 
     history = trainer.state.log_history
     write_log(log_path, settings, history)
     policy_dir = output_dir / POLICY_DIR
-    trainer.model.save_pretrained(policy_dir)
+    if steps.best is None:
+        trainer.model.save_pretrained(policy_dir)
+    else:
+        shutil.copytree(steps.best_dir, policy_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(BEST_FILE))
     trainer.processing_class.save_pretrained(policy_dir)
     return {
         "history": history,
@@ -481,4 +503,5 @@ def run_grpo(
         "resumed_from": last,
         "policy_path": policy_dir,
         "log_path": log_path,
+        "selected": steps.best,
     }

@@ -94,7 +94,10 @@ class AlignConfig:
     reply_timeout: seconds a scoring round waits for the clients (later replies are dropped);
     client_training: further settings for the clients' DP training (e.g. epochs);
     eval_per_family: held-out questions per family for the policy evaluation; curve_per_family: for the
-    held-out accuracy curve during GRPO (another draw of the held-out set);
+    held-out accuracy curve during GRPO (another draw of the held-out set; reported, never used to choose);
+    validation_per_family: the server's own labelled validation questions per family (public questions,
+    images no policy stage trained on) measured along GRPO; the aligned policy is the step best on them
+    for the objective (`validation_score`), SFT's included (0: the last step's policy);
     answer_prior_questions: labelled questions per family on which every answer is scored before GRPO, to take the
     fused reward's image-independent answer preference out of it (`FederatedReward.learn_answer_prior`;
     0: off).
@@ -115,6 +118,7 @@ class AlignConfig:
     client_training: Mapping[str, Any] = field(default_factory=dict)
     eval_per_family: int = 200
     curve_per_family: int = 50
+    validation_per_family: int = 100
     pairs_per_client: int = 800
     answer_prior_questions: int = 48
     calibration_pairs: int = 3000
@@ -664,10 +668,20 @@ def align_policy(run: RunDir, data: FederatedData, config: AlignConfig, reward: 
     log(f"GRPO: {config.grpo.max_steps} steps, reward {getattr(reward, '__name__', 'reward')}, "
         f"fusion {config.fusion}, objective {config.objective}")
     curve_rows = evaluation_rows(data, config.curve_per_family, config.seed + 1)
+    validation = validation_rows(data, config.validation_per_family, config.seed)
+
+    def held_out(model: Any, processor: Any) -> dict[str, float]:
+        metrics = held_out_accuracy(model, processor, curve_rows, data)
+        if validation is not None:
+            checked = held_out_accuracy(model, processor, validation, data)
+            metrics.update({f"validation_{k}": v for k, v in checked.items()},
+                           validation_score=checked[VALIDATION_SCORE[config.objective]])
+        return metrics
+
     t = time.perf_counter()
     grpo = run_grpo(run.sft_policy, grpo_prompts(data, config.seed), reward, replace(config.grpo, seed=config.seed),
                     out, on_step=lambda step, total: write_progress(out, "GRPO", step, total), resume=config.resume,
-                    held_out=lambda model, processor: held_out_accuracy(model, processor, curve_rows, data))
+                    held_out=held_out, select="validation_score" if validation is not None else None)
     timings["grpo_s"] = time.perf_counter() - t
     t = time.perf_counter()
     log("evaluating the aligned policy")
@@ -691,19 +705,36 @@ def align_policy(run: RunDir, data: FederatedData, config: AlignConfig, reward: 
             "reward_first_quarter": float(np.mean(rewards[:quarter])) if rewards else None,
             "reward_last_quarter": float(np.mean(rewards[-quarter:])) if rewards else None,
             "held_out_curve": grpo["held_out"],
+            "selected": grpo["selected"],
             "log": str(grpo["log_path"]),
         },
         "timings": timings,
     }
 
 
+# What the server's validation questions measure of each objective (they choose GRPO's kept step).
+VALIDATION_SCORE = {"correctness": "accuracy", "sentences": "right_sentences"}
+
+
+def validation_rows(data: FederatedData, per_family: int, seed: int) -> Any:
+    """The server's labelled validation questions: `per_family` of the split's public questions per
+    family (None when there are none, or per_family is 0)."""
+    from secure_mor.data import stratified_indices
+
+    if not per_family or data.public is None or not len(data.public):
+        return None
+    return data.public.select(stratified_indices(data.public, per_family, seed))
+
+
 def held_out_accuracy(model: Any, processor: Any, rows: Any, data: FederatedData) -> dict[str, float]:
-    """Greedy accuracy and sentence share on a held-out subset (GRPO's curve; the server evaluates its own
-    policy, no release)."""
+    """Greedy accuracy and sentence shares on a held-out subset (GRPO's curve and validation; the server
+    evaluates its own policy, no release)."""
     from secure_mor.policy import accuracy_report, generate_answers
 
     report = accuracy_report(generate_answers(model, processor, rows), rows, data.answers)
-    return {"accuracy": report["overall"]["accuracy"], "sentences": report["overall"]["sentences"],
+    overall = report["overall"]
+    return {"accuracy": overall["accuracy"], "sentences": overall["sentences"],
+            "right_sentences": overall["right_sentences"],
             **{f"accuracy_{f}": v["accuracy"] for f, v in report["per_family"].items()}}
 
 
