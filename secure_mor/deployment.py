@@ -83,6 +83,7 @@ TINY_RUN: dict[str, object] = {
     "steps-per-round": 1,
     "save-steps": 1,
     "eval-per-family": 8,
+    "validation-per-family": 4,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from secure_mor.protocol import Payload
-from secure_mor.server.grpo import GRPOSettings
-from secure_mor.server.pipeline import AlignConfig, AlignError, align
+from secure_mor.server.pipeline import DEFAULT_GRPO, AlignConfig, AlignError, align
 from secure_mor.server.router_training import RouterTrainingConfig
 from secure_mor.server.transport import NodeFailure, Replies, payload_for
 
@@ -115,10 +115,12 @@ class GridTransport:
 def align_config(run_config: Mapping[str, Any]) -> AlignConfig:
     """The AlignConfig of a Flower run config (keys as in pyproject.toml's [tool.flwr.app.config])."""
     c = dict(run_config)
-    grpo = GRPOSettings(max_steps=int(c["grpo-steps"]), num_generations=int(c["num-generations"]),
-                        batch_size=int(c["grpo-batch-size"]), steps_per_generation=int(c["steps-per-round"]),
-                        learning_rate=float(c["grpo-learning-rate"]), beta=float(c["beta"]),
-                        loss_type=str(c["loss-type"]), save_steps=int(c["save-steps"]))
+    # From the main job's GRPO defaults, so that what the run config does not name (the schedule, the
+    # warm-up, ...) is the same as in `align` called directly (the ablation, the oracle).
+    grpo = replace(DEFAULT_GRPO, max_steps=int(c["grpo-steps"]), num_generations=int(c["num-generations"]),
+                   batch_size=int(c["grpo-batch-size"]), steps_per_generation=int(c["steps-per-round"]),
+                   learning_rate=float(c["grpo-learning-rate"]), beta=float(c["beta"]),
+                   loss_type=str(c["loss-type"]), save_steps=int(c["save-steps"]))
     router = RouterTrainingConfig(steps=int(c["router-steps"]), batch_size=int(c["router-batch-size"]))
     client_training = {"epochs": int(c["client-epochs"])} if int(c.get("client-epochs", 0)) > 0 else {}
     if int(c.get("client-public-epochs", -1)) >= 0:
@@ -132,6 +134,8 @@ def align_config(run_config: Mapping[str, Any]) -> AlignConfig:
         sft=SFTSettings(examples=int(c["sft-examples"]), epochs=float(c["sft-epochs"]),
                         vision_epochs=int(c["sft-vision-epochs"])),
         client_training=client_training, eval_per_family=int(c["eval-per-family"]),
+        validation_per_family=int(c.get("validation-per-family", AlignConfig.validation_per_family)),
+        family_gate=bool(c.get("family-gate", AlignConfig.family_gate)),
         pairs_per_client=int(c["pairs-per-client"]), calibration_pairs=int(c["calibration-pairs"]),
         answer_prior_questions=int(c.get("answer-prior-questions", AlignConfig.answer_prior_questions)),
         resume=bool(c["resume"]), registry=str(c.get("registry", "")), ca_cert=str(c.get("ca-cert", "")),

@@ -20,6 +20,7 @@ TINY = {
     "pairs_per_client": 60,
     "calibration_pairs": 150,
     "answer_prior_questions": 3,
+    "validation_per_family": 4,
 }
 TINY_AUDIT = {"canaries": 20, "guesses": (10,)}
 

@@ -208,3 +208,30 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_policy, fe
     assert steps == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert (result["policy_path"] / "config.json").exists()
+
+
+@pytest.mark.parametrize("best_call", [0, 2])
+def test_the_kept_policy_is_the_one_measured_best_on_the_held_out_metric(tmp_path, tiny_policy, federated, best_call):
+    """`select`: the saved policy is the weights of the best held-out point (call 0 is the starting
+    policy, before any step), not the last step's."""
+    prompts = federated.prompt_pool.select(range(32))
+    settings = GRPOSettings(batch_size=8, steps_per_generation=1, max_steps=4, save_steps=0, held_out_steps=1,
+                            learning_rate=1e-2, beta=0.0, max_completion_length=4)
+    snapshots = []
+
+    def held_out(model, processor):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"score": 1.0 if len(snapshots) - 1 == best_call else 0.5}
+
+    def first_token(prompts, completions, completion_ids, **kwargs):  # varies within a group: the policy moves
+        return [float(ids[0]) for ids in completion_ids]
+
+    result = run_grpo(tiny_policy, prompts, first_token, settings, tmp_path, held_out=held_out, select="score")
+    assert len(snapshots) == 5  # before the first step and after each of the four
+    assert result["selected"] == {"step": best_call, "metric": "score", "value": 1.0}
+    kept, _ = load_policy(result["policy_path"])
+    last = snapshots[-1]
+    differs = [k for k, v in kept.state_dict().items() if not torch.equal(v, last[k])]
+    assert differs, "four steps at lr 1e-2 must move the policy away from the kept one"
+    for name, value in kept.state_dict().items():
+        assert torch.equal(value, snapshots[best_call][name]), name

@@ -42,7 +42,15 @@ from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY, ProtocolError, array_bytes, png_bytes, score_request
 from secure_mor.routing import GradientQuery, Router, RouterQueryError, RouterSetup, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings, run_grpo
-from secure_mor.server.pipeline import AlignConfig, AlignError, FederatedReward, align, connect
+from secure_mor.server.pipeline import (
+    AlignConfig,
+    AlignError,
+    FederatedReward,
+    align,
+    connect,
+    gated_families,
+    grpo_prompts,
+)
 from secure_mor.server.router_training import RouterTrainingConfig
 from secure_mor.server.secure_round import RoundRefused
 from secure_mor.server.session import SecureSession
@@ -63,6 +71,7 @@ def tiny(fusion: str = "mor", **kw) -> AlignConfig:
         "pairs_per_client": 100,
         "calibration_pairs": 300,
         "answer_prior_questions": 0,  # the tiny_run fixture turns it on
+        "validation_per_family": 4,
         **kw,
     }
     return AlignConfig(**settings)
@@ -134,6 +143,12 @@ def test_tiny_alignment_writes_results_and_a_verifiable_ledger(tiny_run):
         assert family["shrinkage"] in (0.0, 0.25, 0.5, 0.75, 1.0) and set(family["fused_top1"]) == {
             "0.0", "0.25", "0.5", "0.75", "1.0"}
         assert abs(sum(family["offsets"].values())) < 1e-9  # centred: only the preference between answers moves
+        assert 0.0 <= family["policy_accuracy"] <= 1.0 and len(family["rows"]) == family["questions"]
+    # GRPO trains on the gated families (every family when none passes); it keeps the step best on validation
+    assert results["grpo"]["families"] == (gated_families(prior) or ["color", "shape", "presence"])
+    best = max(curve, key=lambda p: p["validation_score"])  # the first of equals, as run_grpo keeps
+    assert results["grpo"]["selected"] == {"step": best["step"], "metric": "validation_score",
+                                           "value": best["validation_score"]}
     assert results["grpo"]["rounds"] == 2 + 2 and results["grpo"]["skipped_rounds"] == 0  # GRPO, answer prior
     assert (run / "align" / "mor" / "grpo_log.json").exists()
 
@@ -656,3 +671,14 @@ def test_the_answer_prior_is_what_the_reward_pays_whatever_the_image_and_is_take
     assert values[0] - values[1] == pytest.approx(0.5 * (bias["rectangle"] - bias["triangle"]))  # half the prior left
     assert values[2] == pytest.approx(bias["circle"] - shape["offsets"]["circle"] + 0.5)  # the sentence level stays
     assert values[3] == pytest.approx(min(values[:3]))  # a non-answer: the worst answer of its prompt
+
+
+def test_grpo_trains_only_where_the_reward_ranks_better_than_the_policy_answers(federated):
+    def family(fused, policy):
+        return {"shrinkage": 0.5, "fused_top1": {"0.0": 0.0, "0.5": fused}, "policy_accuracy": policy}
+
+    prior = {"families": {"color": family(0.96, 0.96), "shape": family(0.62, 0.78), "presence": family(0.69, 0.59)}}
+    assert gated_families(prior) == ["presence"]  # a tie teaches nothing; only the chosen shrinkage counts
+    prompts = grpo_prompts(federated, seed=0, families=["presence", "color"])
+    counts = Counter(prompts["family"])
+    assert set(counts) == {"color", "presence"} and counts["color"] == counts["presence"]
