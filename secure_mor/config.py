@@ -36,10 +36,12 @@ class DataSpec:
     split: SplitConfig = field(default_factory=SplitConfig)
 
     @classmethod
-    def of_run(cls, num_clients: int, seed: int, pairs_per_client: int, calibration_pairs: int) -> DataSpec:
-        """The easy-VQA split of an alignment run (its run config's keys of the same names)."""
-        return cls(split=SplitConfig(clients=default_clients(num_clients), seed=seed,
-                                     pairs_per_client=pairs_per_client, calibration_pairs=calibration_pairs))
+    def of_run(cls, num_clients: int, seed: int, pairs_per_client: int, calibration_pairs: int,
+               dataset: str = EASY_VQA) -> DataSpec:
+        """The split of an alignment run (its run config's keys of the same names)."""
+        return cls(dataset=dataset, split=SplitConfig(clients=default_clients(num_clients), seed=seed,
+                                                      pairs_per_client=pairs_per_client,
+                                                      calibration_pairs=calibration_pairs))
 
     def to_json(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "split": asdict(self.split)}
@@ -78,6 +80,21 @@ class RunDir:
     @property
     def sft_policy(self) -> Path:
         return self.path / "policy" / "sft"
+
+    @property
+    def policy_source_path(self) -> Path:
+        """`policy/source.json`: which VLM the base policy is (`{"model": path or hub id}`, "" = the tiny LLaVA
+        built here)."""
+        return self.path / "policy" / "source.json"
+
+    def policy_source(self) -> str:
+        """The run's VLM ("" = the tiny LLaVA built here; so is a run written before source.json existed)."""
+        if not self.policy_source_path.exists():
+            return ""
+        return str(json.loads(self.policy_source_path.read_text())["model"])
+
+    def save_policy_source(self, model: str) -> None:
+        self.write_json(self.policy_source_path, {"model": model})
 
     def eval_path(self, tag: str) -> Path:
         return self.path / "eval" / f"{tag}.json"

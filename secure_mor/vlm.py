@@ -9,6 +9,7 @@ template and a PIL CLIP image processor. Nothing touches a model hub.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -166,18 +167,47 @@ def save_policy(model: PreTrainedModel, processor: ProcessorMixin, path: Path | 
     return path
 
 
+VIDEO_EXTRA = "video-processors"  # pyproject's extra with the torch/torchvision pair that install together
+
+
+class PolicyLoadError(RuntimeError):
+    """A VLM cannot be loaded here; the message says why in one sentence."""
+
+
 def load_policy(path_or_id: Path | str) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Load a policy saved by `save_policy`, or any image-text-to-text model TRL supports.
 
-    A hub id works only where its weights are already in the local cache.
+    A hub id works only where its weights are already in the local cache. Raises PolicyLoadError
+    (a missing path, a model transformers cannot load, a processor that needs torchvision).
     """
-    processor = AutoProcessor.from_pretrained(str(path_or_id))
-    model = AutoModelForImageTextToText.from_pretrained(str(path_or_id))
+    try:
+        # local_files_only: nothing is fetched from a model hub at run time
+        processor = AutoProcessor.from_pretrained(str(path_or_id), local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(str(path_or_id), local_files_only=True)
+    except (OSError, ValueError, ImportError, KeyError) as err:
+        raise PolicyLoadError(_load_failure(str(path_or_id), err)) from err
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, processor
+
+
+def _load_failure(model: str, err: Exception) -> str:
+    local = Path(model)
+    if local.is_absolute() or model.startswith("."):
+        if not local.is_dir():
+            return f"no saved VLM at {model!r}: no such directory"
+        if not (local / "config.json").exists():
+            return f"no saved VLM at {model!r}: it has no config.json"
+    # Processors with a video slot (Qwen2-VL and kin) need torchvision: transformers says so with an
+    # ImportError, or, depending on the files present, with an OSError about a missing video config.
+    text = str(err).lower()
+    if importlib.util.find_spec("torchvision") is None and ("torchvision" in text or "video_preprocessor" in text):
+        return (f"the VLM {model!r} has a processor that needs torchvision, which is not installed: install the "
+                f"extra with `pip install -e '.[{VIDEO_EXTRA}]'` (torch 2.14.1 and torchvision 0.29.1, about 5.5 GB)")
+    return (f"cannot load the VLM {model!r} (a local path, or a hub id whose files are already in the local "
+            f"cache): {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -49,7 +49,6 @@ from secure_mor.server.pipeline import (
     align,
     connect,
     gated_families,
-    grpo_prompts,
 )
 from secure_mor.server.router_training import RouterTrainingConfig
 from secure_mor.server.secure_round import RoundRefused
@@ -673,12 +672,22 @@ def test_the_answer_prior_is_what_the_reward_pays_whatever_the_image_and_is_take
     assert values[3] == pytest.approx(min(values[:3]))  # a non-answer: the worst answer of its prompt
 
 
-def test_grpo_trains_only_where_the_reward_ranks_better_than_the_policy_answers(federated):
+def test_grpo_rewards_only_where_the_reward_ranks_better_than_the_policy_answers():
     def family(fused, policy):
         return {"shrinkage": 0.5, "fused_top1": {"0.0": 0.0, "0.5": fused}, "policy_accuracy": policy}
 
     prior = {"families": {"color": family(0.96, 0.96), "shape": family(0.62, 0.78), "presence": family(0.69, 0.59)}}
     assert gated_families(prior) == ["presence"]  # a tie teaches nothing; only the chosen shrinkage counts
-    prompts = grpo_prompts(federated, seed=0, families=["presence", "color"])
-    counts = Counter(prompts["family"])
-    assert set(counts) == {"color", "presence"} and counts["color"] == counts["presence"]
+
+    # the other families stay in GRPO's prompts, their answers unscored (no release) and all paid 0: advantage 0
+    session = _RuleSession(lambda question, answer: 1.0 + float(answer == "yes"))
+    answers = {"shape": ["circle", "rectangle", "triangle"], "presence": ["no", "yes"]}
+    reward = FederatedReward(session, AlignConfig(fusion="uniform"), None, None, {}, answers)
+    reward.families = ["presence"]
+    texts = ["circle", "triangle", "yes", "no"]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    questions = ["What shape is in the image?"] * 2 + ["Is there a circle in the image?"] * 2
+    image = Image.new("RGB", (8, 8))
+    values = reward(None, completions, [image] * 4, questions, ["shape", "shape", "presence", "presence"],
+                    ["public/0"] * 2 + ["public/1"] * 2)
+    assert values == [0.0, 0.0, 2.0, 1.0] and session.released == 2
