@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -43,6 +44,13 @@ DatasetOption = Annotated[
     str, typer.Option(help="'easy-vqa' or a local Hugging Face dataset (save_to_disk dir or data files).")
 ]
 SeedOption = Annotated[int, typer.Option(help="Seed of the split and of training.")]
+DeviceOption = Annotated[
+    str, typer.Option(help="Where the policy runs (SFT, GRPO, prompt features, evaluation): auto | cpu | cuda.")
+]
+ModelOption = Annotated[
+    str, typer.Option(help="The policy VLM: a local path, or a hub id already in the local cache; "
+                           "default: a tiny LLaVA built locally.")
+]
 ClientsOption = Annotated[int, typer.Option("--clients", help="Number of clients (institutions).")]
 SkewOption = Annotated[float, typer.Option(help="Fraction of each client's questions from its own family.")]
 PairsOption = Annotated[int, typer.Option(help="Annotations per client (one question each: the privacy unit).")]
@@ -74,7 +82,7 @@ def _quiet_libraries() -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")  # escaped: "[video-processors]" is not markup
     return typer.Exit(code=2)
 
 
@@ -185,7 +193,14 @@ def policy_build(
 ) -> None:
     """Build the tiny LLaVA policy from the data's vocabulary (or copy --model) into RUN/policy/base."""
     _quiet_libraries()
-    from secure_mor.vlm import TinyVLMConfig, build_tiny_vlm, count_parameters, load_policy, save_policy
+    from secure_mor.vlm import (
+        PolicyLoadError,
+        TinyVLMConfig,
+        build_tiny_vlm,
+        count_parameters,
+        load_policy,
+        save_policy,
+    )
 
     run = RunDir(out)
     spec = _data_spec(dataset, seed, clients, skew, pairs_per_client)
@@ -193,14 +208,15 @@ def policy_build(
     if model:
         try:
             policy, processor = load_policy(model)
-        except (OSError, ValueError) as err:
-            raise _fail(f"cannot load the VLM {model!r} locally: {err}") from err
+        except PolicyLoadError as err:
+            raise _fail(str(err)) from err
     else:
         from secure_mor.data import vocabulary_texts
 
         policy, processor = build_tiny_vlm(vocabulary_texts(data), TinyVLMConfig(seed=seed))
     run.save_data_spec(spec)
     save_policy(policy, processor, run.base_policy)
+    run.save_policy_source(model or "")
     console.print(
         f"policy: {type(policy).__name__}, {count_parameters(policy):,} parameters, "
         f"vocabulary {len(processor.tokenizer)}; saved to {run.base_policy}"
@@ -291,9 +307,20 @@ def print_accuracy(report: dict[str, Any], title: str) -> None:
 def _run_align(out: Path, run_config: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One configuration through Flower's simulation runtime, with a progress bar drawn from
     the job's progress file; returns its results.json."""
+    from secure_mor.device import resolve_device
     from secure_mor.federation import FederationError, run_local_simulation
     from secure_mor.server.pipeline import AlignConfig
+    from secure_mor.vlm import PolicyLoadError, check_loadable
 
+    try:
+        resolve_device(str(run_config.get("device", "auto")))
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    if run_config.get("model"):
+        try:
+            check_loadable(str(run_config["model"]))  # before Flower starts: its logs would bury the reason
+        except PolicyLoadError as err:
+            raise _fail(str(err)) from err
     out = out.resolve()
     label = AlignConfig(fusion=str(run_config.get("fusion", "mor")),
                         objective=str(run_config.get("objective", "correctness"))).label
@@ -362,6 +389,9 @@ def _num(value: float | None) -> str:
 @app.command("align")
 def align(
     out: OutOption = Path("runs/align"),
+    model: ModelOption = "",
+    dataset: DatasetOption = EASY_VQA,
+    device: DeviceOption = "auto",
     fusion: Annotated[str, typer.Option(help="mor | uniform | single:K | by-family (evaluation only)")] = "mor",
     epsilon: Annotated[float, typer.Option(help="each client's DP budget epsilon (inf: non-private)")] = 4.0,
     seed: SeedOption = 0,
@@ -375,8 +405,9 @@ def align(
 ) -> None:
     """One configuration of the secure federated alignment, through Flower's simulation runtime."""
     run_config: dict[str, Any] = {
-        "fusion": fusion, "epsilon": epsilon, "seed": seed, "objective": objective, "grpo-steps": steps,
-        "resume": resume, "num-clients": 3,
+        "model": _local(model), "dataset": _local(dataset), "device": device, "fusion": fusion, "epsilon": epsilon,
+        "seed": seed,
+        "objective": objective, "grpo-steps": steps, "resume": resume, "num-clients": 3,
     }
     for item in config or []:
         key, sep, value = item.partition("=")
@@ -385,6 +416,11 @@ def align(
         run_config[key] = _parse_value(value)
     results = _run_align(out, run_config, timeout)
     print_results(results)
+
+
+def _local(source: str) -> str:
+    """A path that exists, made absolute (Flower's processes run elsewhere); anything else as given."""
+    return str(Path(source).resolve()) if source and Path(source).exists() else source
 
 
 def _parse_value(value: str) -> Any:
@@ -399,13 +435,17 @@ def _parse_value(value: str) -> Any:
 @app.command("demo")
 def demo(
     out: OutOption = Path("runs/demo"),
+    model: ModelOption = "",
+    dataset: DatasetOption = EASY_VQA,
+    device: DeviceOption = "auto",
     seed: SeedOption = 0,
     epsilon: Annotated[float, typer.Option(help="each client's DP budget epsilon")] = 4.0,
 ) -> None:
     """The main job on easy-VQA: SFT warm start, DP reward models, secure router training, GRPO on
     the encrypted router-fused reward, evaluation. Writes RUN/results.json."""
     started = time.perf_counter()
-    results = _run_align(out, {"fusion": "mor", "epsilon": epsilon, "seed": seed, "num-clients": 3}, 3600.0)
+    results = _run_align(out, {"model": _local(model), "dataset": _local(dataset), "device": device,
+                               "fusion": "mor", "epsilon": epsilon, "seed": seed, "num-clients": 3}, 3600.0)
     results["timings"]["command_s"] = time.perf_counter() - started
     RunDir(out).write_json(Path(out) / "results.json", results)
     print_results(results)

@@ -384,17 +384,17 @@ class LocalDeployment:
 
     def export_client_data(self, overrides: Mapping[str, object]) -> None:
         """Give each client institution its private annotations in its own `data-dir`: here, its
-        share of the public easy-VQA split the run asks for (what `secure-mor data export` writes)."""
+        share of the split of the dataset the run asks for (what `secure-mor data export` writes)."""
         if all(self.data_dir(p).exists() for p in self.parties if p != AUTHORITY_PARTY):
             return
         from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
-        from secure_mor.config import DataSpec
+        from secure_mor.config import EASY_VQA, DataSpec
         from secure_mor.data import save_annotations
 
         config = {**app_run_config(self.app_dir), **self.run_config(overrides)}
         spec = DataSpec.of_run(int(config["num-clients"]), int(config["seed"]), int(config["pairs-per-client"]),
-                               int(config["calibration-pairs"]))  # fmt: skip
+                               int(config["calibration-pairs"]), dataset=str(config.get("dataset", EASY_VQA)))
         data = spec.load()
         bars = is_progress_bar_enabled()
         disable_progress_bar()  # one bar per client would interleave with the caller's output

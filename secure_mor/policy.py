@@ -44,6 +44,7 @@ from secure_mor.data import (
     styled_answer,
     user_prompt,
 )
+from secure_mor.device import trainer_arguments
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,11 @@ def warm_up_vision(
     if not names or settings.vision_epochs < 1:
         return []
     tower = model.model.vision_tower
+    device = tower.device
     pixels = processor.image_processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
-    generator = torch.Generator().manual_seed(settings.seed)
-    head = torch.nn.Linear(tower.config.hidden_size, len(names))
+    generator = torch.Generator().manual_seed(settings.seed)  # on the CPU: the same draws on every device
+    head = torch.nn.Linear(tower.config.hidden_size, len(names)).to(device)
+    targets = targets.to(device)
     parameters = [*tower.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=settings.vision_learning_rate, weight_decay=0.01)
     steps = settings.vision_epochs * -(-len(pixels) // settings.batch_size)
@@ -134,9 +137,9 @@ def warm_up_vision(
         total = 0.0
         for batch in torch.randperm(len(pixels), generator=generator).split(settings.batch_size):
             x = torch.rot90(pixels[batch], int(torch.randint(4, (), generator=generator)), (2, 3))
-            x = x.flip(-1) if torch.rand((), generator=generator) < 0.5 else x
+            x = (x.flip(-1) if torch.rand((), generator=generator) < 0.5 else x).to(device)
             tokens = tower(pixel_values=x, output_hidden_states=True).hidden_states[-1][:, 1:]  # CLS dropped
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(tokens.amax(1)), targets[batch])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(tokens.amax(1)), targets[batch.to(device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -166,21 +169,22 @@ def run_sft(
     settings: SFTSettings,
     output_dir: Path | str,
     on_step: Callable[[int, int], None] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """The warm start on `rows` (module docstring); trains `model` in place and returns the vision
-    warm-up's losses per epoch (`vision`, empty for a VLM not built here) and TRL's log history.
-    `on_step(done, total)` reports the vision warm-up's steps, then SFT's."""
+    """The warm start on `rows` (module docstring) on `device` ("cpu" or "cuda"); trains `model` in place
+    and returns the vision warm-up's losses per epoch (`vision`, empty for a VLM not built here) and TRL's
+    log history. `on_step(done, total)` reports the vision warm-up's steps, then SFT's."""
     from trl import SFTConfig, SFTTrainer
 
     output_dir = Path(output_dir)
+    model.to(device)
     vision: list[float] = []
     if is_tiny_policy(model):
         vision = warm_up_vision(model, processor, rows, settings, on_step)
         model.model.vision_tower.requires_grad_(settings.train_vision)
     config = SFTConfig(
         output_dir=str(output_dir / "sft-trainer"),
-        use_cpu=True,
-        bf16=False,
+        **trainer_arguments(device),
         num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
@@ -256,7 +260,7 @@ def generate_answers(
             for q in batch["question"]
         ]
         images = [image.convert("RGB") for image in batch["image"]]
-        inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,

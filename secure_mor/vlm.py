@@ -193,6 +193,18 @@ def load_policy(path_or_id: Path | str) -> tuple[PreTrainedModel, ProcessorMixin
     return model, processor
 
 
+def check_loadable(path_or_id: Path | str) -> None:
+    """Raises PolicyLoadError unless the VLM's config and processor load here (no weights are read: a check
+    to run before starting a long job)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(path_or_id), local_files_only=True)
+        AutoProcessor.from_pretrained(str(path_or_id), local_files_only=True)
+    except (OSError, ValueError, ImportError, KeyError) as err:
+        raise PolicyLoadError(_load_failure(str(path_or_id), err)) from err
+
+
 def _load_failure(model: str, err: Exception) -> str:
     local = Path(model)
     if local.is_absolute() or model.startswith("."):

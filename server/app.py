@@ -17,6 +17,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from secure_mor.config import EASY_VQA
 from secure_mor.protocol import Payload
 from secure_mor.server.pipeline import DEFAULT_GRPO, AlignConfig, AlignError, align
 from secure_mor.server.router_training import RouterTrainingConfig
@@ -128,7 +129,9 @@ def align_config(run_config: Mapping[str, Any]) -> AlignConfig:
     from secure_mor.policy import SFTSettings
 
     return AlignConfig(
-        fusion=str(c["fusion"]), epsilon=float(c["epsilon"]), delta=float(c["delta"]), seed=int(c["seed"]),
+        fusion=str(c["fusion"]), model=str(c.get("model", "")), dataset=str(c.get("dataset", EASY_VQA)),
+        device=str(c.get("device", AlignConfig.device)),
+        epsilon=float(c["epsilon"]), delta=float(c["delta"]), seed=int(c["seed"]),
         num_clients=int(c["num-clients"]), objective=str(c["objective"]), k_min=int(c["k-min"]),
         reply_timeout=float(c["reply-timeout"]), grpo=grpo, router=router,
         sft=SFTSettings(examples=int(c["sft-examples"]), epochs=float(c["sft-epochs"]),

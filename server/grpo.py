@@ -80,6 +80,7 @@ from transformers import AutoProcessor, PrinterCallback, ProcessorMixin, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from secure_mor.data import column, encoded_images, user_prompt
+from secure_mor.device import trainer_arguments
 
 RewardFn = Callable[..., list[float | None]]
 
@@ -339,14 +340,14 @@ def load_processor(policy_path: Path | str) -> ProcessorMixin:
     return processor
 
 
-def grpo_config(settings: GRPOSettings, output_dir: Path | str) -> Any:
-    """TRL's `GRPOConfig` for `settings`, CPU-only, checkpoints in `output_dir`."""
+def grpo_config(settings: GRPOSettings, output_dir: Path | str, device: str = "cpu") -> Any:
+    """TRL's `GRPOConfig` for `settings` on `device` ("cpu" or "cuda", secure_mor.device), checkpoints in
+    `output_dir`."""
     from trl import GRPOConfig
 
     return GRPOConfig(
         output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
+        **trainer_arguments(device),
         activation_checkpointing=False,  # TRL turns it on by default (and the old name warns); overhead here
         disable_dropout=True,  # the policy and the reference must score the same tokens alike
         num_generations=settings.num_generations,
@@ -390,6 +391,7 @@ def build_grpo_trainer(
     settings: GRPOSettings,
     output_dir: Path | str,
     callbacks: list[TrainerCallback] | None = None,
+    device: str = "cpu",
 ) -> Any:
     """TRL's `GRPOTrainer` on the saved policy, ready to `train()` (what `run_grpo` runs).
 
@@ -406,7 +408,7 @@ def build_grpo_trainer(
     trainer = GRPOTrainer(
         model=str(policy_path),
         reward_funcs=[reward_fn],
-        args=grpo_config(settings, output_dir),
+        args=grpo_config(settings, output_dir, device),
         train_dataset=dataset,
         processing_class=load_processor(policy_path),
         callbacks=callbacks,
@@ -440,6 +442,7 @@ def run_grpo(
     resume: bool = False,
     held_out: HeldOutFn | None = None,
     select: str | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """GRPO on the policy saved at `policy_path`, scored by `reward_fn`.
 
@@ -456,6 +459,8 @@ def run_grpo(
     `reward_std`, `rewards/<name>/mean`, `frac_reward_zero_std`,
     `completions/mean_length`, ...), and the final policy (model + processor,
     `save_pretrained`) in `policy/`.
+
+    `device`: "cpu" or "cuda" (secure_mor.device.resolve_device).
 
     `resume=True` continues from the last checkpoint in `output_dir` (global
     step, optimizer, scheduler, RNG states and the log history so far) if
@@ -484,7 +489,7 @@ def run_grpo(
         )
     log_path = output_dir / LOG_FILE
     steps = _StepCallback(log_path, settings, on_step, held_out, select)
-    trainer = build_grpo_trainer(policy_path, prompts, reward_fn, settings, output_dir, callbacks=[steps])
+    trainer = build_grpo_trainer(policy_path, prompts, reward_fn, settings, output_dir, [steps], device)
     trainer.remove_callback(PrinterCallback)  # the history goes to grpo_log.json
     trainer.train(resume_from_checkpoint=last)
 

@@ -30,6 +30,7 @@ directory's SFT policy and clients.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import secrets
@@ -42,12 +43,13 @@ from typing import Any
 import numpy as np
 
 from secure_mor.audits.ledger import KIND_ROUTER_SETUP, Ledger, no_privacy_cost_event
-from secure_mor.config import DataSpec, RunDir
+from secure_mor.config import EASY_VQA, DataSpec, RunDir
 from secure_mor.crypto.context import ContextError, verify_public_context
 from secure_mor.crypto.params import DEFAULT_K_MIN, ReleaseConfig, min_score_half_width
 from secure_mor.crypto.pki import PkiError, read_registry_signed
 from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_signer, publish_public_key
 from secure_mor.data import FAMILIES, FederatedData, calibration_set
+from secure_mor.device import resolve_device
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, REWARD_MODEL_MEASURES, SERVER_PARTY
 from secure_mor.ranking import top1 as top1_of
@@ -107,6 +109,9 @@ class AlignConfig:
     """
 
     fusion: str = "mor"
+    model: str = ""  # the policy VLM: a local path or a hub id in the local cache; "": the tiny LLaVA built here
+    dataset: str = EASY_VQA  # easy-vqa, or a local Hugging Face dataset (config.DataSpec)
+    device: str = "auto"  # the policy's (SFT, GRPO, prompt features, evaluation): auto | cpu | cuda (secure_mor.device)
     epsilon: float = 4.0
     delta: float = 1e-5
     seed: int = 0
@@ -151,22 +156,39 @@ class AlignConfig:
 
 
 def prepare_data(run: RunDir, config: AlignConfig) -> FederatedData:
-    """The run's split (data.json) and untrained policy, reusing what the run directory holds."""
-    from secure_mor.data import vocabulary_texts
-    from secure_mor.vlm import TinyVLMConfig, build_tiny_vlm, save_policy
+    """The run's split (data.json) and untrained policy (policy/base: `config.model`, or the tiny LLaVA built
+    from the data's vocabulary), reusing what the run directory holds; a run directory keeps its dataset and
+    model, and a run asking for others is refused."""
+    from secure_mor.data import DatasetError, vocabulary_texts
+    from secure_mor.vlm import PolicyLoadError, TinyVLMConfig, build_tiny_vlm, load_policy, save_policy
 
     if run.data_spec_path.exists():
         spec = run.data_spec()
         if spec.split.seed != config.seed or len(spec.split.clients) != config.num_clients:
             raise AlignError(f"{run.path} holds a split with seed {spec.split.seed} and {len(spec.split.clients)} "
                              f"clients; this run asks for seed {config.seed} and {config.num_clients}")
+        if spec.dataset != config.dataset:
+            raise AlignError(f"{run.path} holds a run on dataset {spec.dataset!r}; this run asks for "
+                             f"{config.dataset!r}: use another --out")
     else:
-        spec = DataSpec.of_run(config.num_clients, config.seed, config.pairs_per_client, config.calibration_pairs)
-    data = spec.load()
+        spec = DataSpec.of_run(config.num_clients, config.seed, config.pairs_per_client, config.calibration_pairs,
+                               dataset=config.dataset)
+    if run.base_policy.exists() and run.policy_source() != config.model:
+        raise AlignError(f"{run.path} holds a run of the VLM {run.policy_source() or 'tiny LLaVA (built here)'!r}; "
+                         f"this run asks for {config.model or 'the tiny LLaVA (built here)'!r}: use another --out")
+    try:
+        data = spec.load()
+    except DatasetError as err:
+        raise AlignError(str(err)) from err
     if not run.base_policy.exists():
-        policy, processor = build_tiny_vlm(vocabulary_texts(data), TinyVLMConfig(seed=config.seed))
+        try:
+            policy, processor = (load_policy(config.model) if config.model else
+                                 build_tiny_vlm(vocabulary_texts(data), TinyVLMConfig(seed=config.seed)))
+        except PolicyLoadError as err:
+            raise AlignError(str(err)) from err
         run.save_data_spec(spec)
         save_policy(policy, processor, run.base_policy)
+        run.save_policy_source(config.model)
     return data
 
 
@@ -180,11 +202,14 @@ def prepare_policy(run: RunDir, data: FederatedData, config: AlignConfig, log: L
 
         log("SFT warm start")
         model, processor = load_policy(run.base_policy)
-        run_sft(model, processor, data.sft, replace(config.sft, seed=config.seed), run.path, on_step=on_step)
+        run_sft(model, processor, data.sft, replace(config.sft, seed=config.seed), run.path, on_step=on_step,
+                device=resolve_device(config.device))
         save_policy(model, processor, run.sft_policy)
-    if not run.eval_path("sft").exists():
+    cached = run.eval_path("sft")
+    rows = evaluation_rows(data, config.eval_per_family, config.seed)
+    if not cached.exists() or json.loads(cached.read_text()).get("evaluated") != evaluation_key(run.sft_policy, rows):
         log("evaluating the SFT policy")
-        run.write_json(run.eval_path("sft"), evaluate(run.sft_policy, data, config))
+        run.write_json(cached, evaluate(run.sft_policy, data, config))
 
 
 def evaluation_rows(data: FederatedData, per_family: int, seed: int) -> Any:
@@ -193,15 +218,27 @@ def evaluation_rows(data: FederatedData, per_family: int, seed: int) -> Any:
     return data.evaluation.select(stratified_indices(data.evaluation, per_family, seed))
 
 
+def evaluation_key(policy_path: Path, rows: Any) -> dict[str, Any]:
+    """What an evaluation evaluated: the policy's weights and the questions (an evaluation is reused only
+    under the same key)."""
+    from secure_mor.data import column, directory_digest
+
+    questions = hashlib.sha256("\0".join(f"{i}\0{q}" for i, q in zip(
+        column(rows, "image_id"), column(rows, "question"), strict=True)).encode()).hexdigest()
+    return {"policy": directory_digest(policy_path), "questions": questions, "n": len(rows)}
+
+
 def evaluate(policy_path: Path, data: FederatedData, config: AlignConfig) -> dict[str, Any]:
     from secure_mor.policy import evaluate_policy
     from secure_mor.vlm import load_policy
 
     model, processor = load_policy(policy_path)
+    model.to(resolve_device(config.device))
+    rows = evaluation_rows(data, config.eval_per_family, config.seed)
     started = time.perf_counter()
-    report = evaluate_policy(model, processor, evaluation_rows(data, config.eval_per_family, config.seed),
-                             data.answers)
-    report.update(policy=str(policy_path), seconds=time.perf_counter() - started)
+    report = evaluate_policy(model, processor, rows, data.answers)
+    report.update(policy=str(policy_path), seconds=time.perf_counter() - started,
+                  evaluated=evaluation_key(policy_path, rows))
     return report
 
 
@@ -314,11 +351,12 @@ def _finite(x: float) -> float | None:
 # ---------------------------------------------------------------- stage 4: the router
 
 
-def policy_features(policy_path: Path) -> Callable[[Sequence[Any], Sequence[str]], np.ndarray]:
-    """Pooled prompt features of the frozen reference (the starting policy)."""
+def policy_features(policy_path: Path, device: str = "cpu") -> Callable[[Sequence[Any], Sequence[str]], np.ndarray]:
+    """Pooled prompt features of the frozen reference (the starting policy), computed on `device`."""
     from secure_mor.vlm import load_policy
 
     model, processor = load_policy(policy_path)
+    model.to(device)
 
     def features(images: Sequence[Any], questions: Sequence[str]) -> np.ndarray:
         return prompt_features(model, processor, [{"image": i, "question": q} for i, q in
@@ -586,6 +624,10 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
         raise AlignError(f"unknown objective {config.objective!r}; known: {list(OBJECTIVES)}")
     if config.answer_prior_questions < 0:
         raise AlignError(f"answer-prior-questions must be >= 0 (0: off), got {config.answer_prior_questions}")
+    try:
+        resolve_device(config.device)
+    except ValueError as err:
+        raise AlignError(str(err)) from err
     if config.registry and not config.ca_cert:
         raise AlignError("a key registry is trusted only through the operator's CA: set ca-cert with registry")
     if kind in ONE_CLIENT_FUSIONS and config.registry and not config.allow_single_client:
@@ -614,7 +656,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
                         for k in (config.num_clients, k_min))  # fmt: skip
         log(f"WARNING: fusion {config.fusion} gives one client all but the floor on every item: each release "
             f"tells the server that client's score within +-{all_:.3f} (+-{fewest:.3f} after dropouts to {k_min})")
-    features_of = policy_features(run.sft_policy)
+    features_of = policy_features(run.sft_policy, resolve_device(config.device))
     router, router_report = None, None
     t = time.perf_counter()
     if kind == "mor":
@@ -639,7 +681,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     elif config.answer_prior_questions:
         log(f"answer prior: every answer scored on {config.answer_prior_questions} labelled questions per family")
         answer_prior = reward.learn_answer_prior(data.sft, config.answer_prior_questions, config.seed)
-        measure_policy_on_prior_questions(answer_prior, run.sft_policy, data)
+        measure_policy_on_prior_questions(answer_prior, run.sft_policy, data, resolve_device(config.device))
         run.write_json(prior_path, answer_prior)
     if config.family_gate and answer_prior is not None:
         reward.families = gated_families(answer_prior) or None
@@ -664,13 +706,15 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     return results
 
 
-def measure_policy_on_prior_questions(answer_prior: dict[str, Any], policy_path: Path, data: FederatedData) -> None:
+def measure_policy_on_prior_questions(answer_prior: dict[str, Any], policy_path: Path, data: FederatedData,
+                                      device: str = "cpu") -> None:
     """Adds `policy_accuracy` to each family of `answer_prior` (learn_answer_prior's report): the greedy
     accuracy of the policy at `policy_path` on the same labelled questions (the server's own; no release)."""
     from secure_mor.policy import accuracy_report, generate_answers
     from secure_mor.vlm import load_policy
 
     model, processor = load_policy(policy_path)
+    model.to(device)
     families = answer_prior["families"]
     rows = data.sft.select([i for f in families.values() for i in f["rows"]])
     per_family = accuracy_report(generate_answers(model, processor, rows), rows, data.answers)["per_family"]
@@ -721,7 +765,8 @@ def align_policy(run: RunDir, data: FederatedData, config: AlignConfig, reward: 
     t = time.perf_counter()
     grpo = run_grpo(run.sft_policy, grpo_prompts(data, config.seed), reward, replace(config.grpo, seed=config.seed),
                     out, on_step=lambda step, total: write_progress(out, "GRPO", step, total), resume=config.resume,
-                    held_out=held_out, select="validation_score" if validation is not None else None)
+                    held_out=held_out, select="validation_score" if validation is not None else None,
+                    device=resolve_device(config.device))
     timings["grpo_s"] = time.perf_counter() - t
     t = time.perf_counter()
     log("evaluating the aligned policy")

@@ -69,7 +69,7 @@ def prompt_features(model: Any, processor: Any, rows: Any, batch_size: int = 16)
                     processor.apply_chat_template(user_prompt(q), add_generation_prompt=True, tokenize=False)
                     for q in chunk_q
                 ]
-                inputs = processor(text=prompts, images=chunk_i, return_tensors="pt", padding=True)
+                inputs = processor(text=prompts, images=chunk_i, return_tensors="pt", padding=True).to(model.device)
                 mask = inputs["attention_mask"]
                 extra = {}
                 if getattr(model.config, "model_type", "") in _MASK_POSITION_MODELS:
@@ -78,7 +78,7 @@ def prompt_features(model: Any, processor: Any, rows: Any, batch_size: int = 16)
                 hidden = result.hidden_states[-1].to(torch.float64)
                 weights = mask.to(torch.float64).unsqueeze(-1)
                 pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-                out.append(pooled.numpy())
+                out.append(pooled.cpu().numpy())
     finally:
         model.train(was_training)
     if not out:

@@ -19,6 +19,14 @@ from secure_mor.data import FederatedData, SplitConfig, build_federated_data, vo
 from secure_mor.policy import SFTSettings, run_sft  # noqa: E402
 from secure_mor.vlm import build_tiny_vlm, save_policy  # noqa: E402
 
+# ChatML turns with an image placeholder, as Qwen2-class chat templates render them.
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 @pytest.fixture(scope="session")
 def federated() -> FederatedData:
@@ -42,3 +50,46 @@ def warm_policy(tmp_path_factory, federated):
     settings = SFTSettings(examples=960, epochs=1.0, learning_rate=2e-3, vision_epochs=0, sentence_rate=0.0)
     run_sft(model, processor, federated.sft, settings, root)
     return save_policy(model, processor, root / "policy")
+
+
+@pytest.fixture(scope="session")
+def siglip_qwen2_policy(tmp_path_factory, federated):
+    """A VLM not built by secure_mor.vlm: LLaVA with a SigLIP tower, a Qwen2 text model, a byte-level BPE
+    tokenizer and a ChatML template, random weights, saved (what a user's `--model` directory holds)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    bpe.train_from_iterator(vocabulary_texts(federated) + ["user assistant"], trainers.BpeTrainer(
+        vocab_size=800, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    processor = LlavaProcessor(image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="full",
+                               num_additional_image_tokens=0, chat_template=CHATML)
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16,
+        vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return save_policy(model, processor, tmp_path_factory.mktemp("siglip-qwen2") / "policy")

@@ -47,3 +47,41 @@ def test_builds_offline_and_round_trips_save_load_with_identical_logits(tmp_path
     with torch.no_grad():
         logits = model(**inputs).logits[:, -1]
     assert not torch.allclose(logits[0], logits[1])
+
+
+def _qwen2_vl_files(path):
+    """The config and processor files of a Qwen2-VL (a processor with a video slot), no weights."""
+    import json
+
+    from transformers import Qwen2VLConfig, Qwen2VLImageProcessor
+
+    from secure_mor.vlm import build_tokenizer
+
+    build_tokenizer(TEXTS).save_pretrained(path)
+    Qwen2VLConfig().save_pretrained(path)
+    Qwen2VLImageProcessor().save_pretrained(path)
+    config = json.loads((path / "preprocessor_config.json").read_text())
+    (path / "preprocessor_config.json").write_text(json.dumps({**config, "processor_class": "Qwen2VLProcessor"}))
+    return path
+
+
+def test_align_refuses_a_bad_model_or_one_needing_a_missing_extra_in_one_sentence_before_flower(tmp_path):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from secure_mor.cli import app
+
+    def refused(command: str, model) -> str:
+        result = CliRunner().invoke(app, [command, "--out", str(tmp_path / "run"), "--model", str(model)])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        return " ".join(result.output.split())  # the console wraps long lines
+
+    assert f"error: no saved VLM at '{tmp_path / 'nope'}': no such directory" in refused("align", tmp_path / "nope")
+    assert "it has no config.json" in refused("demo", tmp_path)
+    video = _qwen2_vl_files(tmp_path / "qwen2-vl")
+    if importlib.util.find_spec("torchvision") is None:
+        said = refused("align", video)
+        assert "needs torchvision, which is not installed: install the extra with" in said
+        assert "'.[video-processors]'" in said
+    assert not (tmp_path / "run").exists()  # refused before any work
