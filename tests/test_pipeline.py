@@ -49,6 +49,8 @@ from secure_mor.server.pipeline import (
     align,
     connect,
     gated_families,
+    prepare_data,
+    prepare_policy,
 )
 from secure_mor.server.router_training import RouterTrainingConfig
 from secure_mor.server.secure_round import RoundRefused
@@ -714,3 +716,22 @@ def test_a_bad_model_is_refused_before_any_work(tmp_path):
     with pytest.raises(AlignError, match="no saved VLM at '/nonexistent/vlm': no such directory"):
         align(LocalTransport({}), tmp_path, tiny(model="/nonexistent/vlm"), log=lambda m: None)
     assert not (tmp_path / "policy").exists() and not (tmp_path / "data.json").exists()
+
+
+def test_the_sft_evaluation_is_reused_only_for_the_same_policy_and_questions(tiny_run):
+    run, _, _ = tiny_run
+    runs = RunDir(run)
+    config = tiny(answer_prior_questions=3)
+    data = prepare_data(runs, config)
+    said = []
+    prepare_policy(runs, data, config, log=said.append)  # what align evaluated: reused
+    assert said == []
+    first = json.loads(runs.eval_path("sft").read_text())
+    assert first["evaluated"]["n"] == 3 * 8
+    prepare_policy(runs, data, replace(config, eval_per_family=5), log=said.append)  # other questions: evaluated
+    again = json.loads(runs.eval_path("sft").read_text())
+    assert said == ["evaluating the SFT policy"] and again["overall"]["n"] == again["evaluated"]["n"] == 3 * 5
+    assert again["evaluated"]["policy"] == first["evaluated"]["policy"]
+    prepare_policy(runs, data, config, log=said.append)  # back: the key differs from the file's again
+    assert said == ["evaluating the SFT policy"] * 2 and json.loads(runs.eval_path("sft").read_text()) == {
+        **first, "seconds": json.loads(runs.eval_path("sft").read_text())["seconds"]}
