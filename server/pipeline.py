@@ -683,7 +683,10 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
         answer_prior = reward.learn_answer_prior(data.sft, config.answer_prior_questions, config.seed)
         measure_policy_on_prior_questions(answer_prior, run.sft_policy, data, resolve_device(config.device))
         run.write_json(prior_path, answer_prior)
-    if config.family_gate and answer_prior is not None:
+    gate = config.family_gate and answer_prior is not None
+    if gate and any("rows" not in f for f in answer_prior["families"].values()):
+        log("the run's answer prior predates the family gate (it names no questions): every family is rewarded")
+    elif gate:
         reward.families = gated_families(answer_prior) or None
         log("GRPO rewards the families where the fused reward ranks the true answer first more often than the SFT "
             f"policy answers right: {reward.families or 'none, so every family (validation decides)'}")
