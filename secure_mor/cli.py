@@ -373,6 +373,11 @@ def print_results(results: dict[str, Any]) -> None:
         console.print(f"router (held-out prompts, objective {c['objective']}): mean weights per family "
                       f"{results['router']['held_out_weights'][c['objective']]}")
     grpo = results["grpo"]
+    if grpo.get("selected"):
+        kept = grpo["selected"]
+        console.print(f"GRPO rewarded the families {', '.join(grpo['families'])}; the aligned policy is step "
+                      f"{kept['step']}{' (the SFT start)' if kept['step'] == 0 else ''}, the best on the server's "
+                      f"validation questions ({kept['metric']} {kept['value']:.3f})")
     rounds = f", {grpo['rounds']} scoring rounds ({grpo['skipped_rounds']} skipped)" if "rounds" in grpo else ""
     console.print(
         f"GRPO: {grpo['steps']} steps{rounds}, mean reward {_num(grpo['reward_first_quarter'])} (first quarter of "

@@ -735,3 +735,15 @@ def test_the_sft_evaluation_is_reused_only_for_the_same_policy_and_questions(tin
     prepare_policy(runs, data, config, log=said.append)  # back: the key differs from the file's again
     assert said == ["evaluating the SFT policy"] * 2 and json.loads(runs.eval_path("sft").read_text()) == {
         **first, "seconds": json.loads(runs.eval_path("sft").read_text())["seconds"]}
+
+
+def test_the_results_printout_names_the_kept_step_and_the_rewarded_families(tiny_run):
+    from secure_mor.cli import console, print_results
+
+    _, _, results = tiny_run
+    with console.capture() as captured:
+        print_results(results)
+    text = " ".join(captured.get().split())
+    kept = results["grpo"]["selected"]
+    assert f"GRPO rewarded the families {', '.join(results['grpo']['families'])}" in text
+    assert f"the aligned policy is step {kept['step']}" in text and "held-out accuracy: SFT vs aligned" in text
