@@ -329,29 +329,41 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     objectives = sorted({r["objective"] for r in rows}, key=OBJECTIVES.index)
     fusions = [f for f in fusion_order({r["fusion"] for r in rows}) if f not in (SFT, ORACLE)]
     epsilons = _epsilon_order({r["epsilon"] for r in rows})
+    colours = {fusion: f"C{i}" for i, fusion in enumerate(fusions)}  # one colour per fusion in every panel
+
+    def group(objective: str, fusion: str, eps: Any) -> list[dict[str, Any]]:
+        return cells.get((objective, fusion, eps if eps == "inf" else _find_eps(cells, eps)), [])
+
     for metric, name, ylabel in (("overall", "policy_accuracy.png", "held-out accuracy (overall)"),
                                  ("sentences", "style.png", "share of full-sentence answers")):
         fig, axes = plt.subplots(1, len(objectives), figsize=(6.5 * len(objectives), 4.6), squeeze=False)
+        legend: dict[str, Any] = {}
         for ax, objective in zip(axes[0], objectives, strict=True):
-            width = 0.8 / max(len(fusions), 1)
-            for i, fusion in enumerate(fusions):
+            present = [f for f in fusions if any(group(objective, f, eps) for eps in epsilons)]
+            width = 0.8 / max(len(present), 1)
+            for i, fusion in enumerate(present):
                 xs, means, sds = [], [], []
                 for j, eps in enumerate(epsilons):
-                    group = cells.get((objective, fusion, eps if eps == "inf" else _find_eps(cells, eps)), [])
-                    if group:
-                        values = [float(r[metric]) for r in group]
+                    values = [float(r[metric]) for r in group(objective, fusion, eps)]
+                    if values:
                         xs.append(j - 0.4 + width * (i + 0.5))
                         means.append(np.mean(values))
                         sds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
-                ax.bar(xs, means, width, yerr=sds, capsize=3, label=fusion)
-            for fusion, style in ((SFT, "--"), (ORACLE, ":")):
-                group = cells.get((objective, fusion, NO_EPSILON), [])
-                if group:
-                    ax.axhline(np.mean([float(r[metric]) for r in group]), color="black", linestyle=style,
-                               linewidth=1.2, label=f"{fusion} (mean over seeds)")
+                ax.bar(xs, means, width, yerr=sds, capsize=3, color=colours[fusion], label=fusion)
+            # the two lines in different colours: the oracle's can lie on the SFT start's (a kept step 0)
+            for fusion, style, colour in ((SFT, "--", "black"), (ORACLE, ":", "firebrick")):
+                seeds = cells.get((objective, fusion, NO_EPSILON), [])
+                if seeds:
+                    ax.axhline(np.mean([float(r[metric]) for r in seeds]), color=colour, linestyle=style,
+                               linewidth=1.4, label=f"{fusion} (mean over seeds)")
             ax.set_xticks(range(len(epsilons)), [f"epsilon {e if e == 'inf' else f'{e:g}'}" for e in epsilons])
             ax.set(ylabel=ylabel, title=f"objective: {objective}", ylim=(0, 1))
-        axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="fusion (mean ± sd over seeds)")
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                legend.setdefault(label, handle)
+        order = [f"{SFT} (mean over seeds)", f"{ORACLE} (mean over seeds)", *fusions]
+        labels = [label for label in order if label in legend]
+        axes[0][-1].legend([legend[label] for label in labels], labels, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                           title="fusion (mean ± sd over seeds)")
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
