@@ -91,7 +91,7 @@ def train(
     from secure_mor.clients.client import ClientConfig, train_client
     from secure_mor.clients.models import DEFAULT_ARCHS
     from secure_mor.clients.training import BudgetExceeded, default_train_config
-    from secure_mor.data import build_federated_data, default_clients
+    from secure_mor.data import build_federated_data
 
     stored = _stored(out, client)
     given = {"seed": seed, "skew": skew, "pairs_per_client": pairs_per_client, "num_clients": num_clients}
@@ -99,7 +99,9 @@ def train(
     split = {k: base_split[k] if v is None else v for k, v in given.items()}
     if not 0 <= client < split["num_clients"]:
         raise typer.BadParameter(f"client must be in [0, {split['num_clients']})", param_hint="--client")
-    data_config = default_clients(split["num_clients"])[client]
+    with console.status("building the federated split"):
+        data = build_federated_data(split_config(split))
+    data_config = data.config.clients[client]
     defaults = stored or ClientConfig(client, DEFAULT_ARCHS[client % len(DEFAULT_ARCHS)], "", "")
     config = ClientConfig(
         client_id=client,
@@ -131,8 +133,6 @@ def train(
         f"client-{client} ({config.arch}): epochs {tc.epochs}, batch {tc.batch_size}, lr {tc.lr:g}, "
         f"clip {tc.max_grad_norm:g}, accountant {tc.accountant}, grad-sample mode {tc.grad_sample_mode}, seed {tc.seed}"
     )
-    with console.status("building the federated split"):
-        data = build_federated_data(split_config(split))
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(f"client-{client} ({config.arch})", total=None)

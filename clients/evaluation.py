@@ -35,7 +35,14 @@ from torch import nn
 from secure_mor.clients.models import images_to_tensor
 from secure_mor.clients.text import TextEncoder, trim_padding
 from secure_mor.clients.training import candidate_rewards, encode_annotations
-from secure_mor.data import ANSWER_STYLES, FAMILIES, FederatedData, column, make_preference_pairs, styled_answer
+from secure_mor.data import (
+    ANSWER_STYLES,
+    FederatedData,
+    column,
+    make_preference_pairs,
+    ordered_families,
+    styled_answer,
+)
 from secure_mor.protocol import REWARD_MODEL_MEASURES
 from secure_mor.ranking import top1
 
@@ -44,7 +51,7 @@ def held_out_pairs(data: FederatedData, style: str, seed: int = 0) -> dict[str, 
     """Noise-free held-out pairs in `style`, per family."""
     pairs = make_preference_pairs(data.evaluation, data.answers, style=style, noise_rate=0.0, seed=seed)
     families = np.asarray(pairs["family"])
-    return {f: pairs.select(np.flatnonzero(families == f)) for f in FAMILIES if (families == f).any()}
+    return {f: pairs.select(np.flatnonzero(families == f)) for f in ordered_families(families)}
 
 
 def preference_accuracy(model: nn.Module, encoder: TextEncoder, pairs: Dataset, batch_size: int = 256) -> float:
@@ -89,7 +96,7 @@ def ranking_metrics(
     rng = np.random.default_rng(seed)
     families = np.asarray(column(rows, "family"))
     out: dict[str, dict[str, float]] = {"top1": {}, "image_dependence": {}}
-    for family in [f for f in FAMILIES if (families == f).any()]:
+    for family in ordered_families(families):
         part = rows.select(np.flatnonzero(families == family))
         images = images_to_tensor(part["image"])
         questions = column(part, "question")
@@ -117,7 +124,7 @@ def accuracy_table(rows: Sequence[tuple[str, str, Mapping[str, Any]]], title: st
     Per family: top-1 / image dependence / pairwise; own-family cells are bold."""
     table = Table(title=title, caption="per family: top-1 among all answers / image dependence / pairwise accuracy")
     table.add_column("client")
-    families = [f for f in FAMILIES if any(f in r[2]["top1"] for r in rows)]
+    families = ordered_families(f for r in rows for f in r[2]["top1"])
     for family in families:
         table.add_column(family, justify="right")
     for label, own, metrics in rows:

@@ -231,7 +231,7 @@ class ClientNode:
         epsilon, delta = float(payload["epsilon"]), float(payload["delta"])
         spec = self._spec()
         data = federated_data(spec)
-        data_config = spec.split.clients[self.client_id]
+        data_config = data.config.clients[self.client_id]
         split: dict[str, Any] = {
             "seed": spec.split.seed,
             "skew": spec.split.skew,

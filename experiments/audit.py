@@ -52,7 +52,7 @@ def run_empirical_audit(config: EmpiricalAuditConfig, run_dir: Path | str | None
         raise ValueError(f"the split has {len(spec.split.clients)} clients: no client {config.client}")
     data = spec.load()
     regular = data.clients[config.client]
-    own = spec.split.clients[config.client]
+    own = data.config.clients[config.client]
     canaries = mislabelled_canaries(data.sft, data.answers, config.canaries, own.family, own.style, config.seed)
     included = np.random.default_rng(config.seed).random(config.canaries) < 0.5
     train_rows = concatenate_datasets([regular, canaries.select(np.flatnonzero(included).tolist())])

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from secure_mor.config import RunDir
-from secure_mor.data import FederatedData, column, normalize_text
-from secure_mor.policy import extract_answer, is_sentence
+from secure_mor.data import FederatedData, column, is_sentence, normalize_text
+from secure_mor.policy import extract_answer
 from secure_mor.protocol import OBJECTIVES
 from secure_mor.server.pipeline import (
     AlignConfig,
@@ -51,12 +51,12 @@ class OracleReward:
         keys = zip(column(data.prompt_pool, "image_id"), column(data.prompt_pool, "question"), strict=True)
         self.truth = {key: normalize_text(a) for key, a in zip(keys, data.pool_answers, strict=True)}
 
-    def __call__(self, prompts: list, completions: list, question: list, image_id: list, **kwargs: Any
-                 ) -> list[float]:
+    def __call__(self, prompts: list, completions: list, question: list, family: list, image_id: list,
+                 **kwargs: Any) -> list[float]:
         rewards = []
-        for completion, q, i in zip(completions, question, image_id, strict=True):
+        for completion, q, f, i in zip(completions, question, family, image_id, strict=True):
             text = completion[-1]["content"] if isinstance(completion, list) else str(completion)
-            right = extract_answer(text, q, self.answers) == self.truth[(i, q)]
+            right = extract_answer(text, f, self.answers) == self.truth[(i, q)]
             rewards.append(float(right) * (1.5 if self.objective == "sentences" and is_sentence(text) else 1.0))
         return rewards
 

@@ -19,7 +19,7 @@ from rich.table import Table
 from secure_mor.audits.cli import audit_app
 from secure_mor.clients.cli import client_app
 from secure_mor.config import EASY_VQA, DataSpec, RunDir
-from secure_mor.data import FAMILIES, DatasetError, SplitConfig, default_clients, family_counts
+from secure_mor.data import DatasetError, SplitConfig, default_clients, family_counts
 
 app = typer.Typer(
     help="Secure MoR: privacy-hardened federated alignment of vision-language models.", no_args_is_help=True
@@ -127,18 +127,18 @@ def data_info(
     table.add_column("split")
     table.add_column("holder")
     table.add_column("rows", justify="right")
-    for family in FAMILIES:
+    for family in data.families:
         table.add_column(family, justify="right")
     table.add_column("notes")
 
     def add(name: str, holder: str, rows: Any, notes: str = "") -> None:
         counts = family_counts(rows)
-        table.add_row(name, holder, str(len(rows)), *[str(counts.get(f, 0)) for f in FAMILIES], notes)
+        table.add_row(name, holder, str(len(rows)), *[str(counts.get(f, 0)) for f in data.families], notes)
 
     add("sft", "server", data.sft, "supervised warm start")
     add("prompt pool", "server", data.prompt_pool, "public prompts for GRPO, no answers")
     add("calibration", "server", data.calibration, "public preference pairs for the router")
-    for k, (pairs, client) in enumerate(zip(data.clients, spec.split.clients, strict=True)):
+    for k, (pairs, client) in enumerate(zip(data.clients, data.config.clients, strict=True)):
         flipped = sum(pairs["label_flipped"])
         add(
             f"client-{k}",

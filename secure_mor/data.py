@@ -17,7 +17,7 @@ import random
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from PIL import Image
 
 from secure_mor.protocol import OBJECTIVES
 
-FAMILIES = ("color", "shape", "presence")
+FAMILIES = ("color", "shape", "presence")  # easy-VQA's; another dataset brings its own (`dataset_families`)
 OTHER_FAMILY = "other"
 REQUIRED_COLUMNS = ("image", "question", "answer")
 ANSWER_STYLES = ("word", "sentence")
@@ -58,6 +58,17 @@ def normalize_text(text: str) -> str:
     """Lower case, punctuation removed, single spaces: the exact-match form."""
     table = str.maketrans({c: " " for c in string.punctuation})
     return " ".join(text.lower().translate(table).split())
+
+
+def ordered_families(families: Iterable[str]) -> tuple[str, ...]:
+    """Distinct families in a stable order: easy-VQA's in their usual order, then any other, sorted."""
+    present = set(families)
+    return tuple(f for f in FAMILIES if f in present) + tuple(sorted(present - set(FAMILIES)))
+
+
+def dataset_families(rows: Dataset) -> tuple[str, ...]:
+    """The question families of a dataset (its `family` column), in `ordered_families` order."""
+    return ordered_families(column(rows, "family"))
 
 
 def column(rows: Dataset, name: str) -> list[Any]:
@@ -222,6 +233,21 @@ def styled_answer(answer: str, family: str, style: str) -> str:
     raise ValueError(f"unknown answer style {style!r}; expected one of {ANSWER_STYLES}")
 
 
+def is_sentence(completion: str) -> bool:
+    """The `sentences` objective's style: a full sentence ("The color is red.", "Yes, it is."), not one word."""
+    return len(normalize_text(completion).split()) >= 3
+
+
+def sentence_style_problem(answers: dict[str, list[str]]) -> str | None:
+    """Why the `sentences` objective cannot be told from `correctness` on a dataset (None: it can): an
+    answer that is already a sentence (`is_sentence`) in its one-word form has no second style."""
+    long = sorted(a for values in answers.values() for a in values if is_sentence(a))
+    if not long:
+        return None
+    return (f"{len(long)} of the dataset's answers are already sentences (for example {long[0]!r}): the "
+            f"`sentences` style cannot be told apart from a plain answer; use the objective `correctness`")
+
+
 def user_prompt(question: str) -> list[dict[str, Any]]:
     """A conversational prompt with one image, in TRL's format."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -364,11 +390,12 @@ def make_preference_pairs(
 
 @dataclass(frozen=True)
 class ClientDataConfig:
-    """One institution's private annotations (`make_annotations`): the family it specialises in, its answer
-    style (and how often it writes in the other), its label-noise rate, how many wrong-type answers each
+    """One institution's private annotations (`make_annotations`): the family it specialises in (None:
+    assigned from the dataset's families when the split is built, `assign_families`), its answer style
+    (and how often it writes in the other), its label-noise rate, how many wrong-type answers each
     annotation ranks."""
 
-    family: str
+    family: str | None = None
     style: str = "word"
     noise_rate: float = 0.05
     wrong_type: int = 2
@@ -376,11 +403,25 @@ class ClientDataConfig:
 
 
 def default_clients(num_clients: int = 3) -> tuple[ClientDataConfig, ...]:
-    """Client k specialises in family k (mod 3); odd clients annotate in sentences."""
+    """Client k specialises in the dataset's family k (mod the number of families, `assign_families`);
+    odd clients annotate in sentences."""
     return tuple(
-        ClientDataConfig(family=FAMILIES[k % len(FAMILIES)], style=ANSWER_STYLES[k % 2], noise_rate=0.05 + 0.05 * k)
-        for k in range(num_clients)
+        ClientDataConfig(style=ANSWER_STYLES[k % 2], noise_rate=0.05 + 0.05 * k) for k in range(num_clients)
     )
+
+
+def assign_families(clients: Sequence[ClientDataConfig], families: Sequence[str]) -> tuple[ClientDataConfig, ...]:
+    """Each client with its family: client k without one takes `families[k mod len(families)]`; a named
+    family the dataset does not have is an error (that client would be nobody's specialist)."""
+    assigned = []
+    for k, client in enumerate(clients):
+        if client.family is None:
+            client = replace(client, family=families[k % len(families)])
+        elif client.family not in families:
+            raise DatasetError(f"client {k} specialises in {client.family!r}, a family the dataset does not have "
+                               f"(it has {list(families)})")
+        assigned.append(client)
+    return tuple(assigned)
 
 
 @dataclass(frozen=True)
@@ -439,6 +480,7 @@ class FederatedData:
     # Public questions with answers (image, question, answer, family), stratified per family: what every
     # client warm-starts on (data.public_annotations).
     public: Dataset | None = None
+    families: tuple[str, ...] = FAMILIES  # the dataset's question families (`dataset_families`)
     # The prompt pool's true answers, aligned with its rows: for the oracle diagnostic only (it calibrates
     # the alignment stage with a reward that reads the answers); no party of the protocol holds them.
     pool_answers: list[str] = field(default_factory=list)
@@ -502,6 +544,8 @@ def build_federated_data(
     train = train if train is not None else load_easy_vqa("train")
     test = test if test is not None else load_easy_vqa("test")
     image_ids, families = column(train, "image_id"), column(train, "family")
+    family_names = ordered_families(families)
+    config = replace(config, clients=assign_families(config.clients, family_names))
     server_fractions = [config.sft_image_fraction, config.pool_image_fraction, config.calibration_image_fraction,
                         config.public_image_fraction]
     client_fraction = (1.0 - sum(server_fractions)) / len(config.clients)
@@ -515,12 +559,12 @@ def build_federated_data(
     pool = pool.remove_columns("answer")
     calibration_rows = train.select(_indices_by_image(image_ids, parts[2]))
     calibration_rows = calibration_rows.select(
-        stratified_indices(calibration_rows, -(-config.calibration_pairs // len(FAMILIES)), config.seed)
+        stratified_indices(calibration_rows, -(-config.calibration_pairs // len(family_names)), config.seed)
     )
     calibration = make_preference_pairs(calibration_rows, groups, style="word", cross_family_rate=0.25,
                                         seed=config.seed)
     public = train.select(_indices_by_image(image_ids, parts[3]))
-    public = public.select(stratified_indices(public, -(-config.public_annotations // len(FAMILIES)), config.seed))
+    public = public.select(stratified_indices(public, -(-config.public_annotations // len(family_names)), config.seed))
     clients = []
     for k, client in enumerate(config.clients):
         rng = random.Random(f"{config.seed}/client/{k}")
@@ -545,7 +589,8 @@ def build_federated_data(
     for name, part in parts_by_name:
         if len(part) == 0:
             raise DatasetError(f"the {name} split is empty: enlarge its fraction or the dataset")
-    return FederatedData(config, sft, pool, calibration, clients, evaluation, groups, public, pool_answers)
+    return FederatedData(config, sft, pool, calibration, clients, evaluation, groups, public, family_names,
+                         pool_answers)
 
 
 def family_counts(rows: Dataset) -> dict[str, int]:

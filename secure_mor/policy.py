@@ -33,13 +33,13 @@ from datasets import Image as ImageFeature
 from transformers import PreTrainedModel, PrinterCallback, ProcessorMixin, TrainerCallback
 
 from secure_mor.data import (
-    FAMILIES,
     YES_NO,
     assistant_turn,
     column,
     encoded_images,
+    is_sentence,
     normalize_text,
-    question_family,
+    ordered_families,
     stratified_indices,
     styled_answer,
     user_prompt,
@@ -223,17 +223,20 @@ def is_tiny_policy(model: PreTrainedModel) -> bool:
     return "tiny_vlm" in model.config.to_dict()
 
 
-def extract_answer(completion: str, question: str, answers_by_family: dict[str, list[str]]) -> str:
-    """The first word of `completion` that answers the question's family.
+def extract_answer(completion: str, family: str, answers_by_family: dict[str, list[str]]) -> str:
+    """The first answer of the question's `family` that `completion` states, normalised ("" if none).
 
-    "red", "Red." and "The color is red." all yield "red"; words of other
-    families ("The circle is red" to a color question) are skipped.
+    "red", "Red." and "The color is red." all yield "red"; answers of other families ("The circle is
+    red" to a color question) are skipped; an answer of several words ("light blue") counts where
+    they stand together, and of two answers starting at the same word the longer one does.
     """
-    family = question_family(question)
-    candidates = set(answers_by_family.get(family, [])) or {a for v in answers_by_family.values() for a in v}
-    for word in normalize_text(completion).split():
-        if word in candidates:
-            return word
+    candidates = answers_by_family.get(family) or [a for v in answers_by_family.values() for a in v]
+    words = normalize_text(completion).split()
+    phrases = sorted({tuple(normalize_text(a).split()) for a in candidates} - {()}, key=len, reverse=True)
+    for start in range(len(words)):
+        for phrase in phrases:
+            if tuple(words[start : start + len(phrase)]) == phrase:
+                return " ".join(phrase)
     return ""
 
 
@@ -276,11 +279,6 @@ def generate_answers(
     return outputs
 
 
-def is_sentence(completion: str) -> bool:
-    """The `sentences` objective's style: a full sentence ("The color is red.", "Yes, it is."), not one word."""
-    return len(normalize_text(completion).split()) >= 3
-
-
 def accuracy_report(completions: list[str], rows: Dataset, answers_by_family: dict[str, list[str]]) -> dict[str, Any]:
     """Per-family and overall accuracy of completions against `rows`' answers.
 
@@ -291,11 +289,9 @@ def accuracy_report(completions: list[str], rows: Dataset, answers_by_family: di
     """
     per_family: dict[str, dict[str, float]] = {}
     totals = {"n": 0, "correct": 0, "exact": 0, "sentences": 0, "right_sentences": 0}
-    for completion, question, answer, family in zip(
-        completions, column(rows, "question"), column(rows, "answer"), column(rows, "family"), strict=True
-    ):
+    for completion, answer, family in zip(completions, column(rows, "answer"), column(rows, "family"), strict=True):
         stats = per_family.setdefault(family, {"n": 0, "correct": 0, "exact": 0, "sentences": 0, "right_sentences": 0})
-        correct = extract_answer(completion, question, answers_by_family) == normalize_text(answer)
+        correct = extract_answer(completion, family, answers_by_family) == normalize_text(answer)
         exact = normalize_text(completion) == normalize_text(answer)
         for bucket in (stats, totals):
             bucket["n"] += 1
@@ -309,7 +305,7 @@ def accuracy_report(completions: list[str], rows: Dataset, answers_by_family: di
         return {"n": bucket["n"], "accuracy": bucket["correct"] / n, "exact_match": bucket["exact"] / n,
                 "sentences": bucket["sentences"] / n, "right_sentences": bucket["right_sentences"] / n}
 
-    ordered = [f for f in FAMILIES if f in per_family] + sorted(set(per_family) - set(FAMILIES))
+    ordered = ordered_families(per_family)
     return {
         "overall": summarise(totals),
         "per_family": {family: summarise(per_family[family]) for family in ordered},

@@ -121,7 +121,8 @@ def align_config(run_config: Mapping[str, Any]) -> AlignConfig:
     grpo = replace(DEFAULT_GRPO, max_steps=int(c["grpo-steps"]), num_generations=int(c["num-generations"]),
                    batch_size=int(c["grpo-batch-size"]), steps_per_generation=int(c["steps-per-round"]),
                    learning_rate=float(c["grpo-learning-rate"]), beta=float(c["beta"]),
-                   loss_type=str(c["loss-type"]), save_steps=int(c["save-steps"]))
+                   loss_type=str(c["loss-type"]), save_steps=int(c["save-steps"]),
+                   ptx_coef=float(c["ptx-coef"]))
     router = RouterTrainingConfig(steps=int(c["router-steps"]), batch_size=int(c["router-batch-size"]))
     client_training = {"epochs": int(c["client-epochs"])} if int(c.get("client-epochs", 0)) > 0 else {}
     if int(c.get("client-public-epochs", -1)) >= 0:

@@ -172,6 +172,11 @@ class GRPOSettings:
     # them too lost 0.2 of held-out accuracy in 80 steps, frozen the same run gained 0.045; GRPO's
     # noisy gradients wear down features the policy can only relearn from its own samples.
     train_vision: bool = False
+    # InstructGPT's PPO-ptx: each optimizer step also minimises `ptx_coef` times the SFT loss (answer tokens
+    # only) on `ptx_batch_size` of the server's own labelled questions (run_grpo's `labelled`), so GRPO's
+    # noisy gradients do not wear down what SFT taught on the families its reward cannot improve. 0 = off.
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 32
     extra: dict[str, Any] = field(default_factory=dict)  # further GRPOConfig fields, passed through verbatim
 
     def __post_init__(self) -> None:
@@ -181,6 +186,9 @@ class GRPOSettings:
             )
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.ptx_coef < 0 or self.ptx_batch_size < 1:
+            raise ValueError(f"ptx_coef must be >= 0 and ptx_batch_size >= 1, got {self.ptx_coef}, "
+                             f"{self.ptx_batch_size}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if not self.temperature > 0:
@@ -384,6 +392,52 @@ def grpo_config(settings: GRPOSettings, output_dir: Path | str, device: str = "c
     )
 
 
+def answer_loss(model: Any, processor: ProcessorMixin, rows: Dataset) -> Any:
+    """The SFT loss of `rows` (image, question, answer): mean cross-entropy of the answer's tokens (and the
+    turn's end) after the chat-formatted prompt, as SFT trained them."""
+    from secure_mor.data import assistant_turn
+
+    questions, answers = column(rows, "question"), column(rows, "answer")
+    images = [image.convert("RGB") for image in rows["image"]]
+    prompts = [processor.apply_chat_template(user_prompt(q), add_generation_prompt=True, tokenize=False)
+               for q in questions]
+    full = [processor.apply_chat_template(user_prompt(q) + assistant_turn(a), tokenize=False)
+            for q, a in zip(questions, answers, strict=True)]
+    prompt_lengths = processor(text=prompts, images=images, return_tensors="pt", padding=True)["attention_mask"].sum(1)
+    inputs = processor(text=full, images=images, return_tensors="pt", padding=True).to(model.device)
+    labels = inputs["input_ids"].clone()
+    for row, (mask, prompt_length) in enumerate(zip(inputs["attention_mask"], prompt_lengths, strict=True)):
+        real = mask.nonzero().squeeze(-1)  # the row's tokens, whichever side the tokenizer pads
+        labels[row, mask == 0] = -100
+        labels[row, real[: int(prompt_length)]] = -100
+    return model(**inputs, labels=labels).loss
+
+
+def _trainer_class(settings: GRPOSettings, labelled: Dataset | None) -> type:
+    """TRL's GRPOTrainer, or with `ptx_coef` > 0 one whose loss adds the SFT loss of a random batch of
+    `labelled` rows at every pass (GRPOSettings.ptx_coef)."""
+    import random
+
+    from trl import GRPOTrainer
+
+    if not settings.ptx_coef:
+        return GRPOTrainer
+    if labelled is None or len(labelled) == 0:
+        raise ValueError("ptx_coef > 0 needs the server's labelled questions (run_grpo's `labelled`)")
+    rng = random.Random(settings.seed)
+
+    class PtxGRPOTrainer(GRPOTrainer):
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            batch = labelled.select(rng.sample(range(len(labelled)), min(settings.ptx_batch_size, len(labelled))))
+            ptx = answer_loss(model, self.processing_class, batch)
+            self._metrics["train"]["ptx_loss"].append(ptx.item())
+            return loss + settings.ptx_coef * ptx
+
+    return PtxGRPOTrainer
+
+
 def build_grpo_trainer(
     policy_path: Path | str,
     prompts: Dataset,
@@ -392,6 +446,7 @@ def build_grpo_trainer(
     output_dir: Path | str,
     callbacks: list[TrainerCallback] | None = None,
     device: str = "cpu",
+    labelled: Dataset | None = None,
 ) -> Any:
     """TRL's `GRPOTrainer` on the saved policy, ready to `train()` (what `run_grpo` runs).
 
@@ -402,10 +457,8 @@ def build_grpo_trainer(
     eos id of the tokenizer and the model's generation config) and never
     samples the image token.
     """
-    from trl import GRPOTrainer
-
     dataset = prompts if "prompt" in prompts.column_names else grpo_prompt_dataset(prompts)
-    trainer = GRPOTrainer(
+    trainer = _trainer_class(settings, labelled)(
         model=str(policy_path),
         reward_funcs=[reward_fn],
         args=grpo_config(settings, output_dir, device),
@@ -443,6 +496,7 @@ def run_grpo(
     held_out: HeldOutFn | None = None,
     select: str | None = None,
     device: str = "cpu",
+    labelled: Dataset | None = None,
 ) -> dict[str, Any]:
     """GRPO on the policy saved at `policy_path`, scored by `reward_fn`.
 
@@ -460,7 +514,8 @@ def run_grpo(
     `completions/mean_length`, ...), and the final policy (model + processor,
     `save_pretrained`) in `policy/`.
 
-    `device`: "cpu" or "cuda" (secure_mor.device.resolve_device).
+    `device`: "cpu" or "cuda" (secure_mor.device.resolve_device). `labelled`: the server's own labelled
+    questions (image, question, answer) for the SFT term (`settings.ptx_coef`).
 
     `resume=True` continues from the last checkpoint in `output_dir` (global
     step, optimizer, scheduler, RNG states and the log history so far) if
@@ -489,7 +544,7 @@ def run_grpo(
         )
     log_path = output_dir / LOG_FILE
     steps = _StepCallback(log_path, settings, on_step, held_out, select)
-    trainer = build_grpo_trainer(policy_path, prompts, reward_fn, settings, output_dir, [steps], device)
+    trainer = build_grpo_trainer(policy_path, prompts, reward_fn, settings, output_dir, [steps], device, labelled)
     trainer.remove_callback(PrinterCallback)  # the history goes to grpo_log.json
     trainer.train(resume_from_checkpoint=last)
 

@@ -48,7 +48,7 @@ from secure_mor.crypto.context import ContextError, verify_public_context
 from secure_mor.crypto.params import DEFAULT_K_MIN, ReleaseConfig, min_score_half_width
 from secure_mor.crypto.pki import PkiError, read_registry_signed
 from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_signer, publish_public_key
-from secure_mor.data import FAMILIES, FederatedData, calibration_set
+from secure_mor.data import FederatedData, calibration_set, ordered_families
 from secure_mor.device import resolve_device
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, REWARD_MODEL_MEASURES, SERVER_PARTY
@@ -70,9 +70,11 @@ SCHEMA = "secure-mor/results/v2"
 # number of distinct prompts is what teaches), lr 3e-4 (1e-4 barely moved the policy in 80 steps; 5e-4
 # and 1e-3 collapsed families onto one answer), KL beta 0.2 (at 0.04 the families GRPO cannot improve
 # drifted: shape lost 0.1), the vision tower frozen (GRPOSettings.train_vision).
+# ptx_coef 0.5 (the SFT term on the server's SFT slice; GRPOSettings.ptx_coef), measured at epsilon 4,
+# seeds 0-2, MoR: lift over SFT +0.099 +- 0.053 with it, +0.057 +- 0.042 without (README, DP ablation).
 DEFAULT_GRPO = GRPOSettings(num_generations=4, batch_size=128, steps_per_generation=1, max_steps=60,
                             learning_rate=3e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=6,
-                            beta=0.2, save_steps=10)
+                            beta=0.2, save_steps=10, ptx_coef=0.5)
 
 
 class AlignError(RuntimeError):
@@ -159,7 +161,7 @@ def prepare_data(run: RunDir, config: AlignConfig) -> FederatedData:
     """The run's split (data.json) and untrained policy (policy/base: `config.model`, or the tiny LLaVA built
     from the data's vocabulary), reusing what the run directory holds; a run directory keeps its dataset and
     model, and a run asking for others is refused."""
-    from secure_mor.data import DatasetError, vocabulary_texts
+    from secure_mor.data import DatasetError, sentence_style_problem, vocabulary_texts
     from secure_mor.vlm import PolicyLoadError, TinyVLMConfig, build_tiny_vlm, load_policy, save_policy
 
     if run.data_spec_path.exists():
@@ -180,6 +182,9 @@ def prepare_data(run: RunDir, config: AlignConfig) -> FederatedData:
         data = spec.load()
     except DatasetError as err:
         raise AlignError(str(err)) from err
+    problem = sentence_style_problem(data.answers)
+    if config.objective == "sentences" and problem:
+        raise AlignError(problem)
     if not run.base_policy.exists():
         try:
             policy, processor = (load_policy(config.model) if config.model else
@@ -327,7 +332,7 @@ def start_client_training(transport: Transport, federation: Federation, config: 
     return transport.submit(federation.clients, "train", payload)
 
 
-def client_results(pending: Pending, federation: Federation) -> dict[str, Any]:
+def client_results(pending: Pending, federation: Federation, families: Sequence[str]) -> dict[str, Any]:
     replies = _ok(pending.wait(), federation.clients, "client training")
     out = {}
     for party, reply in replies.items():
@@ -338,7 +343,7 @@ def client_results(pending: Pending, federation: Federation) -> dict[str, Any]:
             "total_epsilon": _finite(reply["total_epsilon"]),
             "reused": bool(reply["reused"]),
             "seconds": float(reply["seconds"]),
-            "reward_model": {measure: {f: reply[f"{measure}_{f}"] for f in FAMILIES if f"{measure}_{f}" in reply}
+            "reward_model": {measure: {f: reply[f"{measure}_{f}"] for f in families if f"{measure}_{f}" in reply}
                              for measure in REWARD_MODEL_MEASURES},
         }
     return out
@@ -441,14 +446,14 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
         # The calibration prompts it trained on, per objective and family ...
         "mean_weights": {
             objective: {f: weights[(families == f) & (objective_ids == j)].mean(axis=0).round(4).tolist()
-                        for f in FAMILIES if ((families == f) & (objective_ids == j)).any()}
+                        for f in data.families if ((families == f) & (objective_ids == j)).any()}
             for j, objective in enumerate(OBJECTIVES)
         },
         # ... and the held-out prompts, which it never saw: does it route to each family's specialist?
         "held_out_weights": {
             objective: {f: router.weights(x_held_out[held_out_families == f],
                                           np.full((held_out_families == f).sum(), j)).mean(axis=0).round(4).tolist()
-                        for f in FAMILIES if (held_out_families == f).any()}
+                        for f in data.families if (held_out_families == f).any()}
             for j, objective in enumerate(OBJECTIVES)
         },
     }
@@ -520,7 +525,7 @@ class FederatedReward:
         rng = np.random.default_rng(seed)
         true_answers, families = np.asarray(column(labelled, "answer")), np.asarray(column(labelled, "family"))
         chosen: list[int] = []
-        for f in [f for f in FAMILIES if f in self.answers]:
+        for f in ordered_families(self.answers):
             each = -(-per_family // len(self.answers[f]))
             for a in self.answers[f]:
                 pool = np.flatnonzero((families == f) & (true_answers == a))
@@ -536,7 +541,7 @@ class FederatedReward:
             for (i, _, a, s), v in zip(chunk, values if values is not None else [], strict=False):
                 released[(i, a, s)] = float(v)
         report: dict[str, Any] = {"questions_per_family": per_family, "released": len(released), "families": {}}
-        for f in [f for f in FAMILIES if f in self.answers]:
+        for f in ordered_families(self.answers):
             questions = sorted({i for i, _, _ in released if families[i] == f})
             if not questions:
                 continue
@@ -582,7 +587,7 @@ class FederatedReward:
 
         started = time.perf_counter()
         answers = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
-        words = [extract_answer(a, q, self.answers) for a, q in zip(answers, question, strict=True)]
+        words = [extract_answer(a, f, self.answers) for a, f in zip(answers, family, strict=True)]
         trained = [self.families is None or f in self.families for f in family]
         scored = [i for i, word in enumerate(words) if word and trained[i]]
         if not scored:
@@ -647,7 +652,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     training = start_client_training(transport, federation, config, log)
     prepare_policy(run, data, config, log, on_step=lambda step, total: write_progress(out, "SFT", step, total))
     timings["policy_s"] = time.perf_counter() - t
-    clients = client_results(training, federation)
+    clients = client_results(training, federation, data.families)
     timings["clients_s"] = time.perf_counter() - t  # from the start: overlaps policy_s
 
     k_min = max(config.k_min, federation.k_min)  # a round the authority would refuse is skipped, not sent
@@ -672,7 +677,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
         ledger=Ledger(run.path / "ledger.jsonl"), w_min=federation.w_min, k_min=k_min,
         reply_timeout=config.reply_timeout,
     )
-    reward = FederatedReward(session, config, router, features_of, family_map(run.data_spec().split.clients),
+    reward = FederatedReward(session, config, router, features_of, family_map(data.config.clients),
                              data.answers)
     answer_prior, prior_path = None, out / "answer_prior.json"
     if prior_path.exists():  # a resumed run keeps the prior it measured (and released) before
@@ -769,7 +774,7 @@ def align_policy(run: RunDir, data: FederatedData, config: AlignConfig, reward: 
     grpo = run_grpo(run.sft_policy, grpo_prompts(data, config.seed), reward, replace(config.grpo, seed=config.seed),
                     out, on_step=lambda step, total: write_progress(out, "GRPO", step, total), resume=config.resume,
                     held_out=held_out, select="validation_score" if validation is not None else None,
-                    device=resolve_device(config.device))
+                    device=resolve_device(config.device), labelled=data.sft)
     timings["grpo_s"] = time.perf_counter() - t
     t = time.perf_counter()
     log("evaluating the aligned policy")
@@ -794,7 +799,7 @@ def align_policy(run: RunDir, data: FederatedData, config: AlignConfig, reward: 
             "reward_last_quarter": float(np.mean(rewards[-quarter:])) if rewards else None,
             "held_out_curve": grpo["held_out"],
             "selected": grpo["selected"],
-            "families": list(getattr(reward, "families", None) or FAMILIES),
+            "families": list(getattr(reward, "families", None) or data.families),
             "log": str(grpo["log_path"]),
         },
         "timings": timings,

@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -26,6 +27,53 @@ CHATML = (
     "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+OWN_FAMILIES = ("count", "side", "size")  # none of them easy-VQA's
+
+
+def own_families_vqa(root: Path, images: dict[str, int], long_answers: bool = False) -> Path:
+    """A VQA dataset unlike easy-VQA, saved with `save_to_disk` (what a user's `--dataset` holds): squares
+    on a 32x32 image, one question per family per image ("How many squares are there?" two; "Which side
+    are the squares on?" left; "How big are the squares?" small), `family` given. With `long_answers`
+    every answer is a sentence ("there are two squares")."""
+    from datasets import Dataset, DatasetDict, Features, Value
+    from datasets import Image as ImageFeature
+    from PIL import Image, ImageDraw
+
+    words = {"count": ["one", "two", "three"], "side": ["left", "right"], "size": ["small", "large"]}
+    questions = {"count": "How many squares are there?", "side": "Which side are the squares on?",
+                 "size": "How big are the squares?"}
+    long_form = {"count": "there are {} squares", "side": "they are on the {}", "size": "the squares are {}"}
+    splits = {}
+    for split, n in images.items():
+        rows: dict[str, list] = {"image": [], "question": [], "answer": [], "family": [], "image_id": []}
+        for i in range(n):
+            count, side, size = i % 3, (i // 3) % 2, (i // 6) % 2
+            image = Image.new("RGB", (32, 32), "white")
+            draw, width = ImageDraw.Draw(image), 4 + 4 * size
+            for j in range(count + 1):
+                x, y = 2 + 16 * side, 2 + j * (width + 2)
+                draw.rectangle([x, y, x + width, y + width], fill="black")
+            path = root / f"{split}-{i}.png"
+            image.save(path)
+            for family, answer in (("count", words["count"][count]), ("side", words["side"][side]),
+                                   ("size", words["size"][size])):
+                rows["image"].append(str(path))
+                rows["question"].append(questions[family])
+                rows["answer"].append(long_form[family].format(answer) if long_answers else answer)
+                rows["family"].append(family)
+                rows["image_id"].append(f"{split}/{i}")
+        features = Features({"image": ImageFeature(), **{c: Value("string") for c in rows if c != "image"}})
+        splits[split] = Dataset.from_dict(rows, features=features)
+    DatasetDict(splits).save_to_disk(root / "dataset")
+    return root / "dataset"
+
+
+@pytest.fixture(scope="session")
+def own_families_dataset(tmp_path_factory) -> Path:
+    """`own_families_vqa` large enough for a tiny alignment run (600 training images, 60 test images)."""
+    return own_families_vqa(tmp_path_factory.mktemp("own-families"), {"train": 600, "test": 60})
 
 
 @pytest.fixture(scope="session")

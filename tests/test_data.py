@@ -1,6 +1,8 @@
 from collections import Counter
+from dataclasses import replace
 
 import pytest
+from conftest import OWN_FAMILIES, own_families_vqa
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
@@ -11,12 +13,15 @@ from secure_mor.data import (
     ClientDataConfig,
     DatasetError,
     SplitConfig,
+    answer_groups,
     build_federated_data,
     column,
+    default_clients,
     easy_vqa_answers,
     load_easy_vqa,
     load_hf_vqa,
     question_family,
+    sentence_style_problem,
     styled_answer,
 )
 
@@ -181,3 +186,33 @@ def test_bad_datasets_raise_the_documented_error(tmp_path):
     DatasetDict({"train": _tiny_vqa(6, tmp_path)}).save_to_disk(tmp_path / "only_train")
     with pytest.raises(DatasetError, match="no split 'test'"):
         load_hf_vqa(tmp_path / "only_train", "test")
+
+
+def test_clients_specialise_in_the_datasets_own_families(tmp_path):
+    source = own_families_vqa(tmp_path, {"train": 300, "test": 30})
+    train, test = load_hf_vqa(source, "train"), load_hf_vqa(source, "test")
+    split = SplitConfig(clients=default_clients(4), pairs_per_client=20, calibration_pairs=60, eval_per_family=5)
+    data = build_federated_data(split, train, test)
+    assert data.families == OWN_FAMILIES
+    # client k: the dataset's family k (mod 3), most of its annotations from it
+    assert [c.family for c in data.config.clients] == [*OWN_FAMILIES, OWN_FAMILIES[0]]
+    for annotations, client in zip(data.clients, data.config.clients, strict=True):
+        counts = Counter(column(annotations, "family"))
+        assert counts[client.family] == round(split.skew * 20) and set(counts) == set(OWN_FAMILIES)
+    # the sentence style and the negatives are the dataset's own answers
+    row = next(r for r in data.clients[1] if not r["label_flipped"] and r["chosen_text"].startswith("The answer"))
+    answer = row["chosen_text"].removeprefix("The answer is ").rstrip(".")
+    assert answer in data.answers[row["family"]]
+    wrong = {styled_answer(a, row["family"], "sentence") for a in data.answers[row["family"]] if a != answer}
+    assert wrong <= set(row["rejected_texts"])
+    assert sentence_style_problem(data.answers) is None
+    assert set(data.evaluation["family"]) == set(OWN_FAMILIES) and len(data.evaluation) == 15
+    with pytest.raises(DatasetError, match="'color', a family the dataset does not have"):
+        build_federated_data(replace(split, clients=(ClientDataConfig(family="color"),)), train, test)
+
+
+def test_the_sentences_style_is_refused_where_the_answers_are_sentences_already(tmp_path):
+    source = own_families_vqa(tmp_path, {"train": 6}, long_answers=True)
+    rows = load_hf_vqa(source, "train")
+    problem = sentence_style_problem(answer_groups(column(rows, "answer"), column(rows, "family")))
+    assert "6 of the dataset's answers are already sentences (for example 'the squares are small')" in problem

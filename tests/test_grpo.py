@@ -2,6 +2,7 @@
 
 import json
 import statistics
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from secure_mor.policy import generate_answers
 from secure_mor.server.grpo import (
     LOG_FILE,
     GRPOSettings,
+    answer_loss,
     build_grpo_trainer,
     grpo_prompt_dataset,
     run_grpo,
@@ -235,3 +237,31 @@ def test_the_kept_policy_is_the_one_measured_best_on_the_held_out_metric(tmp_pat
     assert differs, "four steps at lr 1e-2 must move the policy away from the kept one"
     for name, value in kept.state_dict().items():
         assert torch.equal(value, snapshots[best_call][name]), name
+
+
+def test_the_sft_term_trains_the_answers_where_the_reward_gives_no_signal(tmp_path, tiny_policy, federated):
+    """PPO-ptx (GRPOSettings.ptx_coef): a constant reward leaves every advantage 0, so only the SFT term
+    on the labelled rows moves the policy, and it lowers their answer loss; without it nothing moves."""
+    prompts = federated.prompt_pool.select(range(32))
+    labelled = federated.sft.select(range(16))
+    model, processor = load_policy(tiny_policy)
+    with torch.no_grad():
+        before = answer_loss(model, processor, labelled).item()
+
+    def constant(prompts, completions, **kwargs):
+        return [1.0] * len(completions)
+
+    losses = {}
+    for coef in (0.0, 1.0):
+        settings = GRPOSettings(batch_size=8, steps_per_generation=1, max_steps=4, save_steps=0, learning_rate=1e-2,
+                                beta=0.0, max_completion_length=4, ptx_coef=coef, ptx_batch_size=16)
+        result = run_grpo(tiny_policy, prompts, constant, settings, tmp_path / str(coef), labelled=labelled)
+        trained, _ = load_policy(result["policy_path"])
+        with torch.no_grad():
+            losses[coef] = answer_loss(trained, processor, labelled).item()
+        logged = [e["ptx_loss"] for e in step_metrics(result["history"]) if "ptx_loss" in e]
+        assert len(logged) == (4 if coef else 0)
+    assert losses[0.0] == pytest.approx(before, abs=1e-4)
+    assert losses[1.0] < before - 0.5, (before, losses)
+    with pytest.raises(ValueError, match="needs the server's labelled questions"):
+        run_grpo(tiny_policy, prompts, constant, replace(settings, max_steps=1), tmp_path / "none")

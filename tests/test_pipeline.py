@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import own_families_vqa
 from PIL import Image, PngImagePlugin
 
 from secure_mor.audits.ledger import (
@@ -695,21 +696,12 @@ def test_grpo_rewards_only_where_the_reward_ranks_better_than_the_policy_answers
     assert values == [0.0, 0.0, 2.0, 1.0] and session.released == 2
 
 
-def test_align_takes_a_users_vlm_and_a_run_keeps_its_model_and_dataset(tmp_path, siglip_qwen2_policy):
-    results = align(LocalTransport(nodes_of(tmp_path)), tmp_path, tiny(model=str(siglip_qwen2_policy)),
-                    log=lambda m: None)
-    assert results["config"]["model"] == str(siglip_qwen2_policy)
-    assert json.loads((tmp_path / "policy" / "source.json").read_text()) == {"model": str(siglip_qwen2_policy)}
-    aligned = json.loads((tmp_path / "align" / "mor" / "grpo_log.json").read_text())
-    assert aligned["history"] and results["grpo"]["steps"] == 2
-    config = json.loads((tmp_path / "align" / "mor" / "policy" / "config.json").read_text())
-    assert (config["text_config"]["model_type"], config["vision_config"]["model_type"]) == (
-        "qwen2", "siglip_vision_model")
-    for other, said in ((tiny(fusion="uniform"), "holds a run of the VLM"),
-                        (tiny(fusion="uniform", model=str(siglip_qwen2_policy), dataset="/data/other"),
-                         "holds a run on dataset")):
-        with pytest.raises(AlignError, match=said):
-            align(LocalTransport({}), tmp_path, other, log=lambda m: None)
+def test_the_sentences_objective_is_refused_on_a_dataset_whose_answers_are_sentences(tmp_path):
+    source = own_families_vqa(tmp_path, {"train": 60, "test": 9}, long_answers=True)
+    with pytest.raises(AlignError, match="answers are already sentences"):
+        align(LocalTransport({}), tmp_path / "run", tiny(dataset=str(source), objective="sentences"),
+              log=lambda m: None)
+    assert not (tmp_path / "run" / "policy").exists()
 
 
 def test_a_bad_model_is_refused_before_any_work(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from secure_mor.crypto.fusion import validate_weights
-from secure_mor.data import column, default_clients
+from secure_mor.data import FAMILIES, assign_families, column, default_clients
 from secure_mor.routing import (
     GradientQuery,
     ItemUseLimiter,
@@ -250,7 +250,7 @@ def test_fusion_baselines() -> None:
     assert np.allclose(uniform, 1 / 3)
     single = weights_for("single:2", n=n, k=k, w_min=W_MIN)
     assert np.allclose(single[:, 2], 1 - 2 * W_MIN) and np.allclose(single[:, :2], W_MIN)
-    mapping = family_map(default_clients(3))
+    mapping = family_map(assign_families(default_clients(3), FAMILIES))
     assert mapping == {"color": 0, "shape": 1, "presence": 2}
     by_family = weights_for("by-family", n=n, k=k, w_min=W_MIN, families=families, family_clients=mapping)
     for i, family in enumerate(families):
