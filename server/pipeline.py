@@ -70,11 +70,12 @@ SCHEMA = "secure-mor/results/v2"
 # number of distinct prompts is what teaches), lr 3e-4 (1e-4 barely moved the policy in 80 steps; 5e-4
 # and 1e-3 collapsed families onto one answer), KL beta 0.2 (at 0.04 the families GRPO cannot improve
 # drifted: shape lost 0.1), the vision tower frozen (GRPOSettings.train_vision).
-# ptx_coef 0.5 (the SFT term on the server's SFT slice; GRPOSettings.ptx_coef), measured at epsilon 4,
-# seeds 0-2, MoR: lift over SFT +0.099 +- 0.053 with it, +0.057 +- 0.042 without (README, DP ablation).
+# The SFT term (GRPOSettings.ptx_coef) is off: at 0.5 it lifted MoR's policy +0.099 +- 0.053 over its SFT start
+# (epsilon 4, seeds 0-2), but a reward of 0 for every answer with the same term lifted it as much: the lift was
+# more supervised training, not alignment (README, DP ablation, session 7).
 DEFAULT_GRPO = GRPOSettings(num_generations=4, batch_size=128, steps_per_generation=1, max_steps=60,
                             learning_rate=3e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=6,
-                            beta=0.2, save_steps=10, ptx_coef=0.5)
+                            beta=0.2, save_steps=10)
 
 
 class AlignError(RuntimeError):
