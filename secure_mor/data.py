@@ -28,7 +28,7 @@ from PIL import Image
 
 from secure_mor.protocol import OBJECTIVES
 
-FAMILIES = ("color", "shape", "presence")  # easy-VQA's; another dataset brings its own (`dataset_families`)
+FAMILIES = ("color", "shape", "presence")  # easy-VQA's; another dataset brings its own (FederatedData.families)
 OTHER_FAMILY = "other"
 REQUIRED_COLUMNS = ("image", "question", "answer")
 ANSWER_STYLES = ("word", "sentence")
@@ -64,11 +64,6 @@ def ordered_families(families: Iterable[str]) -> tuple[str, ...]:
     """Distinct families in a stable order: easy-VQA's in their usual order, then any other, sorted."""
     present = set(families)
     return tuple(f for f in FAMILIES if f in present) + tuple(sorted(present - set(FAMILIES)))
-
-
-def dataset_families(rows: Dataset) -> tuple[str, ...]:
-    """The question families of a dataset (its `family` column), in `ordered_families` order."""
-    return ordered_families(column(rows, "family"))
 
 
 def column(rows: Dataset, name: str) -> list[Any]:
@@ -480,7 +475,7 @@ class FederatedData:
     # Public questions with answers (image, question, answer, family), stratified per family: what every
     # client warm-starts on (data.public_annotations).
     public: Dataset | None = None
-    families: tuple[str, ...] = FAMILIES  # the dataset's question families (`dataset_families`)
+    families: tuple[str, ...] = FAMILIES  # the training split's question families (`ordered_families`)
     # The prompt pool's true answers, aligned with its rows: for the oracle diagnostic only (it calibrates
     # the alignment stage with a reward that reads the answers); no party of the protocol holds them.
     pool_answers: list[str] = field(default_factory=list)

@@ -79,7 +79,7 @@ from datasets import Image as ImageFeature
 from transformers import AutoProcessor, PrinterCallback, ProcessorMixin, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from secure_mor.data import column, encoded_images, user_prompt
+from secure_mor.data import assistant_turn, column, encoded_images, user_prompt
 from secure_mor.device import trainer_arguments
 
 RewardFn = Callable[..., list[float | None]]
@@ -395,8 +395,6 @@ def grpo_config(settings: GRPOSettings, output_dir: Path | str, device: str = "c
 def answer_loss(model: Any, processor: ProcessorMixin, rows: Dataset) -> Any:
     """The SFT loss of `rows` (image, question, answer): mean cross-entropy of the answer's tokens (and the
     turn's end) after the chat-formatted prompt, as SFT trained them."""
-    from secure_mor.data import assistant_turn
-
     questions, answers = column(rows, "question"), column(rows, "answer")
     images = [image.convert("RGB") for image in rows["image"]]
     prompts = [processor.apply_chat_template(user_prompt(q), add_generation_prompt=True, tokenize=False)
