@@ -57,7 +57,7 @@ import attr
 import dp_accounting
 from dp_accounting import dp_event
 
-from secure_mor.audits.ledger import DP_EVENT_MODULE
+from secure_mor.ledger import DP_EVENT_MODULE
 
 UNBOUNDED_EPSILON = sys.float_info.max  # same representation as clients.client.UNBOUNDED_EPSILON
 MAX_DEPTH = 32

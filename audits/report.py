@@ -32,18 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secure_mor.audits.ledger import (
-    Anchor,
-    LedgerError,
-    VerifyResult,
-    anchors_of,
-    line_hash,
-    parse_line,
-    results_files,
-    verify_ledger,
-)
 from secure_mor.audits.recompute import UNBOUNDED_EPSILON, RecomputeError, Report, recompute_quietly
+from secure_mor.audits.verify import VerifyResult, anchors_of, results_files, verify_ledger
 from secure_mor.crypto.signing import read_registry
+from secure_mor.ledger import Anchor, LedgerError, line_hash, parse_line
 
 EMPIRICAL_SCHEMA = "secure-mor/empirical-audit/v1"
 EMPIRICAL_FIELDS = (

@@ -31,7 +31,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from secure_mor.audits.ledger import Budget
 from secure_mor.clients.models import DEFAULT_ARCHS, architecture
 from secure_mor.clients.training import (
     GRAD_SAMPLE_MODES,
@@ -42,6 +41,7 @@ from secure_mor.clients.training import (
     train_reward_model,
 )
 from secure_mor.data import SplitConfig, build_federated_data
+from secure_mor.ledger import Budget
 
 GOAL = 1.5
 

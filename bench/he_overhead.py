@@ -40,12 +40,12 @@ import torch
 from PIL import Image
 from transformers import PrinterCallback
 
-from secure_mor.audits.ledger import Ledger
+from secure_mor.authority.node import AuthorityNode
 from secure_mor.clients.node import ClientNode
 from secure_mor.config import RunDir
-from secure_mor.crypto.authority_node import AuthorityNode
 from secure_mor.crypto.fusion import insecure_plaintext_fusion
 from secure_mor.crypto.signing import load_or_create_signer
+from secure_mor.ledger import Ledger
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY
 from secure_mor.server.grpo import GRPOSettings, build_grpo_trainer

@@ -18,12 +18,12 @@ from collections.abc import Callable
 import numpy as np
 import tenseal as ts
 
-from secure_mor.crypto.authority import measure_decryption_error
 from secure_mor.crypto.blinding import MaskKey
 from secure_mor.crypto.context import create_secret_context, public_context_of
 from secure_mor.crypto.fusion import fuse, insecure_plaintext_fusion
 from secure_mor.crypto.packing import encrypt_packed, pack
 from secure_mor.crypto.params import ReleaseConfig
+from secure_mor.crypto.release import measure_decryption_error
 from secure_mor.crypto.signing import Signer
 from secure_mor.crypto.wire import new_nonce, seal_reply
 

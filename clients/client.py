@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,6 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from secure_mor.audits.ledger import KIND_DP_TRAINING, Budget, Ledger, dp_sgd_event, non_private_event
 from secure_mor.clients.models import architecture
 from secure_mor.clients.scoring import ScoreItem, score
 from secure_mor.clients.text import TextEncoder, encoder_from_json
@@ -54,6 +52,8 @@ from secure_mor.clients.training import (
     train_reward_model,
 )
 from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_signer, publish_public_key
+from secure_mor.files import write_atomic
+from secure_mor.ledger import KIND_DP_TRAINING, Budget, Ledger, dp_sgd_event, non_private_event
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -111,12 +111,6 @@ def _ledger_epsilon(epsilon: float) -> float:
     return epsilon if math.isfinite(epsilon) else UNBOUNDED_EPSILON
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class RewardClient:
     """One client's reward model, text encoder and privacy state."""
 
@@ -136,6 +130,7 @@ class RewardClient:
         self.privacy = privacy
         self.key_dir = Path(key_dir) if key_dir else self.directory / "keys"  # the signing key's directory
         self.public_warm_start: dict[str, Any] | None = None  # set by warm_start, recorded by the next train
+        self._signer: Signer | None = None
 
     @property
     def directory(self) -> Path:
@@ -178,10 +173,12 @@ class RewardClient:
 
     def signer(self, passphrase: str | None = None) -> Signer:
         """The client's Ed25519 key (created on first use, 0600; encrypted under `passphrase`, by
-        default $SECURE_MOR_KEY_PASSPHRASE when set), its public half published in RUN_DIR/keys."""
-        signer = load_or_create_signer(self.party, self.key_dir, passphrase or key_passphrase())
-        publish_public_key(signer, self.run_dir / "keys")
-        return signer
+        default $SECURE_MOR_KEY_PASSPHRASE when set), its public half published in RUN_DIR/keys. Loaded and
+        published once per object: every scoring round signs with it."""
+        if self._signer is None:
+            self._signer = load_or_create_signer(self.party, self.key_dir, passphrase or key_passphrase())
+            publish_public_key(self._signer, self.run_dir / "keys")
+        return self._signer
 
     def train(
         self,
@@ -234,9 +231,9 @@ class RewardClient:
             budget=Budget(_ledger_epsilon(self.privacy.budget.epsilon), self.privacy.budget.delta),
             details=details,
         )
-        _write_atomic(self.directory / "model.safetensors", model_bytes)
-        _write_atomic(self.directory / "text_encoder.json", json.dumps(self.encoder.to_json()).encode())
-        _write_atomic(self.directory / "client.json", json.dumps(self.config.to_json(), indent=2).encode())
+        write_atomic(self.directory / "model.safetensors", model_bytes)
+        write_atomic(self.directory / "text_encoder.json", json.dumps(self.encoder.to_json()).encode())
+        write_atomic(self.directory / "client.json", json.dumps(self.config.to_json(), indent=2).encode())
         metrics = self.metrics()
         if warm:
             metrics["public_warm_start"] = warm
@@ -278,7 +275,7 @@ class RewardClient:
 
     def save_metrics(self, metrics: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.directory / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False).encode())
+        write_atomic(self.directory / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False).encode())
 
 
 def train_client(

@@ -51,6 +51,7 @@ from secure_mor.crypto.params import ReleaseConfig
 from secure_mor.crypto.pki import PkiError, read_registry_signed
 from secure_mor.crypto.signing import KEY_PASSPHRASE_ENV, key_passphrase, load_or_create_signer, publish_public_key
 from secure_mor.crypto.wire import seal_reply
+from secure_mor.files import write_json
 from secure_mor.protocol import (
     AUTHORITY_PARTY,
     ROLE_CLIENT,
@@ -328,9 +329,7 @@ class ClientNode:
         state = contexts.setdefault(self._node_state()["fingerprint"], {"setup_sha256": None})
 
         def save() -> None:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(contexts))
-            tmp.replace(path)
+            write_json(path, contexts)
 
         return state, save
 

@@ -72,7 +72,7 @@ def prompt_digests(
     over the uint8 image tensor it consumes and the text encoder's encoding of the question (each
     with dtype and shape; `raw_rewards`' inputs). Two prompts get one digest iff the model cannot
     tell them apart, whatever their bytes on the wire (a re-encoded PNG, a respelled question):
-    the key authority keeps one router row per digest (crypto.authority)."""
+    the key authority keeps one router row per digest (authority.key_authority)."""
     pixels = [_tensor_digest(images_to_tensor([image])) for image in images]
     texts = {q: _tensor_digest(encoder.encode([q])) for q in set(questions)}
     return [hashlib.sha256(b"prompt v2" + pixels[i] + texts[q]).digest()

@@ -20,6 +20,7 @@ as easy-VQA every word is public anyway.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import string
@@ -31,6 +32,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from secure_mor.files import write_atomic
 
 PAD, UNK = 0, 1
 _WORD = re.compile(r"[a-z0-9]+")
@@ -160,11 +163,11 @@ class MiniLMEncoder:
     def _save_cache(self) -> None:
         if self._cache_file is None:
             return
-        partial = self._cache_file.with_suffix(".partial.npz")
         texts = list(self._cache)
+        buffer = io.BytesIO()
         features = torch.stack([self._cache[t] for t in texts]).numpy()
-        np.savez(partial, texts=np.asarray(texts, dtype=str), features=features)
-        os.replace(partial, self._cache_file)  # a reader sees the old cache or the new one, never half
+        np.savez(buffer, texts=np.asarray(texts, dtype=str), features=features)
+        write_atomic(self._cache_file, buffer.getvalue())
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "max_len": self.max_len, "dim": self.dim}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -39,9 +38,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from secure_mor.audits.ledger import Budget
 from secure_mor.clients.models import images_to_tensor
 from secure_mor.clients.text import TextEncoder, trim_padding
+from secure_mor.files import write_atomic
+from secure_mor.ledger import Budget
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -200,9 +200,7 @@ class PrivacyState:
         )
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)  # atomic: a crash never leaves half a budget file
+        write_atomic(path, json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> PrivacyState:

@@ -1,1 +1,2 @@
-"""Cryptography: CKKS contexts, packing, the key authority and its policy, signatures, keys at rest."""
+"""A leaf library of cryptography: CKKS contexts and parameters, packing, fusion, blinding, release (flooding,
+rounding), signatures, keys at rest. It imports no other part of secure_mor."""

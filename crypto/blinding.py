@@ -29,7 +29,7 @@ per round: 2.9e-5 for one GRPO round of n = 4,096 values, K = 3, R = 10, M = 2^3
 router step of 128. Masks are fresh per reply, so T rounds add up: T n K R / M (1.2e-3 for a
 GRPO run of 40 such rounds). This is statistical hiding, not 2^-128: M is capped by float64
 precision (the fusion's decoding error grows as M 2^-52, see crypto.fusion and
-crypto.authority), not by CKKS headroom.
+authority.key_authority), not by CKKS headroom.
 """
 
 from __future__ import annotations

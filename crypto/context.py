@@ -168,7 +168,7 @@ def context_statement(fingerprint: str) -> bytes:
 
 
 def sign_public_context(signer: Signer, public: PublicContext) -> bytes:
-    """The key authority's signature over its public context (crypto.authority.KeyAuthority)."""
+    """The key authority's signature over its public context (secure_mor.authority.key_authority.KeyAuthority)."""
     return signer.sign(context_statement(public.fingerprint))
 
 

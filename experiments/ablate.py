@@ -111,8 +111,8 @@ def _group(
 ) -> tuple[list[dict], dict | None]:
     """One (seed, epsilon) group: clients trained once, the router once, then every fusion and
     objective, then the empirical audit (unless `audit` is None). Runs in a worker process."""
+    from secure_mor.authority.node import AuthorityNode
     from secure_mor.clients.node import ClientNode
-    from secure_mor.crypto.authority_node import AuthorityNode
     from secure_mor.server.pipeline import AlignConfig, align
     from secure_mor.server.transport import LocalTransport
 

@@ -31,7 +31,6 @@ def run_empirical_audit(config: EmpiricalAuditConfig, run_dir: Path | str | None
     import torch
     from datasets import concatenate_datasets
 
-    from secure_mor.audits.ledger import Budget
     from secure_mor.clients.models import architecture
     from secure_mor.clients.training import (
         PUBLIC_WARM_START,
@@ -44,6 +43,7 @@ def run_empirical_audit(config: EmpiricalAuditConfig, run_dir: Path | str | None
     )
     from secure_mor.config import DataSpec, RunDir
     from secure_mor.data import SplitConfig, public_annotations
+    from secure_mor.ledger import Budget
 
     start = time.perf_counter()
     spec = RunDir(run_dir).data_spec() if run_dir else DataSpec.of_run(max(3, config.client + 1), config.seed,

@@ -20,6 +20,7 @@ from secure_mor.audits.cli import audit_app
 from secure_mor.clients.cli import client_app
 from secure_mor.config import EASY_VQA, DataSpec, RunDir
 from secure_mor.data import DatasetError, SplitConfig, default_clients, family_counts
+from secure_mor.experiments.cli import empirical_cmd
 
 app = typer.Typer(
     help="Secure MoR: privacy-hardened federated alignment of vision-language models.", no_args_is_help=True
@@ -29,6 +30,7 @@ policy_app = typer.Typer(help="Build, warm-start (SFT) and evaluate the policy V
 app.add_typer(data_app, name="data")
 app.add_typer(policy_app, name="policy")
 app.add_typer(client_app, name="client")
+audit_app.command("empirical")(empirical_cmd)  # trains a client: not the auditor's (secure_mor.experiments.cli)
 app.add_typer(audit_app, name="audit")
 pki_app = typer.Typer(help="The operator's CA, certificates and registry (docs/deployment.md).", no_args_is_help=True)
 deploy_app = typer.Typer(help="Flower's deployment runtime (docs/deployment.md).", no_args_is_help=True)

@@ -24,6 +24,7 @@ from secure_mor.data import (
     default_clients,
     load_hf_vqa,
 )
+from secure_mor.files import write_json
 
 EASY_VQA = "easy-vqa"
 
@@ -111,8 +112,4 @@ class RunDir:
         return DataSpec.from_json(json.loads(self.data_spec_path.read_text()))
 
     def write_json(self, path: Path, payload: Any) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        tmp.replace(path)  # atomic: a killed command never leaves half a file
-        return path
+        return write_json(path, payload, indent=2)  # atomic: a killed command never leaves half a file

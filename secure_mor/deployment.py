@@ -61,7 +61,7 @@ from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY
 
 HOST = "127.0.0.1"
 CONNECTION = "deployment"  # the `flwr` CLI's name for this SuperLink
-PASSPHRASE_ENV = "SECURE_MOR_AUTHORITY_PASSPHRASE"  # as secure_mor.crypto.authority_node reads it
+PASSPHRASE_ENV = "SECURE_MOR_AUTHORITY_PASSPHRASE"  # as secure_mor.authority.node reads it
 SUPEREXEC_POLL_SECONDS = 0.2
 
 # The tiny job of the deployment test and of `secure-mor deploy local`: minutes, not hours, on a CPU.

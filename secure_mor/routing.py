@@ -383,6 +383,14 @@ def flatten_gradients(router: Router) -> np.ndarray:
     ).numpy().astype(np.float64)
 
 
+def load_flat_gradients(router: Router, gradient: np.ndarray) -> None:
+    """Set the parameters' .grad from one flat vector in the documented order (e.g. a released sum of the
+    clients' gradients), for a torch optimizer's step."""
+    params = _check_layout(router, router.config)
+    for p, value in zip(params, unflatten(gradient, parameter_layout(router.config)).values(), strict=True):
+        p.grad = torch.as_tensor(value, dtype=DTYPE).clone()
+
+
 def unflatten(vector: np.ndarray, layout: Sequence[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
     """Split a flat vector into named arrays of the given shapes (RouterError on a size mismatch)."""
     v = np.asarray(vector, dtype=np.float64)

@@ -81,6 +81,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from secure_mor.data import assistant_turn, column, encoded_images, user_prompt
 from secure_mor.device import trainer_arguments
+from secure_mor.files import write_json
 
 RewardFn = Callable[..., list[float | None]]
 
@@ -321,9 +322,7 @@ def write_log(path: Path, settings: GRPOSettings, history: list[dict[str, Any]])
         {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()}
         for entry in history
     ]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": asdict(settings), "history": clean}, indent=2))
-    tmp.replace(path)
+    write_json(path, {"settings": asdict(settings), "history": clean}, indent=2)
 
 
 def step_metrics(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

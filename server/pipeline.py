@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 
-from secure_mor.audits.ledger import KIND_ROUTER_SETUP, Ledger, no_privacy_cost_event
 from secure_mor.config import EASY_VQA, DataSpec, RunDir
 from secure_mor.crypto.context import ContextError, verify_public_context
 from secure_mor.crypto.params import DEFAULT_K_MIN, ReleaseConfig, min_score_half_width
@@ -50,6 +49,8 @@ from secure_mor.crypto.pki import PkiError, read_registry_signed
 from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_signer, publish_public_key
 from secure_mor.data import FederatedData, calibration_set, ordered_families
 from secure_mor.device import resolve_device
+from secure_mor.files import write_json
+from secure_mor.ledger import KIND_ROUTER_SETUP, Ledger, no_privacy_cost_event
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, REWARD_MODEL_MEASURES, SERVER_PARTY
 from secure_mor.ranking import top1 as top1_of
@@ -57,7 +58,7 @@ from secure_mor.routing import Router, RouterConfig, RouterSetup, RouterState, e
 from secure_mor.server.grpo import GRPOSettings
 from secure_mor.server.router import ONE_CLIENT_FUSIONS, family_map, parse_fusion, prompt_features, weights_for
 from secure_mor.server.router_training import RouterTrainingConfig, train_router_securely
-from secure_mor.server.secure_round import SecureRound
+from secure_mor.server.secure_round import AuthorityLink, RoundRefused, SecureRound, client_replies
 from secure_mor.server.session import SecureSession
 from secure_mor.server.transport import Pending, Transport
 
@@ -402,11 +403,11 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
         details={"run_id": run_id, "setup_sha256": setup.digest, "pairs": len(x), "router": router_config.to_json()},
     )  # fmt: skip
 
-    def reply_bytes(replies: Mapping[str, Any], what: str) -> dict[str, bytes]:
-        for party, reply in replies.items():
-            if not isinstance(reply, Mapping):
-                log(f"router {what}: {party} failed: {reply.reason}")
-        return {p: bytes(r["reply"]) for p, r in replies.items() if isinstance(r, Mapping)}
+    def reply_bytes(answers: Mapping[str, Any], what: str) -> dict[str, bytes]:
+        replies, _, failures, _ = client_replies(answers)
+        for failure in failures:
+            log(f"router {what}: {failure}")
+        return replies
 
     def margins(fields: dict[str, Any], items: np.ndarray) -> dict[str, bytes]:
         replies = transport.ask(clients, "margins", {**fields, "items": _npy(items)}, timeout=config.reply_timeout)
@@ -417,20 +418,18 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
                                 timeout=config.reply_timeout)
         return reply_bytes(replies, f"gradients of step {fields['step']}")
 
-    def decrypt(request: bytes) -> bytes:
-        answer = transport.ask([AUTHORITY_PARTY], "decrypt", {"request": request}, timeout=config.reply_timeout)
-        reply = answer.get(AUTHORITY_PARTY)
-        if not isinstance(reply, Mapping) or "refused" in reply:
-            reason = reply["refused"] if isinstance(reply, Mapping) else getattr(reply, "reason", "no answer")
-            raise AlignError(f"the key authority refused a router release: {reason}")
-        return bytes(reply["response"])
 
     log(f"router: secure training, {config.router.steps} steps of {config.router.batch_size} pairs")
     started = time.perf_counter()
     rounds = SecureRound(federation.pub, server, {c: federation.registry[c] for c in clients}, clients,
-                         federation.authority_key, run_id, federation.w_min, decrypt)  # fmt: skip
-    result = train_router_securely(router, x, objective_ids, rounds=rounds, get_encrypted_margins=margins,
-                                   get_encrypted_gradients=gradients, config=config.router)  # fmt: skip
+                         federation.authority_key, run_id, federation.w_min,
+                         AuthorityLink(transport, config.reply_timeout))  # fmt: skip
+    schedule = replace(config.router, seed=config.seed)  # the run's seed orders the batches (as SFT's, GRPO's)
+    try:
+        result = train_router_securely(router, x, objective_ids, rounds=rounds, get_encrypted_margins=margins,
+                                       get_encrypted_gradients=gradients, config=schedule)  # fmt: skip
+    except RoundRefused as err:  # router training needs every release (a GRPO round would be skipped)
+        raise AlignError(f"the key authority refused a router release: {err}") from err
     if result.steps_taken == 0:
         raise AlignError(f"router training took no step: {[r.skipped for r in result.history]}")
     families = np.asarray(pairs["family"])
@@ -835,10 +834,7 @@ def held_out_accuracy(model: Any, processor: Any, rows: Any, data: FederatedData
 
 def write_progress(out: Path, stage: str, done: int = 0, total: int = 0) -> None:
     """`<out>/progress.json`: what the job is doing now (the CLI draws its progress bar from it)."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "progress.json.tmp"
-    tmp.write_text(json.dumps({"stage": stage, "done": done, "total": total}))
-    tmp.replace(out / "progress.json")
+    write_json(out / "progress.json", {"stage": stage, "done": done, "total": total})
 
 
 def _run_state(out: Path, config: AlignConfig) -> dict[str, Any]:

@@ -85,6 +85,7 @@ from secure_mor.routing import (
     bt_coefficients,
     bt_loss,
     flatten_gradients,
+    load_flat_gradients,
     parameter_count,
     parameter_layout,
 )
@@ -180,31 +181,20 @@ def batch_schedule(
 
 
 class _Optimizer:
-    """Adam or SGD (with momentum) on the flat parameter vector, in float64 (torch's update
-    rules; numpy, so that no torch.optim machinery is needed on the server)."""
+    """torch's Adam or SGD (with momentum) over the router's parameters, stepped with a flat gradient."""
 
     def __init__(self, router: Router, config: RouterTrainingConfig) -> None:
-        self.router, self.config = router, config
-        size = parameter_count(router.config)
-        self.first, self.second, self.count = np.zeros(size), np.zeros(size), 0
+        self.router, self.size = router, parameter_count(router.config)
+        lr = config.learning_rate
+        self.torch = (torch.optim.Adam(router.parameters(), lr=lr, eps=config.adam_eps) if config.optimizer == "adam"
+                      else torch.optim.SGD(router.parameters(), lr=lr, momentum=config.momentum))  # fmt: skip
 
     def step(self, gradient: np.ndarray) -> None:
         g = np.asarray(gradient, dtype=np.float64)
-        if g.shape != self.first.shape or not np.all(np.isfinite(g)):
-            raise RouterTrainingError(f"gradient must be finite of shape {self.first.shape}, got {g.shape}")
-        c, theta = self.config, self.router.flat_parameters()
-        self.count += 1
-        if c.optimizer == "adam":
-            beta1, beta2 = 0.9, 0.999
-            self.first = beta1 * self.first + (1 - beta1) * g
-            self.second = beta2 * self.second + (1 - beta2) * g * g
-            m_hat = self.first / (1 - beta1**self.count)
-            v_hat = self.second / (1 - beta2**self.count)
-            theta = theta - c.learning_rate * m_hat / (np.sqrt(v_hat) + c.adam_eps)
-        else:
-            self.first = g if self.count == 1 else c.momentum * self.first + g
-            theta = theta - c.learning_rate * self.first
-        self.router.load_flat_parameters(theta)
+        if g.shape != (self.size,) or not np.all(np.isfinite(g)):
+            raise RouterTrainingError(f"gradient must be finite of shape {(self.size,)}, got {g.shape}")
+        load_flat_gradients(self.router, g)
+        self.torch.step()
 
 
 def _check_inputs(router: Router, features: np.ndarray, objective_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,12 +14,18 @@
    authority leaves out because an item would get a second row in its context raises
    `RowConflictRefused` (nothing was released).
 
+The transport's side, the same for both: `AuthorityLink` asks the key authority (a failure or no
+answer is `RoundRefused`, a round it leaves out `RowConflictRefused`), `client_replies` sorts the
+clients' answers into reply bytes, item digests and failures.
+
 What the callers decide for themselves: scoring tolerates missing clients (rows renormalised,
-`k_min`), router training needs every client. The key authority applies its own policy to both.
+`k_min`) and skips a round the authority leaves out; router training needs every client and every
+release. The key authority applies its own policy to both.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +37,7 @@ from secure_mor.crypto.fusion import WeightError, validate_weights
 from secure_mor.crypto.params import ReleaseConfig
 from secure_mor.crypto.signing import Signer
 from secure_mor.crypto.wire import (
+    DIGEST_BYTES,
     ClientReply,
     Expected,
     PayloadError,
@@ -39,7 +46,8 @@ from secure_mor.crypto.wire import (
     parse_reply,
     parse_response,
 )
-from secure_mor.protocol import Payload
+from secure_mor.protocol import AUTHORITY_PARTY, Payload
+from secure_mor.server.transport import NodeFailure, Transport
 
 Decrypt = Callable[[bytes], bytes]  # a decryption request to the key authority -> its signed response
 RANGE_SLACK = 1e-3  # the release's own error (< 1e-4) and the masks' float64 rounding
@@ -51,7 +59,52 @@ class RoundRefused(RuntimeError):
 
 class RowConflictRefused(RoundRefused):
     """The key authority left a round out: one of its items was fused before in the authority's
-    context under another row (crypto.authority.RowConflict). Nothing was released or burned."""
+    context under another row (authority.key_authority.RowConflict). Nothing was released or burned."""
+
+
+@dataclass
+class AuthorityLink:
+    """A run's `Decrypt`: decryption requests to the key authority over `transport`, with the time they
+    took (`round_trip_s`) and the authority's own compute time as it reports it (`compute_s`)."""
+
+    transport: Transport
+    timeout: float | None
+    round_trip_s: float = 0.0
+    compute_s: float = 0.0
+
+    def __call__(self, request: bytes) -> bytes:
+        asked = time.perf_counter()
+        answer = self.transport.ask([AUTHORITY_PARTY], "decrypt", {"request": request}, timeout=self.timeout)
+        self.round_trip_s += time.perf_counter() - asked
+        reply = answer.get(AUTHORITY_PARTY)
+        if reply is None or isinstance(reply, NodeFailure):
+            raise RoundRefused(f"the key authority did not release: {reply.reason if reply else 'no answer'}")
+        self.compute_s += float(reply.get("seconds", 0.0))
+        if "refused" in reply:
+            raise RowConflictRefused(str(reply["refused"]))
+        return bytes(reply["response"])
+
+
+def client_replies(
+    answers: Mapping[str, Payload | NodeFailure], n: int | None = None
+) -> tuple[dict[str, bytes], dict[str, list[bytes]], list[str], float]:
+    """The reply bytes and item digests of the clients that answered, what went wrong with the others, and
+    the clients' compute seconds as they report them. `n`: the items each reply must send digests of (None:
+    the answer carries no digests, e.g. a router gradient)."""
+    replies, items, failures, seconds = {}, {}, [], 0.0
+    for party, answer in answers.items():
+        if isinstance(answer, NodeFailure):
+            failures.append(f"{party}: {answer.reason}")
+        elif "reply" not in answer or (n is not None and len(bytes(answer.get("items", b""))) != n * DIGEST_BYTES):
+            digests = "" if n is None else f", or not {n} item digests,"
+            failures.append(f"{party}: no reply{digests} in its answer")
+        else:
+            replies[party] = bytes(answer["reply"])
+            if n is not None:
+                digests = bytes(answer["items"])
+                items[party] = [digests[i : i + DIGEST_BYTES] for i in range(0, len(digests), DIGEST_BYTES)]
+            seconds += float(answer.get("seconds", 0.0))
+    return replies, items, failures, seconds
 
 
 @dataclass

@@ -37,15 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
-from secure_mor.audits.ledger import KIND_STEP_SKIPPED, Ledger, no_privacy_cost_event
 from secure_mor.crypto.context import PublicContext
 from secure_mor.crypto.fusion import renormalise
 from secure_mor.crypto.params import DEFAULT_K_MIN, ReleaseConfig
 from secure_mor.crypto.signing import Signer
-from secure_mor.crypto.wire import DIGEST_BYTES, Expected, new_nonce
-from secure_mor.protocol import AUTHORITY_PARTY, Payload
-from secure_mor.server.secure_round import RoundRefused, RowConflictRefused, SecureRound
-from secure_mor.server.transport import NodeFailure, Transport
+from secure_mor.crypto.wire import Expected, new_nonce
+from secure_mor.files import write_json
+from secure_mor.ledger import KIND_STEP_SKIPPED, Ledger, no_privacy_cost_event
+from secure_mor.protocol import Payload
+from secure_mor.server.secure_round import AuthorityLink, RoundRefused, RowConflictRefused, SecureRound, client_replies
+from secure_mor.server.transport import Transport
 
 STATE_FILE = "state.json"
 
@@ -87,8 +88,9 @@ class SecureSession:
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
+        self.authority = AuthorityLink(self.transport, self.reply_timeout)
         self.rounds = SecureRound(self.pub, self.signer, self.registry, self.clients, self.authority_key,
-                                  self.run_id, self.w_min, self._ask_authority, self.release)  # fmt: skip
+                                  self.run_id, self.w_min, self.authority, self.release)  # fmt: skip
 
     # ------------------------------------------------------------ run-scoped step numbers
 
@@ -101,10 +103,7 @@ class SecureSession:
         step = int(steps.get(purpose, 0))
         steps[purpose] = step + 1
         state["run_id"] = self.run_id
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(path)
+        write_json(path, state, indent=2)
         return step
 
     # ------------------------------------------------------------ one round
@@ -118,35 +117,6 @@ class SecureSession:
                      "k_min": self.k_min, "reason": "; ".join(problems) or "too few clients answered"},
         )  # fmt: skip
 
-    def _ask_authority(self, request: bytes) -> bytes:
-        asked = time.perf_counter()
-        answer = self.transport.ask([AUTHORITY_PARTY], "decrypt", {"request": request}, timeout=self.reply_timeout)
-        self.timings.authority_round_trip += time.perf_counter() - asked
-        reply = answer.get(AUTHORITY_PARTY)
-        if reply is None or isinstance(reply, NodeFailure):
-            raise RoundRefused(f"the key authority did not release: {reply.reason if reply else 'no answer'}")
-        self.timings.authority_compute += float(reply.get("seconds", 0.0))
-        if "refused" in reply:
-            raise RowConflictRefused(str(reply["refused"]))
-        return bytes(reply["response"])
-
-    def _replies(
-        self, answers: Mapping[str, Payload | NodeFailure], n: int
-    ) -> tuple[dict[str, bytes], dict[str, list[bytes]], list[str]]:
-        """The reply bytes and item digests of the clients that answered, and what went wrong with the others."""
-        replies, items, failures = {}, {}, []
-        for party, answer in answers.items():
-            if isinstance(answer, NodeFailure):
-                failures.append(f"{party}: {answer.reason}")
-            elif "reply" not in answer or len(bytes(answer.get("items", b""))) != n * DIGEST_BYTES:
-                failures.append(f"{party}: no reply, or not {n} item digests, in its answer")
-            else:
-                replies[party] = bytes(answer["reply"])
-                digests = bytes(answer["items"])
-                items[party] = [digests[i : i + DIGEST_BYTES] for i in range(0, len(digests), DIGEST_BYTES)]
-                self.timings.client_compute += float(answer.get("seconds", 0.0))
-        return replies, items, failures
-
     def fused_rewards(self, request: Payload, weights: np.ndarray) -> np.ndarray | None:
         """One scoring round over the items of `request` (secure_mor.protocol.score_request),
         fused with `weights` (N x K, router column order). None when the round was skipped."""
@@ -158,7 +128,8 @@ class SecureSession:
         checked = time.perf_counter()
         self.timings.scoring_round_trip += checked - started
         self.timings.rounds += 1
-        replies, items, failures = self._replies(answers, n)
+        replies, items, failures, seconds = client_replies(answers, n)
+        self.timings.client_compute += seconds
         good, refused = self.rounds.verify(replies, Expected(self.run_id, step, nonce, "reward", n), items)
         if len(good) < self.k_min:
             self.timings.server_crypto += time.perf_counter() - checked
@@ -167,11 +138,14 @@ class SecureSession:
         w = np.asarray(weights, dtype=np.float64)
         if len(good) < len(self.clients):
             w = renormalise(w, [c in good for c in self.clients])
-        waited = self.timings.authority_round_trip
+        waited, computed = self.authority.round_trip_s, self.authority.compute_s
         try:
             values = self.rounds.release(list(good.values()), w, "reward", step, nonce, [items[c] for c in good])
         except RowConflictRefused as err:
             values = None
             self.skip("reward", step, list(good), n, [f"the key authority left the round out: {err}"])
-        self.timings.server_crypto += time.perf_counter() - checked - (self.timings.authority_round_trip - waited)
+        asked = self.authority.round_trip_s - waited
+        self.timings.authority_round_trip += asked
+        self.timings.authority_compute += self.authority.compute_s - computed
+        self.timings.server_crypto += time.perf_counter() - checked - asked
         return values

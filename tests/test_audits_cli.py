@@ -14,7 +14,10 @@ from dp_accounting import dp_event
 from typer.testing import CliRunner
 
 from secure_mor.audits.cli import audit_app
-from secure_mor.audits.ledger import (
+from secure_mor.audits.recompute import UNBOUNDED_EPSILON, RecomputeError, event_from_json, recompute
+from secure_mor.audits.verify import verify_ledger
+from secure_mor.crypto.signing import Signer, canonical_json, load_signer, read_registry, save_signer
+from secure_mor.ledger import (
     KIND_DP_TRAINING,
     KIND_REWARD_RELEASE,
     Budget,
@@ -23,10 +26,7 @@ from secure_mor.audits.ledger import (
     no_privacy_cost_event,
     non_private_event,
     signed_part,
-    verify_ledger,
 )
-from secure_mor.audits.recompute import UNBOUNDED_EPSILON, RecomputeError, event_from_json, recompute
-from secure_mor.crypto.signing import Signer, canonical_json, load_signer, read_registry, save_signer
 
 DELTA = 1e-5
 RUNS = [(1.0, 0.125, 16), (1.5, 0.1, 20)]  # (noise multiplier, sample rate, steps) of client-0

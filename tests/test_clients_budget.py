@@ -16,11 +16,12 @@ import torch
 from dp_accounting import dp_event
 from opacus.accountants.rdp import RDPAccountant
 
-from secure_mor.audits.ledger import KIND_DP_TRAINING, Ledger, verify_ledger
+from secure_mor.audits.verify import verify_ledger
 from secure_mor.clients.client import UNBOUNDED_EPSILON, ClientConfig, RewardClient, train_client
 from secure_mor.clients.training import PRIVACY_UNIT, BudgetExceeded, TrainConfig
 from secure_mor.crypto.signing import SignatureError, canonical_json, load_signer, read_registry
 from secure_mor.data import SplitConfig, build_federated_data
+from secure_mor.ledger import KIND_DP_TRAINING, Ledger
 
 torch.set_num_threads(1)
 DELTA = 1e-5

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import torch
 from typer.testing import CliRunner
 
-from secure_mor.audits.ledger import verify_ledger
+from secure_mor.audits.verify import verify_ledger
 from secure_mor.clients.cli import client_app
 from secure_mor.clients.training import ARCH_TRAIN_DEFAULTS, default_train_config
 from secure_mor.crypto.signing import read_registry

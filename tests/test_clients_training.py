@@ -16,7 +16,6 @@ import math
 import pytest
 import torch
 
-from secure_mor.audits.ledger import Budget
 from secure_mor.clients.evaluation import evaluate_model
 from secure_mor.clients.models import ARCHITECTURES, DEFAULT_ARCHS, architecture
 from secure_mor.clients.training import (
@@ -30,6 +29,7 @@ from secure_mor.clients.training import (
     train_reward_model,
 )
 from secure_mor.data import SplitConfig, build_federated_data, public_annotations
+from secure_mor.ledger import Budget
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,7 @@ import tenseal as ts
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority, PolicyError
+from secure_mor.authority.key_authority import AuthorityPolicy, KeyAuthority, PolicyError
 from secure_mor.crypto.blinding import MaskKey
 from secure_mor.crypto.context import (
     ContextError,

@@ -14,16 +14,9 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from secure_mor.audits.ledger import KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, Ledger, verify_ledger
+from secure_mor.audits.verify import verify_ledger
+from secure_mor.authority.key_authority import STATE_FILE, AuthorityPolicy, KeyAuthority, PolicyError, RowConflict
 from secure_mor.crypto import authority as authority_module
-from secure_mor.crypto.authority import (
-    STATE_FILE,
-    AuthorityPolicy,
-    KeyAuthority,
-    PolicyError,
-    RowConflict,
-    measure_decryption_error,
-)
 from secure_mor.crypto.blinding import MaskKey
 from secure_mor.crypto.context import (
     ContextError,
@@ -44,6 +37,7 @@ from secure_mor.crypto.fusion import (
 )
 from secure_mor.crypto.packing import decrypt_packed, encrypt_packed, pack, unpack
 from secure_mor.crypto.params import ReleaseConfig, min_score_half_width, score_half_width
+from secure_mor.crypto.release import measure_decryption_error
 from secure_mor.crypto.signing import Signer, canonical_json
 from secure_mor.crypto.wire import (
     VERSION,
@@ -59,6 +53,7 @@ from secure_mor.crypto.wire import (
     parse_response,
     seal_reply,
 )
+from secure_mor.ledger import KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, Ledger
 from secure_mor.server.secure_round import RoundRefused, SecureRound
 
 R = 10.0

@@ -20,12 +20,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from secure_mor.audits.ledger import KIND_REWARD_RELEASE, KIND_STEP_SKIPPED, Ledger, verify_ledger
+from secure_mor.audits.verify import verify_ledger
 from secure_mor.crypto.pki import AUTH_KEY, PkiError, init_pki, party_keys, read_registry_signed, register_party
 from secure_mor.crypto.signing import Signer, load_signer, publish_public_key, read_registry, save_signer
 from secure_mor.data import directory_digest
 from secure_mor.deployment import TINY_RUN, LocalDeployment
 from secure_mor.federation import FederationError
+from secure_mor.ledger import KIND_REWARD_RELEASE, KIND_STEP_SKIPPED, Ledger
 from secure_mor.server.pipeline import AlignError, trusted_keys
 
 

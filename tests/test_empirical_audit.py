@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from secure_mor.audits.cli import audit_app
 from secure_mor.audits.empirical import (
     SCHEMA,
     EmpiricalAuditConfig,
@@ -19,6 +18,7 @@ from secure_mor.audits.empirical import (
     p_value,
     write_result,
 )
+from secure_mor.cli import app
 from secure_mor.experiments.audit import run_empirical_audit
 
 DELTA = 1e-5
@@ -146,16 +146,16 @@ runner = CliRunner()
     ],
 )
 def test_cli_bad_input_is_a_clean_error(tmp_path, args, message):
-    result = runner.invoke(audit_app, ["empirical", "--out", str(tmp_path), *args])
+    result = runner.invoke(app, ["audit", "empirical", "--out", str(tmp_path), *args])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
     assert not (tmp_path / "audits").exists()
 
 
 def test_cli_writes_the_result(tmp_path):
-    args = ["empirical", "--out", str(tmp_path), "--epsilon", "inf", "--canaries", "20", "--guesses", "10",
+    args = ["audit", "empirical", "--out", str(tmp_path), "--epsilon", "inf", "--canaries", "20", "--guesses", "10",
             "--pairs", "40", "--epochs", "2", "--batch-size", "20"]  # fmt: skip
-    result = runner.invoke(audit_app, args)
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "empirical epsilon >=" in result.output and "non-private" in result.output
     report = json.loads((tmp_path / "audits" / "empirical-cnn-gru-epsinf-seed0.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 from conftest import OWN_FAMILIES
 from typer.testing import CliRunner
 
-from secure_mor.audits.ledger import verify_ledger
+from secure_mor.audits.verify import verify_ledger
 from secure_mor.cli import app
 from secure_mor.crypto.signing import read_registry
 from secure_mor.deployment import TINY_RUN

@@ -4,7 +4,9 @@ import stat
 
 import pytest
 
-from secure_mor.audits.ledger import (
+from secure_mor.audits.verify import verify_ledger
+from secure_mor.crypto.signing import SignatureError, Signer, load_or_create_signer, load_signer, read_registry
+from secure_mor.ledger import (
     KIND_DP_TRAINING,
     KIND_REWARD_RELEASE,
     Budget,
@@ -12,9 +14,7 @@ from secure_mor.audits.ledger import (
     LedgerError,
     dp_sgd_event,
     no_privacy_cost_event,
-    verify_ledger,
 )
-from secure_mor.crypto.signing import SignatureError, Signer, load_or_create_signer, load_signer, read_registry
 
 
 @pytest.fixture

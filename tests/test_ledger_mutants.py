@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from secure_mor.audits.ledger import (
+from secure_mor.audits.verify import verify_ledger
+from secure_mor.crypto.signing import Signer, canonical_json
+from secure_mor.ledger import (
     GENESIS_HASH,
     KIND_DP_TRAINING,
     KIND_REWARD_RELEASE,
@@ -29,9 +31,7 @@ from secure_mor.audits.ledger import (
     Ledger,
     dp_sgd_event,
     no_privacy_cost_event,
-    verify_ledger,
 )
-from secure_mor.crypto.signing import Signer, canonical_json
 
 PARTIES = ("client-0", "client-1", "authority", "server")
 

@@ -11,9 +11,9 @@ import stat
 
 import pytest
 
+from secure_mor.authority.node import AuthorityNode
 from secure_mor.clients.node import ClientNode
 from secure_mor.config import DataSpec
-from secure_mor.crypto.authority_node import AuthorityNode
 from secure_mor.crypto.context import create_secret_context, public_context_of, sign_public_context
 from secure_mor.crypto.pki import init_pki, party_keys, register_party
 from secure_mor.crypto.signing import (

@@ -16,7 +16,21 @@ import torch
 from conftest import own_families_vqa
 from PIL import Image, PngImagePlugin
 
-from secure_mor.audits.ledger import (
+from secure_mor.audits.verify import verify_ledger
+from secure_mor.authority.node import AuthorityNode
+from secure_mor.clients.client import ClientConfig, RewardClient
+from secure_mor.clients.models import architecture
+from secure_mor.clients.node import CONTEXT_FILE, NODE_FILE, ClientNode
+from secure_mor.clients.text import CharTokenizer
+from secure_mor.clients.training import PrivacyState
+from secure_mor.config import DataSpec, RunDir
+from secure_mor.crypto.blinding import MaskKey
+from secure_mor.crypto.fusion import renormalise
+from secure_mor.crypto.params import DEFAULT_W_MIN
+from secure_mor.crypto.signing import Signer, load_or_create_signer, publish_public_key, read_registry
+from secure_mor.crypto.wire import parse_reply, parse_response
+from secure_mor.data import normalize_text
+from secure_mor.ledger import (
     KIND_DP_TRAINING,
     KIND_REWARD_RELEASE,
     KIND_ROUTER_GRADIENT_RELEASE,
@@ -24,21 +38,7 @@ from secure_mor.audits.ledger import (
     KIND_STEP_SKIPPED,
     Budget,
     Ledger,
-    verify_ledger,
 )
-from secure_mor.clients.client import ClientConfig, RewardClient
-from secure_mor.clients.models import architecture
-from secure_mor.clients.node import CONTEXT_FILE, NODE_FILE, ClientNode
-from secure_mor.clients.text import CharTokenizer
-from secure_mor.clients.training import PrivacyState
-from secure_mor.config import DataSpec, RunDir
-from secure_mor.crypto.authority_node import AuthorityNode
-from secure_mor.crypto.blinding import MaskKey
-from secure_mor.crypto.fusion import renormalise
-from secure_mor.crypto.params import DEFAULT_W_MIN
-from secure_mor.crypto.signing import Signer, load_or_create_signer, publish_public_key, read_registry
-from secure_mor.crypto.wire import parse_reply, parse_response
-from secure_mor.data import normalize_text
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY, ProtocolError, array_bytes, png_bytes, score_request
 from secure_mor.routing import GradientQuery, Router, RouterQueryError, RouterSetup, encode_gradient_query

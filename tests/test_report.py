@@ -17,7 +17,10 @@ import dp_accounting
 import pytest
 from typer.testing import CliRunner
 
-from secure_mor.audits.ledger import (
+from secure_mor.audits.recompute import event_from_json
+from secure_mor.cli import app
+from secure_mor.crypto.signing import Signer, load_signer, save_signer
+from secure_mor.ledger import (
     KIND_DP_TRAINING,
     KIND_REWARD_RELEASE,
     Budget,
@@ -26,9 +29,6 @@ from secure_mor.audits.ledger import (
     line_hash,
     no_privacy_cost_event,
 )
-from secure_mor.audits.recompute import event_from_json
-from secure_mor.cli import app
-from secure_mor.crypto.signing import Signer, load_signer, save_signer
 
 DELTA = 1e-5
 DP_RUN = (1.0, 0.125, 16)  # noise multiplier, sample rate, steps

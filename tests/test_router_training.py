@@ -11,11 +11,12 @@ import pytest
 import tenseal as ts
 import torch
 
-from secure_mor.audits.ledger import KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, Ledger, verify_ledger
-from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority
+from secure_mor.audits.verify import verify_ledger
+from secure_mor.authority.key_authority import AuthorityPolicy, KeyAuthority
 from secure_mor.crypto.context import PublicContext, create_secret_context, public_context_of
 from secure_mor.crypto.signing import Signer
 from secure_mor.crypto.wire import parse_reply, seal_reply
+from secure_mor.ledger import KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, Ledger
 from secure_mor.protocol import calibration_digests
 from secure_mor.routing import (
     GradientQuery,

@@ -11,7 +11,7 @@ reads, and whose entries must carry the signature of the operator's CA (node con
 One authority directory holds one CKKS context for its whole life (`authority_dir`,
 default `<state>/authority`): its secret key `secret.key`, the context's fingerprint
 `context.fingerprint` (public), and the release state that keeps one W row per item
-for that context (crypto.authority). The authority's signing key is one for all its
+for that context (authority.key_authority). The authority's signing key is one for all its
 contexts (`key-dir`, or `<state>/authority/keys`). Separate fusions that must not share rows (an
 ablation's) each get an authority directory, hence a context, of their own.
 
@@ -31,8 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from secure_mor.audits.ledger import Ledger
-from secure_mor.crypto.authority import AuthorityPolicy, KeyAuthority, RowConflict
+from secure_mor.authority.key_authority import AuthorityPolicy, KeyAuthority, RowConflict
 from secure_mor.crypto.context import ScryptParams, create_secret_context, public_context_of, save_secret_context
 from secure_mor.crypto.params import DEFAULT_K_MIN, DEFAULT_W_MIN
 from secure_mor.crypto.pki import read_registry_signed
@@ -46,6 +45,7 @@ from secure_mor.crypto.signing import (
     read_or_create_secret,
     secrets_dir,
 )
+from secure_mor.ledger import Ledger
 from secure_mor.protocol import AUTHORITY_PARTY, ROLE_AUTHORITY, SERVER_PARTY, Payload, ProtocolError
 
 PASSPHRASE_ENV = "SECURE_MOR_AUTHORITY_PASSPHRASE"

@@ -27,18 +27,18 @@ covers. Lines after the last anchor are UNANCHORED: the auditor's tools say so.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
+import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from secure_mor.crypto.signing import SignatureError, Signer, canonical_json, verify
+from secure_mor.crypto.signing import Signer, canonical_json
+from secure_mor.files import lock_beside
 
 GENESIS_HASH = "0" * 64
 DP_EVENT_MODULE = "dp_accounting.dp_event"
@@ -100,7 +100,7 @@ def _no_constant(name: str) -> Any:
     raise LedgerError(f"{name} is not a number")
 
 
-def _is_int(value: Any) -> bool:
+def is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -120,7 +120,7 @@ def parse_line(raw: bytes) -> dict[str, Any]:
     if canonical != raw:
         raise LedgerError("not canonical JSON (sorted keys, no whitespace, no escapes or spellings of its own)")
     for key in ("seq", "party_seq"):
-        if not _is_int(line.get(key)):
+        if not is_count(line.get(key)):
             raise LedgerError(f"{key} {line.get(key)!r} is not a non-negative integer")
     if not (isinstance(line.get("prev_hash"), str) and _HEX64.fullmatch(line["prev_hash"])):
         raise LedgerError("prev_hash is not a SHA-256 hex digest")
@@ -161,29 +161,54 @@ class Anchor:
 
 
 class Ledger:
-    """One ledger file. Appends are serialised with an advisory file lock, so
-    several processes on one machine (Flower's simulation workers) may share it."""
+    """One ledger file. Appends are serialised with an advisory file lock, so several processes on one
+    machine (Flower's simulation workers) may share it. The file only grows: an object reads, strictly,
+    only what was appended since it last looked (a file replaced or cut short is read again from the
+    start), so an append costs the new lines, not the whole ledger."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self._reset()
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(self.path.suffix + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    def _reset(self) -> None:
+        self._read = 0  # bytes parsed so far
+        self._file: tuple[int, int] | None = None  # (device, inode) of what was read
+        self._count = 0
+        self._last_hash = GENESIS_HASH
+        self._last_line: tuple[int, bytes] = (0, b"")  # offset and bytes of the last line (re-checked each read)
+        self._per_party: dict[str, int] = {}
+
+    def _catch_up(self) -> None:
+        """Parse what was appended since the last call; LedgerError names the first bad line."""
+        if not self.path.exists():
+            if self._read:
+                raise LedgerError(f"{self.path} disappeared")
+            return
+        with open(self.path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            offset, last = self._last_line
+            f.seek(offset)
+            if (self._file not in (None, (stat.st_dev, stat.st_ino)) or stat.st_size < self._read
+                    or f.read(len(last)) != last):  # replaced, cut short or its last line rewritten
+                self._reset()
+            self._file = (stat.st_dev, stat.st_ino)
+            f.seek(self._read)
+            new = f.read()
+        for raw in _split_lines(new):
             try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _raw_lines(self) -> list[bytes]:
-        return _split_lines(self.path.read_bytes()) if self.path.exists() else []
+                line = parse_line(raw)
+            except LedgerError as err:
+                raise LedgerError(f"line {self._count + 1}: {err}") from err
+            self._last_line = (self._read, raw + b"\n")
+            self._read += len(raw) + 1
+            self._count += 1
+            self._last_hash = hashlib.sha256(raw).hexdigest()
+            self._per_party[line["party"]] = self._per_party.get(line["party"], 0) + 1
 
     def entries(self) -> list[dict[str, Any]]:
         """All lines, parsed strictly (`parse_line`); LedgerError names the first bad line."""
         out = []
-        for number, raw in enumerate(self._raw_lines(), start=1):
+        for number, raw in enumerate(_split_lines(self.path.read_bytes()) if self.path.exists() else [], start=1):
             try:
                 out.append(parse_line(raw))
             except LedgerError as err:
@@ -195,8 +220,11 @@ class Ledger:
 
     def head(self) -> Anchor:
         """The anchor of the ledger as it is now (record it, e.g. in results.json)."""
-        lines = self._raw_lines()
-        return Anchor(len(lines), hashlib.sha256(lines[-1]).hexdigest() if lines else GENESIS_HASH)
+        if not self.path.exists():
+            return Anchor(0, GENESIS_HASH)
+        with lock_beside(self.path):
+            self._catch_up()
+            return Anchor(self._count, self._last_hash)
 
     def append(
         self,
@@ -214,12 +242,11 @@ class Ledger:
         """Sign and append one release by `signer.party`; returns the line written."""
         if kind not in KINDS:
             raise LedgerError(f"unknown ledger entry kind {kind!r}; expected one of {KINDS}")
-        with self._locked():
-            existing = self.entries()  # never extend a damaged ledger
-            raw = self._raw_lines()
+        with lock_beside(self.path):
+            self._catch_up()  # never extend a damaged ledger
             line = {
                 "party": signer.party,
-                "party_seq": sum(1 for e in existing if e["party"] == signer.party),
+                "party_seq": self._per_party.get(signer.party, 0),
                 "public_key": signer.public_key_hex,
                 "time": time.time(),
                 "kind": kind,
@@ -230,117 +257,11 @@ class Ledger:
                 "total_epsilon": float(total_epsilon),
                 "budget": budget.as_dict() if budget else None,
                 "details": dict(details or {}),
-                "seq": len(existing),
-                "prev_hash": hashlib.sha256(raw[-1]).hexdigest() if raw else GENESIS_HASH,
+                "seq": self._count,
+                "prev_hash": self._last_hash,
             }
             line["signature"] = signer.sign(signed_part(line)).hex()
             with open(self.path, "ab") as f:
                 f.write(canonical_json(line) + b"\n")
+            self._catch_up()
         return line
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    ok: bool
-    entries: int
-    head_hash: str
-    error_line: int | None = None  # 1-based line number of the first bad line
-    reason: str = ""
-    anchored: int = 0  # leading lines covered by an anchor (or by the expected head)
-
-    @property
-    def unanchored(self) -> int:
-        return self.entries - self.anchored
-
-
-def verify_ledger(
-    path: Path | str,
-    registry: Mapping[str, str],
-    expected_head: str | None = None,
-    anchors: Sequence[Anchor] = (),
-) -> VerifyResult:
-    """Check every line's format, the hash chain, each party's sequence and every signature
-    against `registry` ({party: Ed25519 public key hex}), then the anchors: each must name a
-    line of this ledger by its hash, and `expected_head` must be the last line's hash (an
-    auditor's head from earlier: detects truncation, extension and rewritten last lines).
-    `ok` says whether all of that holds; `anchored` how many leading lines an anchor covers."""
-    path = Path(path)
-    prev, hashes = GENESIS_HASH, []
-    next_party_seq: dict[str, int] = {}
-
-    def fail(number: int, reason: str) -> VerifyResult:
-        return VerifyResult(False, len(hashes), prev, number, reason)
-
-    data = path.read_bytes() if path.exists() else b""
-    pieces = data.split(b"\n") if data else [b""]
-    for number, raw in enumerate(pieces[:-1], start=1):
-        try:
-            line = parse_line(raw)
-        except LedgerError as err:
-            return fail(number, str(err))
-        if line["seq"] != number - 1:
-            return fail(number, f"sequence number {line['seq']}, expected {number - 1} (deleted or reordered)")
-        if line["prev_hash"] != prev:
-            return fail(number, "previous-hash link broken (an earlier line was changed, deleted or reordered)")
-        party = line["party"]
-        if party not in registry:
-            return fail(number, f"unknown signer {party!r} (not in the registry)")
-        if line["public_key"] != registry[party]:
-            return fail(number, f"public key of {party!r} does not match the registry")
-        expected_seq = next_party_seq.get(party, 0)
-        if line["party_seq"] != expected_seq:
-            return fail(number, f"{party!r} entry number {line['party_seq']}, expected {expected_seq}")
-        try:
-            verify(registry[party], bytes.fromhex(line["signature"]), signed_part(line))
-        except SignatureError:
-            return fail(number, f"signature by {party!r} does not verify (line altered or re-chained)")
-        next_party_seq[party] = expected_seq + 1
-        prev = hashlib.sha256(raw).hexdigest()
-        hashes.append(prev)
-    if pieces[-1]:
-        return fail(len(pieces), "the last line is truncated (no newline)")
-    count, anchored = len(hashes), 0
-    for anchor in sorted(anchors, key=lambda a: a.entries):
-        held = hashes[anchor.entries - 1] if 0 < anchor.entries <= count else GENESIS_HASH
-        if anchor.entries > count or held != anchor.head:
-            return VerifyResult(False, count, prev, min(anchor.entries, count + 1),
-                                f"line {anchor.entries} is not the anchored head {anchor.head[:16]}... "
-                                "(the ledger was cut short or rewritten)")  # fmt: skip
-        anchored = anchor.entries
-    if expected_head is not None:
-        if prev != expected_head:
-            return VerifyResult(
-                False,
-                count,
-                prev,
-                count + 1,
-                "head hash differs from the expected head (truncated, extended or rewritten)",
-            )
-        anchored = count
-    return VerifyResult(True, count, prev, anchored=anchored)
-
-
-def released_anything(results: Mapping[str, Any]) -> bool:
-    """Whether a results.json reports a release (a decrypted GRPO round or a router step)."""
-    grpo, router = results.get("grpo") or {}, results.get("router") or {}
-    rounds, skipped = grpo.get("rounds", 0), grpo.get("skipped_rounds", 0)
-    return (isinstance(rounds, int) and isinstance(skipped, int) and rounds > skipped) or bool(router.get("steps"))
-
-
-def anchors_of(results: Iterable[tuple[str, Any]]) -> tuple[list[Anchor], list[str]]:
-    """The ledger anchors recorded in results.json files ((name, parsed content) pairs), and the
-    problems: a results.json that reports releases must record a non-empty ledger head."""
-    anchors, problems = [], []
-    for name, result in results:
-        record = result.get("ledger") if isinstance(result, dict) else None
-        entries, head = (record or {}).get("entries"), (record or {}).get("head")
-        if _is_int(entries) and entries > 0 and isinstance(head, str):
-            anchors.append(Anchor(entries, head))
-        elif isinstance(result, dict) and released_anything(result):
-            problems.append(f"{name} reports releases but records no ledger head (an empty ledger cannot hold them)")
-    return anchors, problems
-
-
-def results_files(run_dir: Path) -> list[Path]:
-    """Where a run directory's results.json files are (the demo's summary and one per fusion)."""
-    return [p for p in [run_dir / "results.json", *sorted(run_dir.glob("align/*/results.json"))] if p.is_file()]

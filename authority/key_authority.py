@@ -65,7 +65,6 @@ would need sigma ~ 2^lambda times the error, i.e. a larger scale and parameters 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -78,29 +77,19 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from secure_mor.audits.ledger import (
-    KIND_REWARD_RELEASE,
-    KIND_ROUTER_GRADIENT_RELEASE,
-    Ledger,
-    no_privacy_cost_event,
-)
-from secure_mor.crypto.blinding import secure_gaussian, secure_uniform
 from secure_mor.crypto.context import (
-    create_secret_context,
     load_secret_context,
     public_context_of,
     sign_public_context,
 )
 from secure_mor.crypto.fusion import WeightError, decrypt_fused, fuse, validate_weights
-from secure_mor.crypto.packing import encrypt_packed
 from secure_mor.crypto.params import (
     DEFAULT_K_MIN,
-    DEFAULT_PARAMS,
     DEFAULT_W_MIN,
-    CkksParams,
     ReleaseConfig,
     score_half_width,
 )
+from secure_mor.crypto.release import flood_and_round
 from secure_mor.crypto.signing import Signer
 from secure_mor.crypto.wire import (
     DEFAULT_LIMITS,
@@ -114,6 +103,8 @@ from secure_mor.crypto.wire import (
     parse_reply,
     parse_request,
 )
+from secure_mor.files import lock_beside
+from secure_mor.ledger import KIND_REWARD_RELEASE, KIND_ROUTER_GRADIENT_RELEASE, Ledger, no_privacy_cost_event
 
 LEDGER_KINDS = {"reward": KIND_REWARD_RELEASE, "router_gradient": KIND_ROUTER_GRADIENT_RELEASE}
 STATE_FILE = "released.jsonl"
@@ -172,13 +163,8 @@ class _ReleaseState:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Check-and-burn is atomic across processes (advisory lock next to the file)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with lock_beside(self.path):
+            yield
 
     def reload(self) -> None:
         """Read what was appended since the last call (another process of the same authority may
@@ -250,12 +236,6 @@ class _ReleaseState:
         self._read += self._append(entry)
         self._lines += 1
         self._note(entry)
-
-
-def flood_and_round(values: np.ndarray, config: ReleaseConfig) -> np.ndarray:
-    """Integer levels k with k * 2^-round_bits = round(v + truncated Gaussian flooding)."""
-    noise = np.clip(secure_gaussian(len(values)), -config.flood_clip, config.flood_clip) * config.flood_sigma
-    return np.rint((np.asarray(values, dtype=np.float64) + noise) * 2.0**config.round_bits).astype(np.int64)
 
 
 def _same_row(a: Row, b: Row) -> bool:
@@ -454,44 +434,3 @@ class KeyAuthority:
                 "response_sha256": hashlib.sha256(response).hexdigest(),
             },
         )
-
-
-@dataclass(frozen=True)
-class ErrorReport:
-    """Max and standard deviation of |decrypted - exact| for one pipeline stage."""
-
-    stage: str
-    max_abs: float
-    std: float
-
-
-def measure_decryption_error(
-    params: CkksParams = DEFAULT_PARAMS,
-    *,
-    n: int = 4096,
-    k: int = 3,
-    config: ReleaseConfig | None = None,
-    seed: int = 0,
-) -> list[ErrorReport]:
-    """CKKS decryption error before flooding: a fresh ciphertext, an unmasked fusion, and a fusion of
-    values masked at the source with the masks removed afterwards (what the server recovers)."""
-    config = config or ReleaseConfig()
-    rng = np.random.default_rng(seed)
-    secret = create_secret_context(params)
-    pub = public_context_of(secret)
-    scores = [rng.uniform(-config.value_bound, config.value_bound, n) for _ in range(k)]
-    masks = [(2.0 * secure_uniform(n) - 1.0) * config.mask_bound for _ in range(k)]
-    weights = rng.dirichlet(np.ones(k), size=n)
-    exact = np.sum(np.stack(scores, axis=1) * weights, axis=1)
-    bound = config.value_bound + config.mask_bound
-    plain = [encrypt_packed(pub.context, s) for s in scores]
-    masked = [encrypt_packed(pub.context, s + m) for s, m in zip(scores, masks, strict=True)]
-    removed = np.sum(np.stack(masks, axis=1) * weights, axis=1)
-    fresh = decrypt_fused(secret, fuse(pub.context, [plain[0]], None, value_bound=bound)) - scores[0]
-    fused = decrypt_fused(secret, fuse(pub.context, plain, weights, value_bound=bound)) - exact
-    unmasked = decrypt_fused(secret, fuse(pub.context, masked, weights, value_bound=bound)) - removed - exact
-    return [
-        ErrorReport(stage, float(np.max(np.abs(err))), float(np.std(err)))
-        for stage, err in (("fresh", fresh), (f"fused (K={k})", fused),
-                           (f"fused, masked at the source (2^{config.mask_bits}), masks removed", unmasked))
-    ]  # fmt: skip
