@@ -3,7 +3,7 @@
 Both arms run the same GRPO (same policy, prompts, seed, steps) on the same trained
 client reward models, in this process (LocalTransport: no network):
 
-- secure: `server.pipeline.FederatedReward`: clients score, mask, encrypt (CKKS) and
+- secure: `server.reward.FederatedReward`: clients score, mask, encrypt (CKKS) and
   sign; the server verifies and forwards the replies; the key authority verifies them,
   fuses homomorphically, decrypts, floods, rounds and signs; the server removes the masks;
 - INSECURE plaintext: the server reads every client's plaintext scores and fuses them
@@ -51,13 +51,13 @@ from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY
 from secure_mor.server.grpo import GRPOSettings, build_grpo_trainer
 from secure_mor.server.pipeline import (
     AlignConfig,
-    FederatedReward,
     client_results,
     connect,
     prepare_data,
     prepare_policy,
     start_client_training,
 )
+from secure_mor.server.reward import FederatedReward
 from secure_mor.server.session import SecureSession
 from secure_mor.server.transport import LocalTransport
 

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from secure_mor.progress import progress_bar, training_task
 
 if TYPE_CHECKING:  # torch, Opacus and datasets load in the commands: `secure-mor --help` stays fast
     from secure_mor.clients.client import ClientConfig
@@ -133,14 +134,8 @@ def train(
         f"client-{client} ({config.arch}): epochs {tc.epochs}, batch {tc.batch_size}, lr {tc.lr:g}, "
         f"clip {tc.max_grad_norm:g}, accountant {tc.accountant}, grad-sample mode {tc.grad_sample_mode}, seed {tc.seed}"
     )
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(f"client-{client} ({config.arch})", total=None)
-
-        def progress(step: int, total: int, loss: float) -> None:
-            label = f"client-{client} ({config.arch}) loss {loss:.3f}"
-            bar.update(task, completed=step, total=total, description=label)
-
+    with progress_bar(console) as bar:
+        progress = training_task(bar, f"client-{client} ({config.arch})")
         try:
             trained, result = train_client(
                 out, config, data.clients[client], train_config, _passphrase(passphrase_env), progress

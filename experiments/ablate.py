@@ -433,35 +433,10 @@ def plot_router(rows: list[dict[str, Any]], out: Path, epsilons: list[Any]) -> N
 
 
 def plot_audits(audits: list[dict[str, Any]], out: Path) -> None:
-    """Empirical lower bound vs claimed epsilon, one point per audit, with y = x: a point above the
-    line would refute the claim. Non-private runs (no claim) are drawn at the right, labelled inf."""
-    import matplotlib
+    """out/empirical_epsilon.png: the audits' lower bounds vs their claims, one series per seed."""
+    from secure_mor.audits.plots import claimed_vs_empirical
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    finite = sorted({a["epsilon_claimed"] for a in audits if a["epsilon_claimed"] is not None})
-    top = max(finite, default=1.0)
-
-    def x_of(audit: dict[str, Any]) -> float:
-        return 1.25 * top if audit["epsilon_claimed"] is None else audit["epsilon_claimed"]
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="y = x (the claim)")
-    for seed in sorted({a["seed"] for a in audits}):
-        mine = sorted((a for a in audits if a["seed"] == seed), key=x_of)
-        ax.plot([x_of(a) for a in mine], [a["epsilon_lower_bound"] for a in mine], marker="o", label=f"seed {seed}")
-    ticks = finite + ([1.25 * top] if any(a["epsilon_claimed"] is None for a in audits) else [])
-    ax.set_xticks(ticks, [f"{t:.2g}" for t in finite] + ["inf"] * (len(ticks) - len(finite)))
-    confidence = audits[0]["confidence"]
-    ax.set(
-        xlabel="claimed epsilon (Opacus' accountant)",
-        ylabel=f"empirical epsilon lower bound ({confidence:g})",
-        title=f"One-run audit of client-0 ({audits[0]['arch']}), m = {audits[0]['canaries']} canaries",
-    )
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "empirical_epsilon.png", dpi=120)
-    plt.close(fig)
+    points = [(a["epsilon_claimed"], a["epsilon_lower_bound"], f"seed {a['seed']}") for a in audits]
+    title = f"One-run audit of client-0 ({audits[0]['arch']}), m = {audits[0]['canaries']} canaries"
+    png = claimed_vs_empirical(points, title, f"empirical epsilon lower bound ({audits[0]['confidence']:g})")
+    (out / "empirical_epsilon.png").write_bytes(png)

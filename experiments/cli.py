@@ -10,8 +10,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from secure_mor.progress import progress_bar, training_task
 
 
 def _eps(value: float) -> str:
@@ -75,13 +76,8 @@ def empirical_cmd(
     console.print(f"client-{client}'s annotations from " + (f"the run's split ({out / 'data.json'})" if run_dir else
                   f"the default easy-VQA split of seed {seed} ({out} holds no data.json)"), highlight=False)
     label = f"client-{client} ({arch}) at epsilon {_eps(epsilon)}"
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(f"{label}: data and canaries", total=None)
-
-        def progress(step: int, total: int, loss: float) -> None:
-            bar.update(task, completed=step, total=total, description=f"{label} loss {loss:.3f}")
-
+    with progress_bar(console) as bar:
+        progress = training_task(bar, label, "data and canaries")
         try:
             result = run_empirical_audit(config, run_dir, progress)
         except (ValueError, DatasetError) as err:

@@ -13,7 +13,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from secure_mor.audits.cli import audit_app
@@ -21,6 +20,7 @@ from secure_mor.clients.cli import client_app
 from secure_mor.config import EASY_VQA, DataSpec, RunDir
 from secure_mor.data import DatasetError, SplitConfig, default_clients, family_counts
 from secure_mor.experiments.cli import empirical_cmd
+from secure_mor.progress import progress_bar
 
 app = typer.Typer(
     help="Secure MoR: privacy-hardened federated alignment of vision-language models.", no_args_is_help=True
@@ -56,17 +56,6 @@ ModelOption = Annotated[
 ClientsOption = Annotated[int, typer.Option("--clients", help="Number of clients (institutions).")]
 SkewOption = Annotated[float, typer.Option(help="Fraction of each client's questions from its own family.")]
 PairsOption = Annotated[int, typer.Option(help="Annotations per client (one question each: the privacy unit).")]
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
 
 
 def _quiet_libraries() -> None:
@@ -248,7 +237,7 @@ def policy_sft(
         examples=examples, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=spec.split.seed
     )
     started = time.perf_counter()
-    with _progress() as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("SFT", total=None)
         run_sft(
             model,
@@ -280,7 +269,7 @@ def policy_eval(
     data = _load_data(_run_data_spec(run))
     model, processor = load_policy(path)
     started = time.perf_counter()
-    with _progress() as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task(f"evaluating {stage}", total=len(data.evaluation))
         report = evaluate_policy(
             model, processor, data.evaluation, data.answers, batch_size, on_batch=lambda n: progress.advance(task, n)
@@ -327,7 +316,7 @@ def _run_align(out: Path, run_config: dict[str, Any], timeout: float) -> dict[st
     label = AlignConfig(fusion=str(run_config.get("fusion", "mor")),
                         objective=str(run_config.get("objective", "correctness"))).label
     progress_file = out / "align" / label / "progress.json"
-    with _progress() as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("starting Flower (simulation runtime)", total=None)
 
         def poll(elapsed: float) -> None:
@@ -497,7 +486,7 @@ def ablate(
     overrides = {} if steps is None else {"grpo": _replace(AlignConfig().grpo, max_steps=steps)}
     started = time.perf_counter()
     groups = len(grid.seeds) * len(grid.epsilons)
-    with _progress() as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task(f"{groups} (seed, epsilon) groups x {len(grid.fusions)} fusions x "
                                  f"{len(grid.objectives)} objectives", total=groups)
         path = run_ablation(out, grid, overrides, workers, lambda done, _: progress.update(task, completed=done),
@@ -526,7 +515,7 @@ def oracle(
     config = AlignConfig(seed=seed, objective=objective)
     if steps is not None:
         config = _replace(config, grpo=_replace(config.grpo, max_steps=steps))
-    with _progress() as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("oracle diagnostic", total=None)
         try:
             results = run_oracle(out, config, log=lambda m: progress.update(task, description=m))

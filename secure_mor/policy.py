@@ -153,8 +153,8 @@ def warm_up_vision(
     return losses
 
 
-class _ProgressCallback(TrainerCallback):
-    """Forwards step progress to a callable (the CLI's progress bar)."""
+class StepProgress(TrainerCallback):
+    """Forwards a Trainer's step progress, (global_step, max_steps), to a callable (a progress bar or file)."""
 
     def __init__(self, on_step: Callable[[int, int], None]) -> None:
         self.on_step = on_step
@@ -206,7 +206,7 @@ def run_sft(
         args=config,
         train_dataset=sft_dataset(rows, settings.examples, settings.seed, settings.sentence_rate),
         processing_class=processor,
-        callbacks=[_ProgressCallback(on_step)] if on_step else None,
+        callbacks=[StepProgress(on_step)] if on_step else None,
     )
     trainer.remove_callback(PrinterCallback)  # the log history goes to sft_log.json instead
     try:

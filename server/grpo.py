@@ -82,6 +82,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from secure_mor.data import assistant_turn, column, encoded_images, user_prompt
 from secure_mor.device import trainer_arguments
 from secure_mor.files import write_json
+from secure_mor.policy import StepProgress
 
 RewardFn = Callable[..., list[float | None]]
 
@@ -267,19 +268,16 @@ HeldOutFn = Callable[[Any, ProcessorMixin], dict[str, float]]  # (policy, proces
 
 
 class _StepCallback(TrainerCallback):
-    """Progress to a callable, the held-out curve, and the log history to `grpo_log.json` at every
-    log event.
+    """The held-out curve, and the log history to `grpo_log.json` at every log event.
 
     Writing on every log keeps the history of a run that is killed; a resumed
     run reloads the history up to its checkpoint from the checkpoint's trainer
     state and continues it (held-out points are log entries too, `held_out/<metric>`).
     """
 
-    def __init__(self, log_path: Path, settings: GRPOSettings, on_step: Callable[[int, int], None] | None,
-                 held_out: HeldOutFn | None, select: str | None) -> None:
+    def __init__(self, log_path: Path, settings: GRPOSettings, held_out: HeldOutFn | None, select: str | None) -> None:
         self.log_path = log_path
         self.settings = settings
-        self.on_step = on_step
         self.held_out = held_out
         self.select = select
         self.best_dir = log_path.parent / BEST_DIR
@@ -313,8 +311,6 @@ class _StepCallback(TrainerCallback):
         if self.held_out and (state.global_step % self.settings.held_out_steps == 0
                               or state.global_step == state.max_steps):
             self._measure(state, model, processing_class)
-        if self.on_step:
-            self.on_step(state.global_step, state.max_steps)
 
 
 def write_log(path: Path, settings: GRPOSettings, history: list[dict[str, Any]]) -> None:
@@ -540,8 +536,9 @@ def run_grpo(
             "or use a fresh output directory"
         )
     log_path = output_dir / LOG_FILE
-    steps = _StepCallback(log_path, settings, on_step, held_out, select)
-    trainer = build_grpo_trainer(policy_path, prompts, reward_fn, settings, output_dir, [steps], device, labelled)
+    steps = _StepCallback(log_path, settings, held_out, select)
+    callbacks = [steps, StepProgress(on_step)] if on_step else [steps]  # progress after the held-out point
+    trainer = build_grpo_trainer(policy_path, prompts, reward_fn, settings, output_dir, callbacks, device, labelled)
     trainer.remove_callback(PrinterCallback)  # the history goes to grpo_log.json
     trainer.train(resume_from_checkpoint=last)
 

@@ -47,16 +47,16 @@ from secure_mor.crypto.context import ContextError, verify_public_context
 from secure_mor.crypto.params import DEFAULT_K_MIN, ReleaseConfig, min_score_half_width
 from secure_mor.crypto.pki import PkiError, read_registry_signed
 from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_signer, publish_public_key
-from secure_mor.data import FederatedData, calibration_set, ordered_families
+from secure_mor.data import FederatedData, calibration_set
 from secure_mor.device import resolve_device
 from secure_mor.files import write_json
 from secure_mor.ledger import KIND_ROUTER_SETUP, Ledger, no_privacy_cost_event
 from secure_mor.policy import SFTSettings
 from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, REWARD_MODEL_MEASURES, SERVER_PARTY
-from secure_mor.ranking import top1 as top1_of
 from secure_mor.routing import Router, RouterConfig, RouterSetup, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
-from secure_mor.server.router import ONE_CLIENT_FUSIONS, family_map, parse_fusion, prompt_features, weights_for
+from secure_mor.server.reward import FederatedReward
+from secure_mor.server.router import ONE_CLIENT_FUSIONS, family_map, parse_fusion, prompt_features
 from secure_mor.server.router_training import RouterTrainingConfig, train_router_securely
 from secure_mor.server.secure_round import AuthorityLink, RoundRefused, SecureRound, client_replies
 from secure_mor.server.session import SecureSession
@@ -358,18 +358,24 @@ def _finite(x: float) -> float | None:
 # ---------------------------------------------------------------- stage 4: the router
 
 
-def policy_features(policy_path: Path, device: str = "cpu") -> Callable[[Sequence[Any], Sequence[str]], np.ndarray]:
-    """Pooled prompt features of the frozen reference (the starting policy), computed on `device`."""
-    from secure_mor.vlm import load_policy
+@dataclass
+class PolicyFeatures:
+    """Pooled prompt features of the frozen reference (the starting policy), computed on its device; the
+    loaded model is the server's one copy of the starting policy outside GRPO (its greedy answers too)."""
 
-    model, processor = load_policy(policy_path)
-    model.to(device)
+    model: Any
+    processor: Any
 
-    def features(images: Sequence[Any], questions: Sequence[str]) -> np.ndarray:
-        return prompt_features(model, processor, [{"image": i, "question": q} for i, q in
-                                                  zip(images, questions, strict=True)])
+    @classmethod
+    def load(cls, policy_path: Path, device: str = "cpu") -> PolicyFeatures:
+        from secure_mor.vlm import load_policy
 
-    return features
+        model, processor = load_policy(policy_path)
+        return cls(model.to(device), processor)
+
+    def __call__(self, images: Sequence[Any], questions: Sequence[str]) -> np.ndarray:
+        return prompt_features(self.model, self.processor, [{"image": i, "question": q} for i, q in
+                                                            zip(images, questions, strict=True)])  # fmt: skip
 
 
 def train_router(transport: Transport, federation: Federation, run: RunDir, data: FederatedData,
@@ -469,149 +475,6 @@ def _npy(array: np.ndarray) -> bytes:
     return array_bytes(array)
 
 
-# ---------------------------------------------------------------- stage 5: GRPO on the fused reward
-
-
-ANSWER_PRIOR_SHRINKAGE = (0.0, 0.25, 0.5, 0.75, 1.0)  # the factors learn_answer_prior chooses from
-
-
-class FederatedReward:
-    """TRL reward function: the router-fused, encrypted clients' reward of each completion,
-    decrypted by the key authority (see `server.session`). None for a skipped round.
-
-    A completion that names no answer of its question's family (".", "red" to "is there a
-    circle?") is not sent to the clients: it gets the reward of the worst answer given to the
-    same prompt in the round (0 when no completion of the prompt is an answer), as the oracle's
-    0 for a wrong answer. The public answer sets decide what is an answer; the clients only rank
-    answers. Measured: GRPO on the clients' rewards alone learnt to answer "." (a text no client
-    had scored in training, which got a high reward); a fixed floor of -R made "answer anything"
-    the round's main signal and drowned the ranking of answers (held-out accuracy fell 0.16 in
-    the first 10 steps)."""
-
-    __name__ = "fused_reward"
-
-    def __init__(self, session: SecureSession, config: AlignConfig, router: Router | None,
-                 features_of: Callable[..., np.ndarray], family_clients: Mapping[str, int],
-                 answers: Mapping[str, list[str]]) -> None:
-        self.session, self.config, self.router = session, config, router
-        self.features_of, self.family_clients, self.answers = features_of, family_clients, answers
-        self.rows: dict[str, np.ndarray] = {}  # the router's row of each prompt seen (fusion mor)
-        self.seconds = {"weights": 0.0, "round": 0.0}
-        self.answer_prior: dict[str, dict[str, float]] = {}  # family -> answer -> offset (learn_answer_prior)
-        # The families whose answers are scored (None: all); the others' completions all get 0, so their
-        # advantage is 0 and only the KL term acts on them (AlignConfig.family_gate, gated_families).
-        self.families: list[str] | None = None
-
-    def learn_answer_prior(self, labelled: Any, per_family: int, seed: int, batch: int = 128) -> dict[str, Any]:
-        """The fused reward's preference for each answer whatever the image, which `__call__` subtracts.
-
-        From the server's own labelled questions (`labelled`: its SFT set), up to `per_family` of each
-        family with every true answer equally often; each answer of the family, in every style, is
-        scored on them as GRPO would score it (same rounds, same router rows, each release in the
-        ledger). An answer's offset is its mean fused reward minus the mean of all the family's answers
-        in the same style, averaged over styles: what the reward pays for it whatever the image (with
-        the true answers balanced, a reward without answer prior, the oracle's, gets offsets 0).
-        Subtracting it leaves the image-dependent part of the reward and the style preference (one level
-        per style). The offsets are shrunk per family by the factor in ANSWER_PRIOR_SHRINKAGE under
-        which the corrected fused reward ranks the true answer first most often on those questions
-        (ties: the smaller factor), as the released values show: a correction must not reorder answers
-        the reward tells apart. Measured on easy-VQA at epsilon 4: the fused reward paid "rectangle"
-        0.47 and "triangle" -0.64 above the mean on every shape question, and the policy, which cannot
-        tell shapes apart, answered "rectangle" to 190 of 200 after GRPO; the full correction made it
-        answer "red" to brown (the colour model's "brown" offset, +0.76, is larger than its margin)."""
-        from secure_mor.data import ANSWER_STYLES, column, styled_answer
-        from secure_mor.protocol import score_request
-
-        rng = np.random.default_rng(seed)
-        true_answers, families = np.asarray(column(labelled, "answer")), np.asarray(column(labelled, "family"))
-        chosen: list[int] = []
-        for f in ordered_families(self.answers):
-            each = -(-per_family // len(self.answers[f]))
-            for a in self.answers[f]:
-                pool = np.flatnonzero((families == f) & (true_answers == a))
-                chosen += rng.choice(pool, min(each, len(pool)), replace=False).tolist()
-        rows = [(i, families[i], a, s) for i in chosen for a in self.answers[families[i]] for s in ANSWER_STYLES]
-        released: dict[tuple[int, str, str], float] = {}
-        for start in range(0, len(rows), batch):
-            chunk = rows[start : start + batch]
-            sample = labelled.select([i for i, *_ in chunk])
-            texts = [styled_answer(a, f, s) for _, f, a, s in chunk]
-            w = self.weights(sample["image"], sample["question"], sample["family"], sample["image_id"])
-            values = self.session.fused_rewards(score_request(sample["image"], sample["question"], texts), w)
-            for (i, _, a, s), v in zip(chunk, values if values is not None else [], strict=False):
-                released[(i, a, s)] = float(v)
-        report: dict[str, Any] = {"questions_per_family": per_family, "released": len(released), "families": {}}
-        for f in ordered_families(self.answers):
-            questions = sorted({i for i, _, _ in released if families[i] == f})
-            if not questions:
-                continue
-            # R[question, answer, style]; a value missing from a skipped round counts as the family's mean
-            r = np.full((len(questions), len(self.answers[f]), len(ANSWER_STYLES)), np.nan)
-            for q, i in enumerate(questions):
-                for j, a in enumerate(self.answers[f]):
-                    for t, style in enumerate(ANSWER_STYLES):
-                        r[q, j, t] = released.get((i, a, style), np.nan)
-            r = np.where(np.isnan(r), np.nanmean(r), r)
-            offset = (r.mean(0) - r.mean((0, 1))).mean(-1)  # per answer: above its style's mean, whatever the image
-            truth = np.array([self.answers[f].index(str(a)) for a in true_answers[questions]])
-            top1 = {lam: top1_of((r - lam * offset[None, :, None]).max(-1), truth) for lam in ANSWER_PRIOR_SHRINKAGE}
-            lam = max(ANSWER_PRIOR_SHRINKAGE, key=lambda x: (round(top1[x], 9), -x))
-            self.answer_prior[f] = {a: float(lam * o) for a, o in zip(self.answers[f], offset, strict=True)}
-            report["families"][f] = {"questions": len(questions), "shrinkage": lam, "offsets": self.answer_prior[f],
-                                     "fused_top1": {str(x): v for x, v in top1.items()},
-                                     "rows": [int(i) for i in questions]}
-        return report
-
-    def weights(self, images: Sequence[Any], questions: Sequence[str], families: Sequence[str],
-                image_ids: Sequence[str]) -> np.ndarray:
-        n, k, w_min = len(questions), self.config.num_clients, self.session.w_min
-        if parse_fusion(self.config.fusion, k)[0] != "mor":
-            return weights_for(self.config.fusion, n=n, k=k, w_min=w_min, families=families,
-                               family_clients=self.family_clients)
-        # One row per prompt for the run, computed once and alone: the key authority refuses a prompt
-        # under a second row, and features computed in batches of other sizes differ in float32 rounding
-        # (measured ~1e-7, above its tolerance).
-        keys = [f"{i}\0{q}" for i, q in zip(image_ids, questions, strict=True)]
-        objective = np.array([self.router.config.objective_id(self.config.objective)])
-        for j, key in enumerate(keys):
-            if key not in self.rows:
-                x = self.features_of([images[j]], [questions[j]])
-                self.rows[key] = weights_for("mor", n=1, k=k, w_min=w_min, router=self.router, features=x,
-                                             objective_ids=objective)[0]
-        return np.stack([self.rows[key] for key in keys])
-
-    def __call__(self, prompts: list, completions: list, image: list, question: list, family: list,
-                 image_id: list, **kwargs: Any) -> list[float | None]:
-        from secure_mor.policy import extract_answer
-        from secure_mor.protocol import score_request
-
-        started = time.perf_counter()
-        answers = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
-        words = [extract_answer(a, f, self.answers) for a, f in zip(answers, family, strict=True)]
-        trained = [self.families is None or f in self.families for f in family]
-        scored = [i for i, word in enumerate(words) if word and trained[i]]
-        if not scored:
-            return [0.0] * len(answers)
-
-        def pick(values: Sequence[Any]) -> list[Any]:
-            return [values[i] for i in scored]
-
-        w = self.weights(pick(image), pick(question), pick(family), pick(image_id))
-        computed = time.perf_counter()
-        values = self.session.fused_rewards(score_request(pick(image), pick(question), pick(answers)), w)
-        self.seconds["weights"] += computed - started
-        self.seconds["round"] += time.perf_counter() - computed
-        if values is None:
-            return [None] * len(answers)
-        fused = {i: float(v) - self.answer_prior.get(family[i], {}).get(words[i], 0.0)
-                 for i, v in zip(scored, values, strict=True)}
-        prompt = [f"{i}\0{q}" for i, q in zip(image_id, question, strict=True)]
-        worst: dict[str, float] = {}
-        for i, value in fused.items():
-            worst[prompt[i]] = min(value, worst.get(prompt[i], value))
-        return [fused.get(i, worst.get(prompt[i], 0.0)) if trained[i] else 0.0 for i in range(len(answers))]
-
-
 # ---------------------------------------------------------------- the whole job
 
 
@@ -661,7 +524,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
                         for k in (config.num_clients, k_min))  # fmt: skip
         log(f"WARNING: fusion {config.fusion} gives one client all but the floor on every item: each release "
             f"tells the server that client's score within +-{all_:.3f} (+-{fewest:.3f} after dropouts to {k_min})")
-    features_of = policy_features(run.sft_policy, resolve_device(config.device))
+    features_of = PolicyFeatures.load(run.sft_policy, resolve_device(config.device))
     router, router_report = None, None
     t = time.perf_counter()
     if kind == "mor":
@@ -686,7 +549,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     elif config.answer_prior_questions:
         log(f"answer prior: every answer scored on {config.answer_prior_questions} labelled questions per family")
         answer_prior = reward.learn_answer_prior(data.sft, config.answer_prior_questions, config.seed)
-        measure_policy_on_prior_questions(answer_prior, run.sft_policy, data, resolve_device(config.device))
+        measure_policy_on_prior_questions(answer_prior, features_of.model, features_of.processor, data)
         run.write_json(prior_path, answer_prior)
     gate = config.family_gate and answer_prior is not None
     if gate and any("rows" not in f for f in answer_prior["families"].values()):
@@ -714,15 +577,12 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     return results
 
 
-def measure_policy_on_prior_questions(answer_prior: dict[str, Any], policy_path: Path, data: FederatedData,
-                                      device: str = "cpu") -> None:
+def measure_policy_on_prior_questions(answer_prior: dict[str, Any], model: Any, processor: Any,
+                                      data: FederatedData) -> None:
     """Adds `policy_accuracy` to each family of `answer_prior` (learn_answer_prior's report): the greedy
-    accuracy of the policy at `policy_path` on the same labelled questions (the server's own; no release)."""
+    accuracy of the (starting) policy on the same labelled questions (the server's own; no release)."""
     from secure_mor.policy import accuracy_report, generate_answers
-    from secure_mor.vlm import load_policy
 
-    model, processor = load_policy(policy_path)
-    model.to(device)
     families = answer_prior["families"]
     rows = data.sft.select([i for f in families.values() for i in f["rows"]])
     per_family = accuracy_report(generate_answers(model, processor, rows), rows, data.answers)["per_family"]

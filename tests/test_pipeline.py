@@ -46,13 +46,13 @@ from secure_mor.server.grpo import GRPOSettings, run_grpo
 from secure_mor.server.pipeline import (
     AlignConfig,
     AlignError,
-    FederatedReward,
     align,
     connect,
     gated_families,
     prepare_data,
     prepare_policy,
 )
+from secure_mor.server.reward import FederatedReward
 from secure_mor.server.router_training import RouterTrainingConfig
 from secure_mor.server.secure_round import RoundRefused
 from secure_mor.server.session import SecureSession
