@@ -47,7 +47,7 @@ from secure_mor.crypto.fusion import insecure_plaintext_fusion
 from secure_mor.crypto.signing import load_or_create_signer
 from secure_mor.ledger import Ledger
 from secure_mor.policy import SFTSettings
-from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY
+from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY, ClientTrainingSettings
 from secure_mor.server.grpo import GRPOSettings, build_grpo_trainer
 from secure_mor.server.pipeline import (
     AlignConfig,
@@ -157,7 +157,7 @@ def main() -> None:
         fusion="uniform",
         sft=SFTSettings(examples=960, epochs=1.0, vision_epochs=1),
         pairs_per_client=200,
-        client_training={"epochs": 5, "public_epochs": 1},
+        client_training=ClientTrainingSettings(epochs=5, public_epochs=1),
         eval_per_family=8,
     )
     nodes = {**{c: ClientNode(root, k) for k, c in enumerate(CLIENTS)}, AUTHORITY_PARTY: AuthorityNode(root)}

@@ -37,6 +37,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,7 @@ from secure_mor.files import write_json
 from secure_mor.protocol import (
     AUTHORITY_PARTY,
     ROLE_CLIENT,
+    ClientTrainingSettings,
     Payload,
     ProtocolError,
     bytes_array,
@@ -82,7 +84,6 @@ CONTEXT_FILE = "public_context.bin"
 # over all run ids (the file of an older version, router_item_uses.json, counted per run id).
 ROUTER_FILE = "router_contexts.json"
 MARGINS_FILE = "calibration_margins.npy"  # of the current reward model; removed when it is retrained
-TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "max_grad_norm")  # what a train request may set (and public_epochs)
 
 _DATA_CACHE: dict[str, FederatedData] = {}
 
@@ -257,9 +258,10 @@ class ClientNode:
         if RewardClient.exists(self.state_dir, self.client_id) and self._client().config == config:
             client, reused = self._client(), True
         else:
-            overrides = {k: payload[k] for k in TRAIN_OVERRIDES if k in payload}
+            overrides = ClientTrainingSettings(**{f.name: payload[f.name] for f in fields(ClientTrainingSettings)
+                                                  if f.name in payload}).overrides()  # fmt: skip
+            public_epochs = overrides.pop("public_epochs", None)  # None: the default; 0: no public warm start
             train_config = default_train_config(config.arch, epsilon, delta=delta, seed=spec.split.seed, **overrides)
-            public_epochs = payload.get("public_epochs")  # None: the default; 0: no public warm start
             public = public_annotations(data, config.style, seed=spec.split.seed) if public_epochs != 0 else None
             client, _ = train_client(self.state_dir, config, annotations, train_config, key_dir=self._key_dir(),
                                      public=public, public_epochs=public_epochs)

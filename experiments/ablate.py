@@ -92,7 +92,7 @@ def _audit(run: Path, config: Any, audit: dict[str, Any]) -> dict[str, Any]:
 
     audit_config = EmpiricalAuditConfig(
         **{"arch": DEFAULT_ARCHS[0], "client": 0, "epsilon": config.epsilon, "delta": config.delta,
-           "seed": config.seed, "pairs": config.pairs_per_client, "train": dict(config.client_training), **audit}
+           "seed": config.seed, "pairs": config.pairs_per_client, "train": config.client_training.overrides(), **audit}
     )  # fmt: skip
     path = result_path(run, audit_config)
     if not path.exists():

@@ -300,12 +300,14 @@ def _run_align(out: Path, run_config: dict[str, Any], timeout: float) -> dict[st
     the job's progress file; returns its results.json."""
     from secure_mor.device import resolve_device
     from secure_mor.federation import FederationError, run_local_simulation
-    from secure_mor.server.pipeline import AlignConfig
+    from secure_mor.server.pipeline import AlignError
+    from secure_mor.server.run_config import align_config
     from secure_mor.vlm import PolicyLoadError, check_loadable
 
-    try:
-        resolve_device(str(run_config.get("device", "auto")))
-    except ValueError as err:
+    try:  # the whole configuration is checked before Flower starts: its logs would bury the reason
+        config = align_config(run_config)
+        resolve_device(config.device)
+    except (AlignError, ValueError) as err:
         raise _fail(str(err)) from err
     if run_config.get("model"):
         try:
@@ -313,8 +315,7 @@ def _run_align(out: Path, run_config: dict[str, Any], timeout: float) -> dict[st
         except PolicyLoadError as err:
             raise _fail(str(err)) from err
     out = out.resolve()
-    label = AlignConfig(fusion=str(run_config.get("fusion", "mor")),
-                        objective=str(run_config.get("objective", "correctness"))).label
+    label = config.label
     progress_file = out / "align" / label / "progress.json"
     with progress_bar(console) as progress:
         task = progress.add_task("starting Flower (simulation runtime)", total=None)
@@ -328,7 +329,7 @@ def _run_align(out: Path, run_config: dict[str, Any], timeout: float) -> dict[st
 
         try:
             result = run_local_simulation(
-                {**run_config, "run-dir": str(out)}, int(run_config["num-clients"]) + 1, timeout=timeout, on_poll=poll
+                {**run_config, "run-dir": str(out)}, config.num_clients + 1, timeout=timeout, on_poll=poll
             )
         except FederationError as err:
             raise _fail(str(err)) from err
@@ -388,23 +389,22 @@ def align(
     model: ModelOption = "",
     dataset: DatasetOption = EASY_VQA,
     device: DeviceOption = "auto",
-    fusion: Annotated[str, typer.Option(help="mor | uniform | single:K | by-family (evaluation only)")] = "mor",
-    epsilon: Annotated[float, typer.Option(help="each client's DP budget epsilon (inf: non-private)")] = 4.0,
-    seed: SeedOption = 0,
-    objective: Annotated[str, typer.Option(help="alignment objective: correctness | sentences")] = "correctness",
-    steps: Annotated[int, typer.Option(help="GRPO optimizer steps")] = 60,
+    fusion: Annotated[str | None, typer.Option(help="mor | uniform | single:K | by-family (evaluation only)")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="each client's DP budget epsilon (inf: non-private)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the split, the training and the evaluation")] = None,
+    objective: Annotated[str | None, typer.Option(help="alignment objective: correctness | sentences")] = None,
+    steps: Annotated[int | None, typer.Option(help="GRPO optimizer steps (run config grpo-max-steps)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     config: Annotated[
-        list[str] | None, typer.Option(help="further Flower run-config values, KEY=VALUE (see pyproject.toml)")
+        list[str] | None, typer.Option(help="any other setting, KEY=VALUE (the keys and defaults: pyproject.toml)")
     ] = None,
     timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 3600.0,
 ) -> None:
-    """One configuration of the secure federated alignment, through Flower's simulation runtime."""
-    run_config: dict[str, Any] = {
-        "model": _local(model), "dataset": _local(dataset), "device": device, "fusion": fusion, "epsilon": epsilon,
-        "seed": seed,
-        "objective": objective, "grpo-steps": steps, "resume": resume, "num-clients": 3,
-    }
+    """One configuration of the secure federated alignment, through Flower's simulation runtime. What is not
+    given is the main job's default (server.pipeline.AlignConfig; pyproject.toml lists every key)."""
+    given = {"fusion": fusion, "epsilon": epsilon, "seed": seed, "objective": objective, "grpo-max-steps": steps}
+    run_config: dict[str, Any] = {"model": _local(model), "dataset": _local(dataset), "device": device,
+                                  "resume": resume, **{k: v for k, v in given.items() if v is not None}}  # fmt: skip
     for item in config or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -434,14 +434,15 @@ def demo(
     model: ModelOption = "",
     dataset: DatasetOption = EASY_VQA,
     device: DeviceOption = "auto",
-    seed: SeedOption = 0,
-    epsilon: Annotated[float, typer.Option(help="each client's DP budget epsilon")] = 4.0,
+    seed: Annotated[int | None, typer.Option(help="seed of the split, the training and the evaluation")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="each client's DP budget epsilon")] = None,
 ) -> None:
-    """The main job on easy-VQA: SFT warm start, DP reward models, secure router training, GRPO on
-    the encrypted router-fused reward, evaluation. Writes RUN/results.json."""
+    """The main job on easy-VQA (the defaults of every setting): SFT warm start, DP reward models, secure
+    router training, GRPO on the encrypted router-fused reward, evaluation. Writes RUN/results.json."""
     started = time.perf_counter()
+    given = {"epsilon": epsilon, "seed": seed}
     results = _run_align(out, {"model": _local(model), "dataset": _local(dataset), "device": device,
-                               "fusion": "mor", "epsilon": epsilon, "seed": seed, "num-clients": 3}, 3600.0)
+                               **{k: v for k, v in given.items() if v is not None}}, 3600.0)  # fmt: skip
     results["timings"]["command_s"] = time.perf_counter() - started
     RunDir(out).write_json(Path(out) / "results.json", results)
     print_results(results)
@@ -651,7 +652,7 @@ def deploy_local(
                 console.print("Ctrl-C stops every process.")
                 while True:
                     time.sleep(3600)
-            result = deployment.run({**TINY_RUN, "grpo-steps": steps}, timeout=timeout)
+            result = deployment.run({**TINY_RUN, "grpo-max-steps": steps}, timeout=timeout)
             console.print(f"Flower run {result.run_id}: {result.status} in {result.seconds:.0f} s")
     except FederationError as err:
         raise _fail(str(err)) from err

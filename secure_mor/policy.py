@@ -55,11 +55,11 @@ class SFTSettings:
     built here never gets one); sentence_rate: share of SFT completions written as a sentence.
     """
 
-    # 900 of the server's labelled questions, 6 epochs: NOT converged. Measured (held-out, seeds 0 / 1 / 2):
-    # 900 x 6 gives 0.775 / 0.608 / 0.658; 2,700 x 6 gives 0.870 / 0.902 / 0.877 (shape 0.85-0.87 on every
-    # seed, 254-281 s, still shorter than the clients' training beside it); 900 x 12 gives 0.848 (seed 0).
-    # Every GRPO lift measured so far (README, DP ablation) is from this under-trained start.
-    examples: int = 900
+    # 2,700 of the server's labelled questions, 6 epochs: converged. Measured (held-out, seeds 0 / 1 / 2): 900 x 6
+    # (the default until session 7) gave 0.775 / 0.608 / 0.658; 2,700 x 6 gives 0.870 / 0.902 / 0.877 (shape
+    # 0.85-0.87 on every seed; 254-281 s on one thread, beside the clients' longer DP training); 900 x 12 gave
+    # 0.848 (seed 0). From this start GRPO lifts nothing, even with the oracle reward (README, "The main job").
+    examples: int = 2700
     epochs: float = 6.0
     batch_size: int = 32
     learning_rate: float = 5e-4

@@ -44,7 +44,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -72,6 +72,24 @@ REWARD_MODEL_MEASURES = ("top1", "image_dependence", "pairwise")
 class ProtocolError(ValueError):
     """A message is malformed or names an unknown action or role."""
 
+
+
+@dataclass(frozen=True)
+class ClientTrainingSettings:
+    """What the server may set of a client's DP training (the `train` request; run config `client-<field>`).
+    0 (public_epochs: -1) leaves a setting to the client's architecture default; public_epochs 0 skips the
+    public warm start."""
+
+    epochs: int = 0
+    public_epochs: int = -1
+    batch_size: int = 0
+    lr: float = 0.0
+    max_grad_norm: float = 0.0
+
+    def overrides(self) -> dict[str, int | float]:
+        """The settings given, as the `train` request carries them."""
+        unset = {"public_epochs": -1}
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != unset.get(f.name, 0)}
 
 @dataclass(frozen=True)
 class NodeRole:

@@ -1,7 +1,7 @@
 """The project's Flower ServerApp: the main job (`server.pipeline.align`) over Flower's grid.
 
 Run config (`[tool.flwr.app.config]` in pyproject.toml, overridable with
-`flwr run . --run-config "..."` or `secure-mor align`): see `align_config`.
+`flwr run . --run-config "..."` or `secure-mor align`): its keys are server.run_config's.
 The federation holds num-clients client nodes and one key-authority node.
 """
 
@@ -10,17 +10,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from secure_mor.config import EASY_VQA
 from secure_mor.protocol import Payload
-from secure_mor.server.pipeline import DEFAULT_GRPO, AlignConfig, AlignError, align
-from secure_mor.server.router_training import RouterTrainingConfig
+from secure_mor.server.pipeline import AlignError, align
+from secure_mor.server.run_config import align_config
 from secure_mor.server.transport import NodeFailure, Replies, payload_for
 
 app = ServerApp()
@@ -111,40 +109,6 @@ class GridTransport:
                         for node, r in replies.items()}
 
         return _Pending()
-
-
-def align_config(run_config: Mapping[str, Any]) -> AlignConfig:
-    """The AlignConfig of a Flower run config (keys as in pyproject.toml's [tool.flwr.app.config])."""
-    c = dict(run_config)
-    # From the main job's GRPO defaults, so that what the run config does not name (the schedule, the
-    # warm-up, ...) is the same as in `align` called directly (the ablation, the oracle).
-    grpo = replace(DEFAULT_GRPO, max_steps=int(c["grpo-steps"]), num_generations=int(c["num-generations"]),
-                   batch_size=int(c["grpo-batch-size"]), steps_per_generation=int(c["steps-per-round"]),
-                   learning_rate=float(c["grpo-learning-rate"]), beta=float(c["beta"]),
-                   loss_type=str(c["loss-type"]), save_steps=int(c["save-steps"]),
-                   ptx_coef=float(c["ptx-coef"]))
-    router = RouterTrainingConfig(steps=int(c["router-steps"]), batch_size=int(c["router-batch-size"]))
-    client_training = {"epochs": int(c["client-epochs"])} if int(c.get("client-epochs", 0)) > 0 else {}
-    if int(c.get("client-public-epochs", -1)) >= 0:
-        client_training["public_epochs"] = int(c["client-public-epochs"])
-    from secure_mor.policy import SFTSettings
-
-    return AlignConfig(
-        fusion=str(c["fusion"]), model=str(c.get("model", "")), dataset=str(c.get("dataset", EASY_VQA)),
-        device=str(c.get("device", AlignConfig.device)),
-        epsilon=float(c["epsilon"]), delta=float(c["delta"]), seed=int(c["seed"]),
-        num_clients=int(c["num-clients"]), objective=str(c["objective"]), k_min=int(c["k-min"]),
-        reply_timeout=float(c["reply-timeout"]), grpo=grpo, router=router,
-        sft=SFTSettings(examples=int(c["sft-examples"]), epochs=float(c["sft-epochs"]),
-                        vision_epochs=int(c["sft-vision-epochs"])),
-        client_training=client_training, eval_per_family=int(c["eval-per-family"]),
-        validation_per_family=int(c.get("validation-per-family", AlignConfig.validation_per_family)),
-        family_gate=bool(c.get("family-gate", AlignConfig.family_gate)),
-        pairs_per_client=int(c["pairs-per-client"]), calibration_pairs=int(c["calibration-pairs"]),
-        answer_prior_questions=int(c.get("answer-prior-questions", AlignConfig.answer_prior_questions)),
-        resume=bool(c["resume"]), registry=str(c.get("registry", "")), ca_cert=str(c.get("ca-cert", "")),
-        allow_single_client=bool(c.get("allow-single-client", False)),
-    )
 
 
 @app.main()

@@ -52,7 +52,13 @@ from secure_mor.device import resolve_device
 from secure_mor.files import write_json
 from secure_mor.ledger import KIND_ROUTER_SETUP, Ledger, no_privacy_cost_event
 from secure_mor.policy import SFTSettings
-from secure_mor.protocol import AUTHORITY_PARTY, OBJECTIVES, REWARD_MODEL_MEASURES, SERVER_PARTY
+from secure_mor.protocol import (
+    AUTHORITY_PARTY,
+    OBJECTIVES,
+    REWARD_MODEL_MEASURES,
+    SERVER_PARTY,
+    ClientTrainingSettings,
+)
 from secure_mor.routing import Router, RouterConfig, RouterSetup, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
 from secure_mor.server.reward import FederatedReward
@@ -98,7 +104,7 @@ class AlignConfig:
     (crypto.params.min_score_half_width); the server refuses them in a deployment (registry set)
     unless this is set;
     reply_timeout: seconds a scoring round waits for the clients (later replies are dropped);
-    client_training: further settings for the clients' DP training (e.g. epochs);
+    client_training: what the server sets of the clients' DP training (protocol.ClientTrainingSettings);
     eval_per_family: held-out questions per family for the policy evaluation; curve_per_family: for the
     held-out accuracy curve during GRPO (another draw of the held-out set; reported, never used to choose);
     validation_per_family: the server's own labelled validation questions per family (public questions,
@@ -127,7 +133,7 @@ class AlignConfig:
     grpo: GRPOSettings = field(default_factory=lambda: DEFAULT_GRPO)
     router: RouterTrainingConfig = field(default_factory=lambda: RouterTrainingConfig(steps=30, batch_size=96))
     sft: SFTSettings = field(default_factory=SFTSettings)
-    client_training: Mapping[str, Any] = field(default_factory=dict)
+    client_training: ClientTrainingSettings = field(default_factory=ClientTrainingSettings)
     eval_per_family: int = 200
     curve_per_family: int = 50
     validation_per_family: int = 100
@@ -152,7 +158,6 @@ class AlignConfig:
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
         out["epsilon"] = self.epsilon if math.isfinite(self.epsilon) else None
-        out["client_training"] = dict(self.client_training)
         return out
 
 
@@ -330,7 +335,7 @@ def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str
 def start_client_training(transport: Transport, federation: Federation, config: AlignConfig, log: Log) -> Pending:
     """Ask every client to train its reward model with DP-SGD; collect with `client_results`."""
     log(f"clients train their reward models with DP-SGD (epsilon {config.epsilon:g}, delta {config.delta:g})")
-    payload = {"epsilon": config.epsilon, "delta": config.delta, **dict(config.client_training)}
+    payload = {"epsilon": config.epsilon, "delta": config.delta, **config.client_training.overrides()}
     return transport.submit(federation.clients, "train", payload)
 
 

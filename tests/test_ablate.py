@@ -8,6 +8,7 @@ from PIL import Image
 
 from secure_mor.experiments.ablate import AblationGrid, run_ablation
 from secure_mor.policy import SFTSettings
+from secure_mor.protocol import ClientTrainingSettings
 from secure_mor.server.grpo import GRPOSettings
 from secure_mor.server.router_training import RouterTrainingConfig
 
@@ -15,7 +16,7 @@ TINY = {
     "grpo": GRPOSettings(max_steps=1, batch_size=8, steps_per_generation=1, save_steps=0, max_completion_length=4),
     "router": RouterTrainingConfig(steps=1, batch_size=96),
     "sft": SFTSettings(examples=32, epochs=1.0, vision_epochs=1),
-    "client_training": {"epochs": 1, "public_epochs": 1},
+    "client_training": ClientTrainingSettings(epochs=1, public_epochs=1),
     "eval_per_family": 4,
     "pairs_per_client": 60,
     "calibration_pairs": 150,

@@ -151,7 +151,7 @@ def test_secure_alignment_on_the_deployment_runtime_survives_lost_client_nodes_a
     try:
         deployment.start()
         # no answer-prior rounds: the nodes are lost at chosen GRPO steps
-        run_id = deployment.submit({**TINY_RUN, "grpo-steps": 3, "reply-timeout": 120.0, "answer-prior-questions": 0})
+        run_id = deployment.submit({**TINY_RUN, "grpo-max-steps": 3, "reply-timeout": 120.0, "answer-prior-questions": 0})
         _wait_for_grpo_step(deployment, 1)
         deployment.stop_node("client-2")
         _wait_for_grpo_step(deployment, 2)
@@ -221,7 +221,7 @@ def test_the_serverapp_killed_mid_grpo_resumes_without_losing_or_repeating_a_led
     deployment = LocalDeployment(tmp_path, num_clients=3)
     try:
         deployment.start()
-        run_id = deployment.submit({**TINY_RUN, "grpo-steps": 3})
+        run_id = deployment.submit({**TINY_RUN, "grpo-max-steps": 3})
         _wait_for_grpo_step(deployment, 1)
         serverapps = _processes_of(tmp_path, "flwr-serverapp")
         assert serverapps
@@ -229,7 +229,7 @@ def test_the_serverapp_killed_mid_grpo_resumes_without_losing_or_repeating_a_led
             os.kill(pid, signal.SIGKILL)
         deployment.flwr("stop", run_id)  # the operator's part: a killed ServerApp reports nothing
         assert deployment.wait(run_id, timeout=600).status != "finished:completed"
-        deployment.run({**TINY_RUN, "grpo-steps": 3, "resume": True}, timeout=2400)
+        deployment.run({**TINY_RUN, "grpo-max-steps": 3, "resume": True}, timeout=2400)
     finally:
         deployment.stop()
     assert not _processes_of(tmp_path)

@@ -183,7 +183,7 @@ class Killed(Exception):
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_policy, federated):
     prompts = federated.prompt_pool.select(range(64))
     settings = GRPOSettings(
-        batch_size=8, steps_per_generation=2, max_steps=6, save_steps=2, max_completion_length=4, save_total_limit=None
+        batch_size=8, steps_per_generation=2, max_steps=6, save_steps=2, max_completion_length=4, save_total_limit=0
     )
     seen = []
 

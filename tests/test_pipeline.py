@@ -40,7 +40,15 @@ from secure_mor.ledger import (
     Ledger,
 )
 from secure_mor.policy import SFTSettings
-from secure_mor.protocol import AUTHORITY_PARTY, SERVER_PARTY, ProtocolError, array_bytes, png_bytes, score_request
+from secure_mor.protocol import (
+    AUTHORITY_PARTY,
+    SERVER_PARTY,
+    ClientTrainingSettings,
+    ProtocolError,
+    array_bytes,
+    png_bytes,
+    score_request,
+)
 from secure_mor.routing import GradientQuery, Router, RouterQueryError, RouterSetup, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings, run_grpo
 from secure_mor.server.pipeline import (
@@ -68,7 +76,7 @@ def tiny(fusion: str = "mor", **kw) -> AlignConfig:
         "grpo": GRPOSettings(max_steps=2, batch_size=8, steps_per_generation=1, save_steps=1, max_completion_length=6),
         "router": RouterTrainingConfig(steps=2, batch_size=96),
         "sft": SFTSettings(examples=64, epochs=1.0, vision_epochs=1),
-        "client_training": {"epochs": 2, "public_epochs": 1},
+        "client_training": ClientTrainingSettings(epochs=2, public_epochs=1),
         "eval_per_family": 8,
         "pairs_per_client": 100,
         "calibration_pairs": 300,
