@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=32, help="optimizer steps per scoring round")
     parser.add_argument("--dir", type=Path, default=None, help="keep both runs here (default: a temporary directory)")
     args = parser.parse_args()
-    rounds = {"grpo-max-steps": args.steps, "grpo-steps-per-generation": args.steps_per_round, "grpo-save-steps": args.steps}
+    rounds = {"grpo-max-steps": args.steps, "grpo-steps-per-generation": args.steps_per_round,
+              "grpo-save-steps": args.steps}
     overrides = {**TINY_RUN, **rounds}
 
     with tempfile.TemporaryDirectory(prefix="smor-bench-") as scratch:
@@ -77,7 +78,8 @@ def main() -> None:
     per_round = added * args.steps_per_round
     print(f"per-step time ratio deployment/simulation: {per_step['deployment'] / per_step['simulation']:.2f}")
     print(f"deployment adds {added:+.2f} s per optimizer step (goal: <= 1 s), {per_round:+.1f} s per scoring round:")
-    print(f"  <= 1 s per step from {max(1, math.ceil(per_round)):d} optimizer steps per round (grpo-steps-per-generation)")
+    steps = max(1, math.ceil(per_round))
+    print(f"  <= 1 s per step from {steps:d} optimizer steps per round (grpo-steps-per-generation)")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,11 @@ class GRPOSettings:
     mask_truncated_completions: bool = False
     logging_steps: int = 1
     held_out_steps: int = 10  # the held-out curve's interval in optimizer steps (run_grpo's `held_out`)
+    # A measured step replaces the kept policy only if its `select` metric beats the kept one's by more than
+    # this: 300 validation questions at accuracy ~0.88 have a standard error of ~0.019, and measured (converged
+    # SFT start, seeds 0-2, oracle and fused rewards) steps chosen for gains of 0.003-0.010 lost 0.009-0.023 of
+    # held-out accuracy; 0 keeps any gain.
+    min_validation_gain: float = 0.02
     save_steps: int = 10
     save_total_limit: int = 2
     seed: int = 0
@@ -289,7 +294,8 @@ class _StepCallback(TrainerCallback):
         model.train(was_training)
         state.log_history.append({"step": state.global_step, **{f"held_out/{k}": v for k, v in metrics.items()}})
         write_log(self.log_path, self.settings, state.log_history)
-        if self.select is not None and (self.best is None or metrics[self.select] > self.best["value"]):
+        if self.select is not None and (self.best is None or metrics[self.select] > self.best["value"]
+                                        + self.settings.min_validation_gain):
             model.save_pretrained(self.best_dir)
             self.best = {"step": state.global_step, "metric": self.select, "value": metrics[self.select]}
             (self.best_dir / BEST_FILE).write_text(json.dumps(self.best))

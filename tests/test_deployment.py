@@ -151,7 +151,8 @@ def test_secure_alignment_on_the_deployment_runtime_survives_lost_client_nodes_a
     try:
         deployment.start()
         # no answer-prior rounds: the nodes are lost at chosen GRPO steps
-        run_id = deployment.submit({**TINY_RUN, "grpo-max-steps": 3, "reply-timeout": 120.0, "answer-prior-questions": 0})
+        run_id = deployment.submit({**TINY_RUN, "grpo-max-steps": 3, "reply-timeout": 120.0,
+                                    "answer-prior-questions": 0})
         _wait_for_grpo_step(deployment, 1)
         deployment.stop_node("client-2")
         _wait_for_grpo_step(deployment, 2)

@@ -212,6 +212,21 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_policy, fe
     assert (result["policy_path"] / "config.json").exists()
 
 
+@pytest.mark.parametrize("gain, kept", [(0.02, 0), (0.0, 1)])
+def test_a_later_step_is_kept_only_if_it_beats_the_kept_one_by_the_margin(tmp_path, tiny_policy, federated, gain, kept):
+    prompts = federated.prompt_pool.select(range(16))
+    settings = GRPOSettings(batch_size=8, steps_per_generation=1, max_steps=2, save_steps=0, held_out_steps=1,
+                            beta=0.0, max_completion_length=4, min_validation_gain=gain)
+    scores = iter([0.80, 0.81, 0.79])  # step 1 gains 0.01: noise at the default margin
+
+    def first_token(prompts, completions, completion_ids, **kwargs):
+        return [float(ids[0]) for ids in completion_ids]
+
+    result = run_grpo(tiny_policy, prompts, first_token, settings, tmp_path,
+                      held_out=lambda model, processor: {"score": next(scores)}, select="score")  # fmt: skip
+    assert result["selected"]["step"] == kept
+
+
 @pytest.mark.parametrize("best_call", [0, 2])
 def test_the_kept_policy_is_the_one_measured_best_on_the_held_out_metric(tmp_path, tiny_policy, federated, best_call):
     """`select`: the saved policy is the weights of the best held-out point (call 0 is the starting
