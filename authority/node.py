@@ -46,7 +46,17 @@ from secure_mor.crypto.signing import (
     secrets_dir,
 )
 from secure_mor.ledger import Ledger
-from secure_mor.protocol import AUTHORITY_PARTY, ROLE_AUTHORITY, SERVER_PARTY, Payload, ProtocolError
+from secure_mor.protocol import (
+    AUTHORITY_PARTY,
+    ROLE_AUTHORITY,
+    SERVER_PARTY,
+    AuthoritySetupReply,
+    DecryptReply,
+    DecryptRequest,
+    IdentifyReply,
+    Payload,
+    ProtocolError,
+)
 
 PASSPHRASE_ENV = "SECURE_MOR_AUTHORITY_PASSPHRASE"
 SECRET_FILE = "secret.key"
@@ -142,22 +152,23 @@ class AuthorityNode:
     def handle(self, action: str, payload: Mapping[str, Any]) -> Payload:
         if action == "identify":
             signer = self._signer()
-            return {"party": AUTHORITY_PARTY, "role": ROLE_AUTHORITY, "public_key": signer.public_key_hex}
+            return IdentifyReply(AUTHORITY_PARTY, ROLE_AUTHORITY, signer.public_key_hex).encode()
         if action == "setup":
             authority = self.authority()
-            return {
-                "context": authority.public_context_bytes,
-                "fingerprint": authority.fingerprint,
-                "context_signature": authority.context_signature,  # clients verify it with the registry's key
-                "clients": sorted(authority.clients),
-                "k_min": self.policy.k_min,
-                "w_min": self.policy.w_min,  # the one floor: the server's router and fusions keep to it
-            }
+            return AuthoritySetupReply(
+                context=authority.public_context_bytes,
+                fingerprint=authority.fingerprint,
+                context_signature=authority.context_signature,  # clients verify it with the registry's key
+                clients=sorted(authority.clients),
+                k_min=self.policy.k_min,
+                w_min=self.policy.w_min,  # the one floor: the server's router and fusions keep to it
+            ).encode()
         if action == "decrypt":
             started = time.perf_counter()
+            request = DecryptRequest.decode(payload)  # a malformed message is refused before any key is loaded
             try:
-                response = self.authority().decrypt(bytes(payload["request"]))
+                response = self.authority().decrypt(request.request)
             except RowConflict as err:  # nothing decrypted or burned: the server may leave the round out
-                return {"refused": str(err), "seconds": time.perf_counter() - started}
-            return {"response": response, "seconds": time.perf_counter() - started}
+                return DecryptReply(refused=str(err), seconds=time.perf_counter() - started).encode()
+            return DecryptReply(response=response, seconds=time.perf_counter() - started).encode()
         raise ProtocolError(f"the key authority does not handle {action!r}")

@@ -37,7 +37,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,9 +56,17 @@ from secure_mor.files import write_json
 from secure_mor.protocol import (
     AUTHORITY_PARTY,
     ROLE_CLIENT,
-    ClientTrainingSettings,
+    ClientSetupRequest,
+    IdentifyReply,
+    MarginsRequest,
     Payload,
     ProtocolError,
+    RoundFields,
+    RouterSetupReply,
+    RouterSetupRequest,
+    ScoreRequest,
+    SealedReply,
+    TrainRequest,
     bytes_array,
     calibration_digests,
 )
@@ -207,15 +215,15 @@ class ClientNode:
     def identify(self, payload: Mapping[str, Any]) -> Payload:
         signer = load_or_create_signer(self.party, self._key_dir() or self.directory / "keys", key_passphrase())
         publish_public_key(signer, self.state_dir / "keys")
-        return {"party": self.party, "role": ROLE_CLIENT, "public_key": signer.public_key_hex}
+        return IdentifyReply(self.party, ROLE_CLIENT, signer.public_key_hex).encode()
 
     def setup(self, payload: Mapping[str, Any]) -> Payload:
         """Store the authority's public context, once its signature verifies with the registry's
         authority key (nothing is stored otherwise), and the public split."""
-        context, fingerprint = bytes(payload["context"]), str(payload["fingerprint"])
-        signature = bytes(payload.get("context_signature", b""))
+        request = ClientSetupRequest.decode(payload)
+        context, fingerprint, signature = request.context, request.fingerprint, request.context_signature
         self._verified(context, fingerprint, signature)  # refuses a context the authority did not sign
-        data_spec = json.loads(str(payload["data_spec"]))
+        data_spec = json.loads(request.data_spec)
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / CONTEXT_FILE).write_bytes(context)
         state = {"fingerprint": fingerprint, "context_signature": signature.hex(), "data_spec": data_spec}
@@ -230,7 +238,8 @@ class ClientNode:
         from secure_mor.clients.training import default_train_config
         from secure_mor.data import directory_digest, load_annotations, public_annotations
 
-        epsilon, delta = float(payload["epsilon"]), float(payload["delta"])
+        request = TrainRequest.decode(payload)
+        epsilon, delta = request.epsilon, request.delta
         spec = self._spec()
         data = federated_data(spec)
         data_config = data.config.clients[self.client_id]
@@ -247,7 +256,7 @@ class ClientNode:
             annotations = data.clients[self.client_id]
         config = ClientConfig(
             client_id=self.client_id,
-            arch=str(payload.get("arch") or DEFAULT_ARCHS[self.client_id % len(DEFAULT_ARCHS)]),
+            arch=request.arch or DEFAULT_ARCHS[self.client_id % len(DEFAULT_ARCHS)],
             family=data_config.family,
             style=data_config.style,
             budget_epsilon=epsilon,
@@ -258,8 +267,7 @@ class ClientNode:
         if RewardClient.exists(self.state_dir, self.client_id) and self._client().config == config:
             client, reused = self._client(), True
         else:
-            overrides = ClientTrainingSettings(**{f.name: payload[f.name] for f in fields(ClientTrainingSettings)
-                                                  if f.name in payload}).overrides()  # fmt: skip
+            overrides = request.training.overrides()
             public_epochs = overrides.pop("public_epochs", None)  # None: the default; 0: no public warm start
             train_config = default_train_config(config.arch, epsilon, delta=delta, seed=spec.split.seed, **overrides)
             public = public_annotations(data, config.style, seed=spec.split.seed) if public_epochs != 0 else None
@@ -304,24 +312,24 @@ class ClientNode:
         return self._margins
 
     def _seal(
-        self, payload: Mapping[str, Any], purpose: str, values: np.ndarray, started: float,
+        self, fields: RoundFields, purpose: str, values: np.ndarray, started: float,
         items: list[bytes], query: str | None = None,
-    ) -> Payload:
+    ) -> SealedReply:
         """Mask (with the server's round key), encrypt and sign `values`, committing to the items'
         digests and to the router query it answers."""
         reply = seal_reply(
             self._client().signer(),
             self._public_context(),
-            run_id=str(payload["run_id"]),
-            step=int(payload["step"]),
-            nonce=str(payload["nonce"]),
+            run_id=fields.run_id,
+            step=fields.step,
+            nonce=fields.nonce,
             purpose=purpose,
             scores=values,
-            mask_key=str(payload["mask_key"]),
+            mask_key=fields.mask_key,
             items=items,
             query=query,
         )
-        return {"reply": reply, "seconds": time.perf_counter() - started}
+        return SealedReply(reply, time.perf_counter() - started)
 
     def _router_context(self) -> tuple[dict[str, Any], Callable[[], None]]:
         """This context's router state (the pinned setup's digest, the items' uses), and its saver:
@@ -355,7 +363,7 @@ class ClientNode:
     def router_setup(self, payload: Mapping[str, Any]) -> Payload:
         """Pin a router training's public parts for this context (routing.RouterSetup): every later
         gradient query must agree with them. One setup per context; the same one again is a no-op."""
-        setup = RouterSetup.from_bytes(bytes(payload["setup"]))
+        setup = RouterSetup.from_bytes(RouterSetupRequest.decode(payload).setup)
         setup.validate(len(self._calibration_margins()))
         state, save = self._router_context()
         if state["setup_sha256"] not in (None, setup.digest):
@@ -364,35 +372,37 @@ class ClientNode:
         (self.directory / f"router-setup-{setup.digest[:16]}.npz").write_bytes(setup.to_bytes())
         state["setup_sha256"] = setup.digest
         save()
-        return {"party": self.party, "setup_sha256": setup.digest}
+        return RouterSetupReply(self.party, setup.digest).encode()
 
     def margins(self, payload: Mapping[str, Any]) -> Payload:
         started = time.perf_counter()
         self._public_context()  # nothing is computed or counted without a verified context
-        items = bytes_array(payload["items"]).astype(np.int64)
-        self._admit(str(payload["run_id"]), int(payload["step"]), items.tolist())
+        request = MarginsRequest.decode(payload)
+        items = bytes_array(request.items).astype(np.int64)
+        self._admit(request.run_id, request.step, items.tolist())
         margins = self._calibration_margins()[items]
-        return self._seal(payload, "reward", margins, started, calibration_digests(items.tolist()))
+        return self._seal(request, "reward", margins, started, calibration_digests(items.tolist())).encode()
 
     def router_gradient(self, payload: Mapping[str, Any]) -> Payload:
         started = time.perf_counter()
         self._public_context()
-        query = decode_gradient_query(payload)
+        query, fields = decode_gradient_query(payload), RoundFields.decode(payload)
         setup = self._pinned_setup()
-        self._admit(str(payload["run_id"]), query.step, query.items.tolist())
+        self._admit(fields.run_id, query.step, query.items.tolist())
         values = answer_gradient_query(query, self._calibration_margins(), self.client_id,
                                        value_bound=ReleaseConfig().value_bound, setup=setup)  # fmt: skip
-        return self._seal(payload, "router_gradient", values, started, calibration_digests(query.items.tolist()),
-                          query.digest)  # fmt: skip
+        return self._seal(fields, "router_gradient", values, started, calibration_digests(query.items.tolist()),
+                          query.digest).encode()  # fmt: skip
 
     def score(self, payload: Mapping[str, Any]) -> Payload:
         started = time.perf_counter()
         self._public_context()
-        images = [Image.open(io.BytesIO(bytes(b))).convert("RGB") for b in payload["images"]]
-        index, questions, answers = list(payload["image_index"]), list(payload["questions"]), list(payload["answers"])
+        request = ScoreRequest.decode(payload)
+        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in request.images]
+        index, questions, answers = request.image_index, request.questions, request.answers
         if not len(index) == len(questions) == len(answers) or any(not 0 <= i < len(images) for i in index):
             raise ProtocolError("a score request's images, questions and answers do not line up")
         client = self._client()
         scores = client.score([(images[i], q, a) for i, q, a in zip(index, questions, answers, strict=True)])
         digests = prompt_digests(client.encoder, images, index, questions)  # the prompts as its model reads them
-        return {**self._seal(payload, "reward", scores, started, digests), "items": b"".join(digests)}
+        return replace(self._seal(request, "reward", scores, started, digests), items=b"".join(digests)).encode()

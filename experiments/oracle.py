@@ -2,7 +2,7 @@
 
 It calibrates the alignment stage, not a fusion a user can choose: if GRPO on the
 oracle reward does not lift the SFT policy's held-out accuracy, no learned reward
-can (DESIGN.md, "Evaluation protocol"). The oracle runs the same GRPO stage as
+can (docs/architecture.md, "What \"it works\" means"). The oracle runs the same GRPO stage as
 `secure-mor align` (same prompts, settings, evaluation and results schema, in
 `<run>/align/oracle[-<objective>]/`), with no client, router or key authority: it
 needs the prompt pool's answers, which no party of the protocol holds

@@ -1,4 +1,4 @@
-"""Messages between the server, the clients and the key authority (DESIGN.md, data flow).
+"""Messages between the server, the clients and the key authority (docs/architecture.md, "One GRPO step").
 
 Every node runs the same Flower ClientApp; its *role* ("client" or "authority")
 comes from its node config (`role`, and `client-id` for a client). In Flower's
@@ -7,28 +7,21 @@ partition is the key authority and partition k < K is client k (`node_role`).
 
 A message is an *action* and a flat payload of Flower-config values (int,
 float, str, bytes, bool, or lists of one of them); arrays travel as `.npy`
-bytes. The actions and their payloads:
+bytes. Each payload is a typed `Message` (below): the sender encodes it, the
+receiver decodes it, and a missing field or a value of the wrong type is a
+ProtocolError that names the message and the field. The actions:
 
-    any node    identify        -> party, role, public_key (Ed25519, hex)
-    authority   setup           -> context (public CKKS context bytes), fingerprint, context_signature
-                                   (Ed25519, by the authority's payload key, over
-                                   crypto.context.context_statement(fingerprint)), clients (the
-                                   registry's), k_min, w_min (the authority's policy)
-    authority   decrypt         request (SMRQ bytes) -> response (SMRA bytes), or refused (why: an
-                                   item would get a second row in the context; nothing released)
-    client      setup           context, fingerprint, context_signature (relayed from the authority's
-                                setup; the client verifies the signature with the authority's key in
-                                the registry it trusts itself and refuses, storing nothing, any other)
-    client      train           epsilon, delta, [epochs, batch_size, lr, max_grad_norm, public_epochs]
-                                -> party, arch, family, budget_epsilon, total_epsilon, seconds, reused,
-                                   <measure>_<family> (REWARD_MODEL_MEASURES)
-    client      router_setup    setup (RouterSetup bytes) -> setup_sha256 (pinned for the context)
-    client      margins         run_id, step, nonce, mask_key, items (.npy) -> reply (SMRC bytes)
-    client      router_gradient run_id, step, nonce, mask_key, query (GradientQuery, see
-                                encode_gradient_query) -> reply (SMRC bytes)
-    client      score           run_id, step, nonce, mask_key, images (PNG bytes, one per distinct
-                                image), image_index, questions, answers -> reply (SMRC bytes),
-                                items (the N prompt digests it committed to, 32 bytes each)
+    node        action           request                      reply
+    any         identify         -                            IdentifyReply
+    authority   setup            -                            AuthoritySetupReply
+    authority   decrypt          DecryptRequest               DecryptReply (response, or refused: nothing released)
+    client      setup            ClientSetupRequest           party
+    client      train            TrainRequest                 party, arch, family, budget_epsilon, total_epsilon,
+                                                              seconds, reused, <measure>_<family> (REWARD_MODEL_MEASURES)
+    client      router_setup     RouterSetupRequest           RouterSetupReply
+    client      margins          MarginsRequest               SealedReply
+    client      router_gradient  RoundFields + the GradientQuery (routing.encode_gradient_query)   SealedReply
+    client      score            ScoreRequest                 SealedReply (with the items' digests)
 
 Replies (SMRC) are CKKS ciphertexts of masked values, signed by the client
 (secure_mor.crypto.wire; mask_key is the server's round key, crypto.blinding): the
@@ -44,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -99,6 +92,159 @@ class NodeRole:
     @property
     def party(self) -> str:
         return AUTHORITY_PARTY if self.role == ROLE_AUTHORITY else f"client-{self.client_id}"
+
+
+# ---------------------------------------------------------------- typed messages
+
+
+_CHECKS: dict[str, Any] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bytes": lambda v: isinstance(v, bytes | bytearray | memoryview),
+    "bool": lambda v: isinstance(v, bool),
+}
+_CASTS: dict[str, Any] = {"int": int, "float": float, "str": str, "bytes": bytes, "bool": bool}
+
+
+def _checked(message: str, name: str, kind: str, value: Any) -> Any:
+    if kind.startswith("list[") and kind.endswith("]"):
+        inner = kind[5:-1]
+        if isinstance(value, list | tuple) and all(_CHECKS[inner](v) for v in value):
+            return [_CASTS[inner](v) for v in value]
+    elif _CHECKS[kind](value):
+        return _CASTS[kind](value)
+    raise ProtocolError(f"{message}: field {name!r} must be {kind}, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message's payload as a dataclass: `encode()` is the payload a node sends, `decode(payload)` reads it
+    back, checked: a missing field, or a value of another type than the field's, is a ProtocolError that
+    names the message and the field (a field with a default may be absent)."""
+
+    def encode(self) -> Payload:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def decode(cls, payload: Mapping[str, Any]) -> Any:
+        values = {}
+        for f in fields(cls):
+            if f.name in payload:
+                values[f.name] = _checked(cls.__name__, f.name, str(f.type), payload[f.name])
+            elif f.default is MISSING and f.default_factory is MISSING:
+                raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class IdentifyReply(Message):
+    party: str
+    role: str
+    public_key: str  # Ed25519, hex
+
+
+@dataclass(frozen=True)
+class AuthoritySetupReply(Message):
+    context: bytes  # the public CKKS context
+    fingerprint: str
+    context_signature: bytes  # by the authority's payload key over crypto.context.context_statement(fingerprint)
+    clients: list[str]  # the registry's
+    k_min: int  # the authority's policy
+    w_min: float
+
+
+@dataclass(frozen=True)
+class ClientSetupRequest(Message):
+    context: bytes  # relayed from the authority's setup; the client verifies its signature itself
+    fingerprint: str
+    context_signature: bytes
+    data_spec: str  # the public split (config.DataSpec, JSON)
+
+
+@dataclass(frozen=True)
+class TrainRequest(Message):
+    epsilon: float
+    delta: float
+    arch: str = ""  # "": the client's default architecture
+    training: ClientTrainingSettings = ClientTrainingSettings()
+
+    def encode(self) -> Payload:
+        return {"epsilon": self.epsilon, "delta": self.delta, **({"arch": self.arch} if self.arch else {}),
+                **self.training.overrides()}  # fmt: skip
+
+    @classmethod
+    def decode(cls, payload: Mapping[str, Any]) -> TrainRequest:
+        top = {k: v for k, v in payload.items() if k in ("epsilon", "delta", "arch")}
+        settings = {f.name: _checked(cls.__name__, f.name, str(f.type), payload[f.name])
+                    for f in fields(ClientTrainingSettings) if f.name in payload}  # fmt: skip
+        for name in ("epsilon", "delta"):
+            if name not in top:
+                raise ProtocolError(f"{cls.__name__}: missing field {name!r}")
+        return cls(_checked(cls.__name__, "epsilon", "float", top["epsilon"]),
+                   _checked(cls.__name__, "delta", "float", top["delta"]),
+                   _checked(cls.__name__, "arch", "str", top.get("arch", "")), ClientTrainingSettings(**settings))
+
+
+@dataclass(frozen=True)
+class RouterSetupRequest(Message):
+    setup: bytes  # routing.RouterSetup
+
+
+@dataclass(frozen=True)
+class RouterSetupReply(Message):
+    party: str
+    setup_sha256: str  # pinned for the context
+
+
+@dataclass(frozen=True)
+class RoundFields(Message):
+    """What every request of a secure round carries (server.secure_round)."""
+
+    run_id: str
+    step: int
+    nonce: str
+    mask_key: str  # the server's round key (crypto.blinding)
+
+
+@dataclass(frozen=True)
+class MarginsRequest(RoundFields):
+    items: bytes  # .npy of calibration pair indices
+
+
+@dataclass(frozen=True)
+class ScoreRequest(RoundFields):
+    images: list[bytes]  # PNG, one per distinct image (score_request)
+    image_index: list[int]
+    questions: list[str]
+    answers: list[str]
+
+
+@dataclass(frozen=True)
+class SealedReply(Message):
+    """A client's reply to margins, router_gradient or score."""
+
+    reply: bytes  # SMRC: CKKS ciphertexts of masked values, signed by the client (crypto.wire)
+    seconds: float = 0.0  # the client's own compute
+    items: bytes = b""  # score: the N prompt digests it committed to, 32 bytes each
+
+
+@dataclass(frozen=True)
+class DecryptRequest(Message):
+    request: bytes  # SMRQ (crypto.wire)
+
+
+@dataclass(frozen=True)
+class DecryptReply(Message):
+    """The released fusion, or why the authority left the round out (nothing released)."""
+
+    response: bytes = b""  # SMRA (crypto.wire)
+    refused: str = ""  # an item would get a second row in the context
+    seconds: float = 0.0  # the authority's own compute
+
+    def encode(self) -> Payload:
+        return {k: v for k, v in super().encode().items() if v != ""}
+
 
 
 def node_role(node_config: Mapping[str, Any]) -> NodeRole:

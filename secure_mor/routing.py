@@ -43,7 +43,7 @@ order, i.e.
 each flattened row-major (C order) and concatenated into one float64 vector of
 P = `parameter_count(config)` values. Gradients use the same order.
 
-Training without seeing any client's scores (DESIGN.md). For calibration pairs
+Training without seeing any client's scores (docs/architecture.md). For calibration pairs
 i = 1..B with client k's private margin d_ik = clip(R_k(chosen_i) -
 R_k(rejected_i), -R, R), fused margin m_i = sum_k w_ik d_ik and the
 Bradley-Terry loss L = -(1/B) sum_i log sigmoid(m_i),

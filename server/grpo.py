@@ -1,4 +1,4 @@
-"""GRPO on the server's policy VLM (DESIGN.md, "One GRPO step", item 6).
+"""GRPO on the server's policy VLM (docs/architecture.md, "One GRPO step", row 10).
 
 `run_grpo` drives TRL's `GRPOTrainer` on a saved policy with any reward
 callable: in production the federated, router-fused reward; in tests a
@@ -232,12 +232,12 @@ class GRPOSettings:
 
     @property
     def generation_batch_size(self) -> int:
-        """Completions generated and scored per round (N = B * G of DESIGN.md)."""
+        """Completions generated and scored per round (N = B * G of docs/architecture.md)."""
         return self.batch_size * self.steps_per_generation
 
     @property
     def prompts_per_round(self) -> int:
-        """Distinct prompts per round (B of DESIGN.md)."""
+        """Distinct prompts per round (B of docs/architecture.md)."""
         return self.generation_batch_size // self.num_generations
 
     @property

@@ -1,5 +1,5 @@
 """The main job, as the server runs it: align the policy with GRPO on the clients'
-router-fused, encrypted rewards (DESIGN.md). Independent of Flower: the nodes are
+router-fused, encrypted rewards (docs/architecture.md). Independent of Flower: the nodes are
 reached through a `Transport` (Flower's grid in `server.app`, in-process in tests).
 
 Stages of `align(transport, run_dir, config)`, each resumable:
@@ -57,7 +57,16 @@ from secure_mor.protocol import (
     OBJECTIVES,
     REWARD_MODEL_MEASURES,
     SERVER_PARTY,
+    AuthoritySetupReply,
+    ClientSetupRequest,
     ClientTrainingSettings,
+    IdentifyReply,
+    MarginsRequest,
+    Message,
+    ProtocolError,
+    RouterSetupReply,
+    RouterSetupRequest,
+    TrainRequest,
 )
 from secure_mor.routing import Router, RouterConfig, RouterSetup, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
@@ -303,30 +312,37 @@ def server_signer(run: RunDir) -> Signer:
 def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str], registry: str = "",
             ca_cert: str = "") -> Federation:
     parties = [*clients, AUTHORITY_PARTY]
-    who = _ok(transport.ask(parties, "identify", {}), parties, "identify")
+    who = {p: _decoded(IdentifyReply, r, p) for p, r in _ok(transport.ask(parties, "identify", {}), parties,
+                                                              "identify").items()}  # fmt: skip
     for party, reply in who.items():
-        if reply["party"] != party:
-            raise AlignError(f"node addressed as {party} says it is {reply['party']}")
+        if reply.party != party:
+            raise AlignError(f"node addressed as {party} says it is {reply.party}")
     server = server_signer(run)
     publish_public_key(server, run.path / "keys")
-    keys = {p: str(r["public_key"]) for p, r in who.items()}
+    keys = {p: r.public_key for p, r in who.items()}
     if registry:
         keys = trusted_keys(Path(registry), [*parties, SERVER_PARTY], {**keys, SERVER_PARTY: server.public_key_hex},
                             Path(ca_cert) if ca_cert else None)  # fmt: skip
     setup = _ok(transport.ask([AUTHORITY_PARTY], "setup", {}), [AUTHORITY_PARTY], "key authority setup")
-    authority = setup[AUTHORITY_PARTY]
-    if sorted(authority["clients"]) != sorted(clients):
-        raise AlignError(f"the key authority knows clients {authority['clients']}, expected {clients}")
-    context, fingerprint = bytes(authority["context"]), str(authority["fingerprint"])
-    signature = bytes(authority.get("context_signature", b""))
+    authority = _decoded(AuthoritySetupReply, setup[AUTHORITY_PARTY], AUTHORITY_PARTY)
+    if sorted(authority.clients) != sorted(clients):
+        raise AlignError(f"the key authority knows clients {authority.clients}, expected {clients}")
+    context, fingerprint, signature = authority.context, authority.fingerprint, authority.context_signature
     try:  # the clients check the same against their own registry's authority key
         pub = verify_public_context(context, fingerprint, signature, keys[AUTHORITY_PARTY])
     except ContextError as err:
         raise AlignError(f"the key authority's setup: {err}") from err
-    _ok(transport.ask(clients, "setup", {"context": context, "fingerprint": fingerprint, "context_signature": signature,
-                                          "data_spec": json.dumps(spec.to_json())}), clients, "client setup")
-    return Federation({p: keys[p] for p in parties}, pub, keys[AUTHORITY_PARTY], clients, float(authority["w_min"]),
-                      int(authority["k_min"]))
+    request = ClientSetupRequest(context, fingerprint, signature, json.dumps(spec.to_json()))
+    _ok(transport.ask(clients, "setup", request.encode()), clients, "client setup")
+    return Federation({p: keys[p] for p in parties}, pub, keys[AUTHORITY_PARTY], clients, authority.w_min,
+                      authority.k_min)
+
+
+def _decoded(message: type[Message], reply: Mapping[str, Any], party: str) -> Any:
+    try:
+        return message.decode(reply)
+    except ProtocolError as err:
+        raise AlignError(f"{party}'s reply: {err}") from err
 
 
 # ---------------------------------------------------------------- stage 3: the clients' reward models
@@ -335,8 +351,8 @@ def connect(transport: Transport, run: RunDir, spec: DataSpec, clients: list[str
 def start_client_training(transport: Transport, federation: Federation, config: AlignConfig, log: Log) -> Pending:
     """Ask every client to train its reward model with DP-SGD; collect with `client_results`."""
     log(f"clients train their reward models with DP-SGD (epsilon {config.epsilon:g}, delta {config.delta:g})")
-    payload = {"epsilon": config.epsilon, "delta": config.delta, **config.client_training.overrides()}
-    return transport.submit(federation.clients, "train", payload)
+    request = TrainRequest(config.epsilon, config.delta, training=config.client_training)
+    return transport.submit(federation.clients, "train", request.encode())
 
 
 def client_results(pending: Pending, federation: Federation, families: Sequence[str]) -> dict[str, Any]:
@@ -402,9 +418,9 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
     clients = federation.clients
     # The public parts every gradient query must agree with: the clients pin them, the ledger logs them.
     setup = RouterSetup.of(router, x, objective_ids)
-    pinned = _ok(transport.ask(clients, "router_setup", {"setup": setup.to_bytes()}, timeout=config.reply_timeout),
-                 clients, "router setup")  # fmt: skip
-    if any(reply["setup_sha256"] != setup.digest for reply in pinned.values()):
+    pinned = _ok(transport.ask(clients, "router_setup", RouterSetupRequest(setup.to_bytes()).encode(),
+                               timeout=config.reply_timeout), clients, "router setup")  # fmt: skip
+    if any(_decoded(RouterSetupReply, reply, party).setup_sha256 != setup.digest for party, reply in pinned.items()):
         raise AlignError("a client pinned another router setup than the one sent")
     (run.path / SERVER_PARTY).mkdir(parents=True, exist_ok=True)
     (run.path / SERVER_PARTY / "router_setup.npz").write_bytes(setup.to_bytes())
@@ -421,7 +437,8 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
         return replies
 
     def margins(fields: dict[str, Any], items: np.ndarray) -> dict[str, bytes]:
-        replies = transport.ask(clients, "margins", {**fields, "items": _npy(items)}, timeout=config.reply_timeout)
+        request = MarginsRequest(**fields, items=_npy(items)).encode()
+        replies = transport.ask(clients, "margins", request, timeout=config.reply_timeout)
         return reply_bytes(replies, f"margins of step {fields['step']}")
 
     def gradients(fields: dict[str, Any], query: Any) -> dict[str, bytes]:

@@ -1,4 +1,4 @@
-"""Training the router without seeing any client's scores (DESIGN.md).
+"""Training the router without seeing any client's scores (docs/architecture.md).
 
 Setup, once per key-authority context (before step 0): the server sends every client the
 `RouterSetup` (the router's configuration and public input normalisation, the public features

@@ -1,5 +1,5 @@
 """The server's half of one secure release, for GRPO scoring (server.session) and router training
-(server.router_training) alike (DESIGN.md, "One GRPO step", items 2-5):
+(server.router_training) alike (docs/architecture.md, "One GRPO step", rows 4-9):
 
 1. `fields(step, nonce)`: what every client request of a round carries besides its items: the
    run id, step and nonce the reply must name, and the server's round key from which each client
@@ -46,7 +46,7 @@ from secure_mor.crypto.wire import (
     parse_reply,
     parse_response,
 )
-from secure_mor.protocol import AUTHORITY_PARTY, Payload
+from secure_mor.protocol import AUTHORITY_PARTY, DecryptReply, Payload, ProtocolError, RoundFields, SealedReply
 from secure_mor.server.transport import NodeFailure, Transport
 
 Decrypt = Callable[[bytes], bytes]  # a decryption request to the key authority -> its signed response
@@ -76,13 +76,17 @@ class AuthorityLink:
         asked = time.perf_counter()
         answer = self.transport.ask([AUTHORITY_PARTY], "decrypt", {"request": request}, timeout=self.timeout)
         self.round_trip_s += time.perf_counter() - asked
-        reply = answer.get(AUTHORITY_PARTY)
-        if reply is None or isinstance(reply, NodeFailure):
-            raise RoundRefused(f"the key authority did not release: {reply.reason if reply else 'no answer'}")
-        self.compute_s += float(reply.get("seconds", 0.0))
-        if "refused" in reply:
-            raise RowConflictRefused(str(reply["refused"]))
-        return bytes(reply["response"])
+        answered = answer.get(AUTHORITY_PARTY)
+        if answered is None or isinstance(answered, NodeFailure):
+            raise RoundRefused(f"the key authority did not release: {answered.reason if answered else 'no answer'}")
+        try:
+            reply = DecryptReply.decode(answered)
+        except ProtocolError as err:
+            raise RoundRefused(f"the key authority's answer: {err}") from err
+        self.compute_s += reply.seconds
+        if reply.refused:
+            raise RowConflictRefused(reply.refused)
+        return reply.response
 
 
 def client_replies(
@@ -95,15 +99,19 @@ def client_replies(
     for party, answer in answers.items():
         if isinstance(answer, NodeFailure):
             failures.append(f"{party}: {answer.reason}")
-        elif "reply" not in answer or (n is not None and len(bytes(answer.get("items", b""))) != n * DIGEST_BYTES):
-            digests = "" if n is None else f", or not {n} item digests,"
-            failures.append(f"{party}: no reply{digests} in its answer")
-        else:
-            replies[party] = bytes(answer["reply"])
-            if n is not None:
-                digests = bytes(answer["items"])
-                items[party] = [digests[i : i + DIGEST_BYTES] for i in range(0, len(digests), DIGEST_BYTES)]
-            seconds += float(answer.get("seconds", 0.0))
+            continue
+        try:
+            sealed = SealedReply.decode(answer)
+        except ProtocolError as err:
+            failures.append(f"{party}: {err}")
+            continue
+        if n is not None and len(sealed.items) != n * DIGEST_BYTES:
+            failures.append(f"{party}: not {n} item digests in its answer")
+            continue
+        replies[party] = sealed.reply
+        if n is not None:
+            items[party] = [sealed.items[i : i + DIGEST_BYTES] for i in range(0, len(sealed.items), DIGEST_BYTES)]
+        seconds += sealed.seconds
     return replies, items, failures, seconds
 
 
@@ -123,7 +131,7 @@ class SecureRound:
     mask_key: MaskKey = field(default_factory=MaskKey)
 
     def fields(self, step: int, nonce: str) -> Payload:
-        return {"run_id": self.run_id, "step": step, "nonce": nonce, "mask_key": self.mask_key.public_hex}
+        return RoundFields(self.run_id, step, nonce, self.mask_key.public_hex).encode()
 
     def verify(
         self, replies: Mapping[str, bytes], expected: Expected, items: Mapping[str, Sequence[bytes]] | None = None

@@ -1,4 +1,4 @@
-"""The server's side of GRPO scoring rounds (DESIGN.md, "One GRPO step", items 2-5).
+"""The server's side of GRPO scoring rounds (docs/architecture.md, "One GRPO step", rows 4-9).
 
 `SecureSession.fused_rewards(items, weights)`:
 
@@ -44,7 +44,7 @@ from secure_mor.crypto.signing import Signer
 from secure_mor.crypto.wire import Expected, new_nonce
 from secure_mor.files import write_json
 from secure_mor.ledger import KIND_STEP_SKIPPED, Ledger, no_privacy_cost_event
-from secure_mor.protocol import Payload
+from secure_mor.protocol import Payload, ScoreRequest
 from secure_mor.server.secure_round import AuthorityLink, RoundRefused, RowConflictRefused, SecureRound, client_replies
 from secure_mor.server.transport import Transport
 
@@ -123,8 +123,8 @@ class SecureSession:
         n = len(request["questions"])
         step, nonce = self.reserve_step("reward"), new_nonce()
         started = time.perf_counter()
-        answers = self.transport.ask(list(self.clients), "score", {**request, **self.rounds.fields(step, nonce)},
-                                     timeout=self.reply_timeout)  # fmt: skip
+        score = ScoreRequest(**self.rounds.fields(step, nonce), **request).encode()  # checked before it is sent
+        answers = self.transport.ask(list(self.clients), "score", score, timeout=self.reply_timeout)
         checked = time.perf_counter()
         self.timings.scoring_round_trip += checked - started
         self.timings.rounds += 1

@@ -15,8 +15,8 @@ import pytest
 import tenseal as ts
 
 from secure_mor.audits.verify import verify_ledger
+from secure_mor.authority import key_authority as authority_module
 from secure_mor.authority.key_authority import STATE_FILE, AuthorityPolicy, KeyAuthority, PolicyError, RowConflict
-from secure_mor.crypto import authority as authority_module
 from secure_mor.crypto.blinding import MaskKey
 from secure_mor.crypto.context import (
     ContextError,
