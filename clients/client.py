@@ -51,6 +51,7 @@ from secure_mor.clients.training import (
     encode_annotations,
     train_reward_model,
 )
+from secure_mor.crypto.params import ReleaseConfig
 from secure_mor.crypto.signing import Signer, key_passphrase, load_or_create_signer, publish_public_key
 from secure_mor.files import write_atomic
 from secure_mor.ledger import KIND_DP_TRAINING, Budget, Ledger, dp_sgd_event, non_private_event
@@ -73,7 +74,9 @@ class ClientConfig:
 
     family/style: its annotations (from the data split), used for evaluation.
     budget_epsilon/budget_delta: the total DP budget (epsilon inf only for ablations).
-    reward_clip: scores are clipped to [-reward_clip, reward_clip].
+    reward_clip: scores are clipped to [-reward_clip, reward_clip]: half the release bound R, so that a
+    calibration margin (a difference of two scores) is within R too (crypto.wire clips every released
+    value to R: the bound the key authority's range check relies on, whatever a model outputs).
     split: the SplitConfig fields its data came from (seed, skew, pairs_per_client, num_clients).
     """
 
@@ -83,7 +86,7 @@ class ClientConfig:
     style: str
     budget_epsilon: float = 8.0
     budget_delta: float = 1e-5
-    reward_clip: float = 5.0
+    reward_clip: float = ReleaseConfig().value_bound / 2
     split: Mapping[str, Any] = field(default_factory=dict)
 
     @property

@@ -16,8 +16,9 @@ ProtocolError that names the message and the field. The actions:
     authority   setup            -                            AuthoritySetupReply
     authority   decrypt          DecryptRequest               DecryptReply (response, or refused: nothing released)
     client      setup            ClientSetupRequest           party
-    client      train            TrainRequest                 party, arch, family, budget_epsilon, total_epsilon,
-                                                              seconds, reused, <measure>_<family> (REWARD_MODEL_MEASURES)
+    client      train            TrainRequest                 party, arch, family, budget_epsilon,
+                                                              total_epsilon, seconds, reused,
+                                                              <measure>_<family> (REWARD_MODEL_MEASURES)
     client      router_setup     RouterSetupRequest           RouterSetupReply
     client      margins          MarginsRequest               SealedReply
     client      router_gradient  RoundFields + the GradientQuery (routing.encode_gradient_query)   SealedReply

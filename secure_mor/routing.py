@@ -127,6 +127,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from secure_mor.crypto.fusion import WeightError, validate_weights
 from secure_mor.crypto.params import DEFAULT_W_MIN
 from secure_mor.protocol import Payload, ProtocolError, array_bytes, bytes_array
 
@@ -223,20 +224,6 @@ def simplex_weights(logits: torch.Tensor, w_min: float) -> torch.Tensor:
     return w_min + (1.0 - k * w_min) * torch.softmax(logits, dim=-1)
 
 
-def check_weights(weights: np.ndarray, w_min: float, tolerance: float = 1e-9) -> np.ndarray:
-    """Return W as float64 if every row is on the simplex and every entry >= w_min; else RouterError."""
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 2 or w.shape[1] < 1:
-        raise RouterError(f"weights must be N x K, got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise RouterError("weights contain NaN or infinity")
-    if w.size and float(w.min()) < w_min - tolerance:
-        raise RouterError(f"a weight ({float(w.min()):.3g}) is below the floor w_min={w_min}")
-    if w.size and float(np.max(np.abs(w.sum(axis=1) - 1.0))) > tolerance:
-        raise RouterError("weight rows do not sum to 1")
-    return w
-
-
 # ---------------------------------------------------------------- the network
 
 
@@ -327,7 +314,10 @@ class Router(nn.Module):
         """N x K float64 weights, no gradient, checked valid."""
         with torch.no_grad():
             w = self(features, objective_ids).numpy().astype(np.float64)
-        return check_weights(w, self.config.w_min)
+        try:  # the one check of W, as the key authority applies it (crypto.fusion)
+            return validate_weights(w, *w.shape, self.config.w_min)
+        except WeightError as err:
+            raise RouterError(str(err)) from err
 
     # -- state
 

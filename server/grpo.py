@@ -70,7 +70,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -349,46 +349,35 @@ def load_processor(policy_path: Path | str) -> ProcessorMixin:
     return processor
 
 
+# GRPOSettings' fields that are TRL's under another name; every other field of the same name as a GRPOConfig
+# field is TRL's own and goes to GRPOConfig as it is (a new TRL setting is one new field).
+TRL_NAMES = {"batch_size": "per_device_train_batch_size"}
+
+
 def grpo_config(settings: GRPOSettings, output_dir: Path | str, device: str = "cpu") -> Any:
     """TRL's `GRPOConfig` for `settings` on `device` ("cpu" or "cuda", secure_mor.device), checkpoints in
-    `output_dir`."""
+    `output_dir`: TRL's defaults, overridden by every GRPOSettings field TRL knows, then by `extra`."""
     from trl import GRPOConfig
 
+    trl_fields = {f.name for f in fields(GRPOConfig)}
+    own = {TRL_NAMES.get(f.name, f.name): getattr(settings, f.name) for f in fields(settings)
+           if TRL_NAMES.get(f.name, f.name) in trl_fields}  # fmt: skip
+    own.update(
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
+        save_total_limit=settings.save_total_limit or None,  # 0: keep every checkpoint
+        data_seed=settings.seed,
+    )
     return GRPOConfig(
         output_dir=str(output_dir),
         **trainer_arguments(device),
         activation_checkpointing=False,  # TRL turns it on by default (and the old name warns); overhead here
         disable_dropout=True,  # the policy and the reference must score the same tokens alike
-        num_generations=settings.num_generations,
-        per_device_train_batch_size=settings.batch_size,
-        steps_per_generation=settings.steps_per_generation,
-        num_iterations=settings.num_iterations,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler_type,
-        warmup_steps=settings.warmup_steps,
-        weight_decay=settings.weight_decay,
-        max_grad_norm=settings.max_grad_norm,
-        beta=settings.beta,
-        loss_type=settings.loss_type,
-        epsilon=settings.epsilon,
-        scale_rewards=settings.scale_rewards,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        max_completion_length=settings.max_completion_length,
-        mask_truncated_completions=settings.mask_truncated_completions,
-        logging_steps=settings.logging_steps,
-        save_strategy="steps" if settings.save_steps else "no",
-        save_steps=settings.save_steps or 500,
-        save_total_limit=settings.save_total_limit or None,
-        seed=settings.seed,
-        data_seed=settings.seed,
         remove_unused_columns=False,  # the passthrough columns feed the reward function
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **own,
         **settings.extra,
     )
 
