@@ -37,7 +37,7 @@ from secure_mor.clients.training import (
     PrivacyState,
     TrainConfig,
     default_train_config,
-    encode_pairs,
+    encode_annotations,
     train_reward_model,
 )
 from secure_mor.data import SplitConfig, build_federated_data
@@ -76,10 +76,11 @@ class PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
-def run(arch_name: str, pairs, config: TrainConfig) -> tuple[float, float]:
+def run(arch_name: str, annotations, config: TrainConfig) -> tuple[float, float]:
     arch = architecture(arch_name)
-    encoder = arch.build_encoder(list(pairs["question"]) + list(pairs["chosen_text"]) + list(pairs["rejected_text"]))
-    data = encode_pairs(pairs, encoder)
+    encoder = arch.build_encoder([*annotations["question"], *annotations["chosen_text"],
+                                  *(t for texts in annotations["rejected_texts"] for t in texts)])  # fmt: skip
+    data = encode_annotations(annotations, encoder)  # one row per annotation: the privacy unit
     torch.manual_seed(0)
     model = arch.build_model(encoder)
     privacy = PrivacyState(Budget(math.inf if not config.private else 1e9, config.delta))

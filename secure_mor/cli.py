@@ -544,7 +544,8 @@ def report(
     why); 2 RUN_DIR is not a run directory (nothing written); 3 the ledger could not be checked (no
     ledger or no keys) or lines of it are UNANCHORED (no recorded head covers them).
     """
-    from secure_mor.audits.report import ReportError, build_report  # matplotlib, dp-accounting: slow to import
+    from secure_mor.audits.report import build_report  # matplotlib, dp-accounting: slow to import
+    from secure_mor.audits.run_files import ReportError
 
     try:
         result = build_report(run_dir, out, tolerance)
