@@ -59,6 +59,7 @@ from secure_mor.protocol import (
     ClientSetupRequest,
     IdentifyReply,
     MarginsRequest,
+    PartyReply,
     Payload,
     ProtocolError,
     RoundFields,
@@ -66,6 +67,7 @@ from secure_mor.protocol import (
     RouterSetupRequest,
     ScoreRequest,
     SealedReply,
+    TrainReply,
     TrainRequest,
     bytes_array,
     calibration_digests,
@@ -229,7 +231,7 @@ class ClientNode:
         state = {"fingerprint": fingerprint, "context_signature": signature.hex(), "data_spec": data_spec}
         (self.directory / NODE_FILE).write_text(json.dumps(state, indent=2))
         self._public = None
-        return {"party": self.party}
+        return PartyReply(self.party).encode()
 
     def train(self, payload: Mapping[str, Any]) -> Payload:
         """Train the reward model with DP-SGD under budget (epsilon, delta), once: a client
@@ -281,17 +283,8 @@ class ClientNode:
             metrics["held_out"] = client.evaluate(data, seed=spec.split.seed)
             client.save_metrics(metrics)
         total = metrics["runs"][-1]["total_epsilon"]  # None: non-private, unbounded
-        return {
-            "party": self.party,
-            "arch": config.arch,
-            "family": config.family,
-            "budget_epsilon": epsilon,
-            "total_epsilon": math.inf if total is None else float(total),
-            "reused": reused,
-            "seconds": time.perf_counter() - started,
-            **{f"{measure}_{family}": float(value) for measure, by_family in metrics["held_out"].items()
-               for family, value in by_family.items()},
-        }
+        return TrainReply(self.party, config.arch, config.family, epsilon, math.inf if total is None else float(total),
+                          reused, time.perf_counter() - started, metrics["held_out"]).encode()
 
     def _calibration_margins(self) -> np.ndarray:
         """clip(R(chosen) - R(rejected)) for every public calibration pair, cached in memory and on

@@ -15,10 +15,8 @@ ProtocolError that names the message and the field. The actions:
     any         identify         -                            IdentifyReply
     authority   setup            -                            AuthoritySetupReply
     authority   decrypt          DecryptRequest               DecryptReply (response, or refused: nothing released)
-    client      setup            ClientSetupRequest           party
-    client      train            TrainRequest                 party, arch, family, budget_epsilon,
-                                                              total_epsilon, seconds, reused,
-                                                              <measure>_<family> (REWARD_MODEL_MEASURES)
+    client      setup            ClientSetupRequest           PartyReply
+    client      train            TrainRequest                 TrainReply
     client      router_setup     RouterSetupRequest           RouterSetupReply
     client      margins          MarginsRequest               SealedReply
     client      router_gradient  RoundFields + the GradientQuery (routing.encode_gradient_query)   SealedReply
@@ -185,6 +183,46 @@ class TrainRequest(Message):
         return cls(_checked(cls.__name__, "epsilon", "float", top["epsilon"]),
                    _checked(cls.__name__, "delta", "float", top["delta"]),
                    _checked(cls.__name__, "arch", "str", top.get("arch", "")), ClientTrainingSettings(**settings))
+
+
+@dataclass(frozen=True)
+class TrainReply(Message):
+    """A client's trained (or reused) reward model: its budget, what it spent, and its held-out ranking
+    measures per family (sent flat, as `<measure>_<family>`, REWARD_MODEL_MEASURES)."""
+
+    party: str
+    arch: str
+    family: str
+    budget_epsilon: float
+    total_epsilon: float  # inf: non-private, unbounded
+    reused: bool  # trained before with this budget: nothing spent
+    seconds: float
+    measures: dict[str, dict[str, float]]  # measure -> family -> value
+
+    def encode(self) -> Payload:
+        flat = {f"{m}_{family}": float(v) for m, by_family in self.measures.items() for family, v in by_family.items()}
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "measures"}, **flat}
+
+    @classmethod
+    def decode(cls, payload: Mapping[str, Any]) -> TrainReply:
+        top = {f.name: f for f in fields(cls) if f.name != "measures"}
+        missing = [name for name in top if name not in payload]
+        if missing:
+            raise ProtocolError(f"{cls.__name__}: missing field {missing[0]!r}")
+        values = {name: _checked(cls.__name__, name, str(f.type), payload[name]) for name, f in top.items()}
+        measures: dict[str, dict[str, float]] = {m: {} for m in REWARD_MODEL_MEASURES}
+        for key, value in payload.items():
+            for m in REWARD_MODEL_MEASURES:
+                if key.startswith(f"{m}_"):
+                    measures[m][key[len(m) + 1 :]] = _checked(cls.__name__, key, "float", value)
+        return cls(**values, measures=measures)
+
+
+@dataclass(frozen=True)
+class PartyReply(Message):
+    """What a node answers when all it says is who did it (a client's setup)."""
+
+    party: str
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ from secure_mor.protocol import (
     ProtocolError,
     RouterSetupReply,
     RouterSetupRequest,
+    TrainReply,
     TrainRequest,
 )
 from secure_mor.routing import Router, RouterConfig, RouterSetup, RouterState, encode_gradient_query
@@ -358,15 +359,16 @@ def start_client_training(transport: Transport, federation: Federation, config: 
 def client_results(pending: Pending, federation: Federation, families: Sequence[str]) -> dict[str, Any]:
     replies = _ok(pending.wait(), federation.clients, "client training")
     out = {}
-    for party, reply in replies.items():
+    for party, answer in replies.items():
+        reply = _decoded(TrainReply, answer, party)
         out[party] = {
-            "arch": reply["arch"],
-            "family": reply["family"],
-            "budget_epsilon": _finite(reply["budget_epsilon"]),
-            "total_epsilon": _finite(reply["total_epsilon"]),
-            "reused": bool(reply["reused"]),
-            "seconds": float(reply["seconds"]),
-            "reward_model": {measure: {f: reply[f"{measure}_{f}"] for f in families if f"{measure}_{f}" in reply}
+            "arch": reply.arch,
+            "family": reply.family,
+            "budget_epsilon": _finite(reply.budget_epsilon),
+            "total_epsilon": _finite(reply.total_epsilon),
+            "reused": reply.reused,
+            "seconds": reply.seconds,
+            "reward_model": {measure: {f: reply.measures[measure][f] for f in families if f in reply.measures[measure]}
                              for measure in REWARD_MODEL_MEASURES},
         }
     return out
