@@ -267,6 +267,9 @@ class SealedReply(Message):
     seconds: float = 0.0  # the client's own compute
     items: bytes = b""  # score: the N prompt digests it committed to, 32 bytes each
 
+    def encode(self) -> Payload:
+        return {k: v for k, v in super().encode().items() if k != "items" or v}
+
 
 @dataclass(frozen=True)
 class DecryptRequest(Message):
