@@ -151,7 +151,9 @@ def test_secure_alignment_on_the_deployment_runtime_survives_lost_client_nodes_a
     try:
         deployment.start()
         # no answer-prior rounds: the nodes are lost at chosen GRPO steps
-        run_id = deployment.submit({**TINY_RUN, "grpo-max-steps": 3, "reply-timeout": 120.0,
+        # a lost node costs its round the whole reply timeout (the grid has no answer to give): 60 s is
+        # 3x what a live node's fresh ClientApp process took to score on a busy 2-core runner
+        run_id = deployment.submit({**TINY_RUN, "grpo-max-steps": 3, "reply-timeout": 60.0, "router-steps": 1,
                                     "answer-prior-questions": 0})
         _wait_for_grpo_step(deployment, 1)
         deployment.stop_node("client-2")
@@ -165,7 +167,7 @@ def test_secure_alignment_on_the_deployment_runtime_survives_lost_client_nodes_a
 
     results = _results(deployment)
     assert results["config"]["registry"] == str(deployment.registry("server"))
-    assert results["grpo"]["steps"] == 3 and results["grpo"]["rounds"] == 3 and results["router"]["steps"] == 2
+    assert results["grpo"]["steps"] == 3 and results["grpo"]["rounds"] == 3 and results["router"]["steps"] == 1
     assert {c["arch"] for c in results["clients"].values()} == {"cnn-gru", "vit-xattn", "minilm-head"}
     # each institution kept its state on its own disk, and only there; no passphrase beside a key
     assert (deployment.state_dir("authority") / "authority" / "secret.key").exists()
