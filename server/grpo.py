@@ -356,7 +356,15 @@ TRL_NAMES = {"batch_size": "per_device_train_batch_size"}
 
 def grpo_config(settings: GRPOSettings, output_dir: Path | str, device: str = "cpu") -> Any:
     """TRL's `GRPOConfig` for `settings` on `device` ("cpu" or "cuda", secure_mor.device), checkpoints in
-    `output_dir`: TRL's defaults, overridden by every GRPOSettings field TRL knows, then by `extra`."""
+    `output_dir` (`grpo_arguments`)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(**grpo_arguments(settings, output_dir, device))
+
+
+def grpo_arguments(settings: GRPOSettings, output_dir: Path | str, device: str = "cpu") -> dict[str, Any]:
+    """GRPOConfig's arguments: TRL's defaults, overridden by every GRPOSettings field TRL knows, then by
+    `extra` (building the config checks the hardware: this is what a cuda run would be given)."""
     from trl import GRPOConfig
 
     trl_fields = {f.name for f in fields(GRPOConfig)}
@@ -368,7 +376,7 @@ def grpo_config(settings: GRPOSettings, output_dir: Path | str, device: str = "c
         save_total_limit=settings.save_total_limit or None,  # 0: keep every checkpoint
         data_seed=settings.seed,
     )
-    return GRPOConfig(
+    return dict(
         output_dir=str(output_dir),
         **trainer_arguments(device),
         activation_checkpointing=False,  # TRL turns it on by default (and the old name warns); overhead here

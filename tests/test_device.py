@@ -6,7 +6,7 @@ from unittest import mock
 import pytest
 
 from secure_mor.device import resolve_device, trainer_arguments
-from secure_mor.server.grpo import GRPOSettings, grpo_config
+from secure_mor.server.grpo import GRPOSettings, grpo_arguments, grpo_config
 from secure_mor.server.pipeline import AlignConfig, AlignError, align
 from secure_mor.server.transport import LocalTransport
 
@@ -37,9 +37,9 @@ def test_trainers_run_on_cuda_in_bf16_where_supported_and_on_the_cpu_in_float32(
     # GRPO's TRL config on each device (TrainingArguments checks the hardware itself: recorded, not built, for cuda)
     config = grpo_config(GRPOSettings(), tmp_path)
     assert config.use_cpu and not config.bf16
-    with cuda(True, bf16=True), mock.patch("trl.GRPOConfig") as built:
-        grpo_config(GRPOSettings(), tmp_path, device="cuda")
-    assert built.call_args.kwargs["use_cpu"] is False and built.call_args.kwargs["bf16"] is True
+    with cuda(True, bf16=True):
+        arguments = grpo_arguments(GRPOSettings(), tmp_path, device="cuda")
+    assert arguments["use_cpu"] is False and arguments["bf16"] is True
 
 
 def test_align_refuses_cuda_without_a_gpu_before_any_work(tmp_path):
