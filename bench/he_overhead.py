@@ -164,7 +164,7 @@ def main() -> None:
     transport = LocalTransport(nodes)
     data = prepare_data(run, config)
     federation = connect(transport, run, run.data_spec(), CLIENTS)
-    client_results(start_client_training(transport, federation, config, print), federation)
+    client_results(start_client_training(transport, federation, config, print), federation, data.families)
     prepare_policy(run, data, config, print)
 
     settings = replace(config.grpo, max_steps=args.steps, save_steps=0)

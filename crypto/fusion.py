@@ -15,7 +15,7 @@ values). So W is encoded here at scale 2^60 through SEAL's own encoder (`tenseal
 which puts its error at 2^-60 sqrt(N) ~ 2e-17 times |v + m| <= 2^33: 2e-7. The product is
 not rescaled: its scale 2^100 and values up to 2^33 need 134 of the fresh ciphertext's 140
 modulus bits (checked). What remains is float64 decoding of values near 2^32, ~M 2^-52:
-measured max 2.7e-6, std 6e-7 over 4,096 values (`authority.measure_decryption_error`).
+measured max 2.7e-6, std 6e-7 over 4,096 values (`crypto.release.measure_decryption_error`).
 The server removes sum_k W[:, k] m_k in float64 (error ~M 2^-53).
 
 A client missing from a step: `renormalise(W, present)` keeps the present columns and
@@ -52,6 +52,8 @@ def validate_weights(weights: np.ndarray, n: int, k: int, w_min: float) -> np.nd
         raise WeightError(f"weights have shape {w.shape}, expected ({n}, {k})")
     if not np.all(np.isfinite(w)):
         raise WeightError("weights contain NaN or infinity")
+    if not w.size:
+        return w
     low = float(w.min())
     if low < w_min:
         raise WeightError(f"a weight ({low:.3g}) is below the floor w_min={w_min}")

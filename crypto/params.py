@@ -115,7 +115,7 @@ def min_score_half_width(w_min: float, k_min: int, value_bound: float) -> float:
 
 @dataclass(frozen=True)
 class ReleaseConfig:
-    """How values are bounded, blinded, flooded and rounded (see authority.py for the
+    """How values are bounded, blinded, flooded and rounded (see authority/key_authority.py for the
     measurements behind the defaults).
 
     value_bound: R; clients clip their scores to [-R, R].

@@ -243,7 +243,7 @@ class Ledger:
         if kind not in KINDS:
             raise LedgerError(f"unknown ledger entry kind {kind!r}; expected one of {KINDS}")
         with lock_beside(self.path):
-            self._catch_up()  # never extend a damaged ledger
+            self._catch_up()  # never extend a ledger whose lines this object has not read and checked
             line = {
                 "party": signer.party,
                 "party_seq": self._per_party.get(signer.party, 0),

@@ -78,6 +78,10 @@ class ClientTrainingSettings:
     lr: float = 0.0
     max_grad_norm: float = 0.0
 
+    def __post_init__(self) -> None:
+        if min(self.epochs, self.batch_size, self.lr, self.max_grad_norm) < 0 or self.public_epochs < -1:
+            raise ValueError(f"client training settings must be >= 0 (public_epochs >= -1): {self}")
+
     def overrides(self) -> dict[str, int | float]:
         """The settings given, as the `train` request carries them."""
         unset = {"public_epochs": -1}
@@ -180,9 +184,13 @@ class TrainRequest(Message):
         for name in ("epsilon", "delta"):
             if name not in top:
                 raise ProtocolError(f"{cls.__name__}: missing field {name!r}")
+        try:
+            training = ClientTrainingSettings(**settings)
+        except ValueError as err:
+            raise ProtocolError(f"{cls.__name__}: {err}") from err
         return cls(_checked(cls.__name__, "epsilon", "float", top["epsilon"]),
                    _checked(cls.__name__, "delta", "float", top["delta"]),
-                   _checked(cls.__name__, "arch", "str", top.get("arch", "")), ClientTrainingSettings(**settings))
+                   _checked(cls.__name__, "arch", "str", top.get("arch", "")), training)
 
 
 @dataclass(frozen=True)

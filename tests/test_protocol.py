@@ -64,6 +64,7 @@ def test_a_message_decodes_to_what_was_encoded(message):
          "ScoreRequest: field 'image_index' must be list[int], got list"),
         (TrainRequest, {"delta": 1e-5}, "TrainRequest: missing field 'epsilon'"),
         (TrainRequest, {"epsilon": 4.0, "delta": 1e-5, "epochs": 1.5}, "field 'epochs' must be int, got float"),
+        (TrainRequest, {"epsilon": 4.0, "delta": 1e-5, "public_epochs": -2}, "public_epochs >= -1"),
         (SealedReply, {"reply": "not bytes"}, "SealedReply: field 'reply' must be bytes, got str"),
         (RoundFields, {**ROUND, "step": True}, "RoundFields: field 'step' must be int, got bool"),
     ],

@@ -59,6 +59,7 @@ def test_every_scalar_field_has_a_key():
         ({"family-gate": "yes"}, "family-gate = 'yes': expected bool"),
         ({"epsilon": "lots"}, "epsilon = 'lots': expected float"),
         ({"grpo-num-generations": 1}, "num_generations must be >= 2"),
+        ({"client-epochs": -1}, "client training settings must be >= 0"),
     ],
 )
 def test_a_bad_setting_is_an_error_that_names_it(run_config, message):
