@@ -72,7 +72,7 @@ from secure_mor.protocol import (
 from secure_mor.routing import Router, RouterConfig, RouterSetup, RouterState, encode_gradient_query
 from secure_mor.server.grpo import GRPOSettings
 from secure_mor.server.reward import FederatedReward
-from secure_mor.server.router import ONE_CLIENT_FUSIONS, family_map, parse_fusion, prompt_features
+from secure_mor.server.router import ONE_CLIENT_FUSIONS, family_features, family_map, parse_fusion, prompt_features
 from secure_mor.server.router_training import RouterTrainingConfig, train_router_securely
 from secure_mor.server.secure_round import AuthorityLink, RoundRefused, SecureRound, client_replies
 from secure_mor.server.session import SecureSession
@@ -141,7 +141,9 @@ class AlignConfig:
     allow_single_client: bool = False
     reply_timeout: float = 600.0
     grpo: GRPOSettings = field(default_factory=lambda: DEFAULT_GRPO)
-    router: RouterTrainingConfig = field(default_factory=lambda: RouterTrainingConfig(steps=30, batch_size=96))
+    router: RouterTrainingConfig = field(default_factory=lambda: RouterTrainingConfig(steps=30, batch_size=96,
+                                                                                      sharpness=10.0))
+    route_by: str = "family"  # what the router sees of a prompt: "family" or "prompt" (RouterInputs)
     sft: SFTSettings = field(default_factory=SFTSettings)
     client_training: ClientTrainingSettings = field(default_factory=ClientTrainingSettings)
     eval_per_family: int = 200
@@ -401,18 +403,50 @@ class PolicyFeatures:
                                                             zip(images, questions, strict=True)])  # fmt: skip
 
 
+# What the router sees of a prompt (AlignConfig.route_by).
+ROUTE_BY = ("family", "prompt")
+
+
+@dataclass(frozen=True)
+class RouterInputs:
+    """The router's input of each prompt: its question family one-hot ("family") or the starting policy's
+    pooled prompt features ("prompt"). Measured (epsilon 4, seed 0, the clients' real calibration margins,
+    plaintext, the 30 steps of 96 pairs the item budget allows): on the pooled features (PCA to 32) the
+    linear router put 0.47 / 0.10 / 0.07 on the colour specialist for colour / shape / presence and never
+    more than the floor on the shape specialist; its 2-8 leading components carry no family (the same
+    weights for every family); the last token's or the text tokens' states moved colour to 0.57 / 0.67 but kept
+    the shape specialist at the floor.
+    On the family it learns one mix per family and objective, which the calibration pairs can pin down."""
+
+    kind: str
+    policy: PolicyFeatures
+    families: tuple[str, ...]
+
+    def __call__(self, images: Sequence[Any], questions: Sequence[str], families: Sequence[str]) -> np.ndarray:
+        if self.kind == "family":
+            return family_features(list(families), self.families)
+        return self.policy(images, questions)
+
+
 def train_router(transport: Transport, federation: Federation, run: RunDir, data: FederatedData,
-                 features_of: Callable[..., np.ndarray], config: AlignConfig, log: Log) -> tuple[Router, dict]:
+                 features_of: RouterInputs, config: AlignConfig, log: Log) -> tuple[Router, dict]:
     """Train (or load) the router of this run directory."""
     path = run.path / SERVER_PARTY / "router.npz"
     report_path = run.path / SERVER_PARTY / "router.json"
     if path.exists():
-        return Router.from_state(RouterState.from_bytes(path.read_bytes())), json.loads(report_path.read_text())
+        report = json.loads(report_path.read_text())
+        if report.get("features", "prompt") != features_of.kind:
+            raise AlignError(f"{path} is a router on {report.get('features', 'prompt')!r} features; this run asks for "
+                             f"route-by {features_of.kind!r}: use another --out")
+        return Router.from_state(RouterState.from_bytes(path.read_bytes())), report
     pairs = calibration_set(data)
     log(f"router: features of {len(pairs)} calibration prompts")
-    x = features_of(list(pairs["image"]), list(pairs["question"]))
+    x = features_of(list(pairs["image"]), list(pairs["question"]), list(pairs["family"]))
+    # A family one-hot is standardised, not projected: its centred columns have rank F - 1, and the PCA's
+    # null direction would be rounding noise the clients could not reproduce exactly.
     router_config = RouterConfig(feature_dim=x.shape[1], objectives=OBJECTIVES, num_clients=config.num_clients,
-                                 w_min=federation.w_min, seed=config.seed)
+                                 w_min=federation.w_min, seed=config.seed,
+                                 input_dim=None if features_of.kind == "family" else RouterConfig.input_dim)
     router = Router(router_config).fit_input_projection(x)
     objective_ids = router_config.objective_ids(list(pairs["objective"]))
     run_id = f"{run.path.name}-{secrets.token_hex(4)}:router"
@@ -465,10 +499,11 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
     families = np.asarray(pairs["family"])
     weights = router.weights(x, objective_ids)
     held_out = evaluation_rows(data, config.eval_per_family, config.seed)
-    x_held_out = features_of(list(held_out["image"]), list(held_out["question"]))
+    x_held_out = features_of(list(held_out["image"]), list(held_out["question"]), list(held_out["family"]))
     held_out_families = np.asarray(held_out["family"])
     report = {
         "run_id": run_id,
+        "features": features_of.kind,
         "steps": result.steps_taken,
         "skipped": [r.skipped for r in result.history if r.skipped],
         "losses": result.losses,
@@ -514,6 +549,8 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     kind, _ = parse_fusion(config.fusion, config.num_clients)
     if config.objective not in OBJECTIVES:
         raise AlignError(f"unknown objective {config.objective!r}; known: {list(OBJECTIVES)}")
+    if config.route_by not in ROUTE_BY:
+        raise AlignError(f"unknown route-by {config.route_by!r}; known: {list(ROUTE_BY)}")
     if config.answer_prior_questions < 0:
         raise AlignError(f"answer-prior-questions must be >= 0 (0: off), got {config.answer_prior_questions}")
     try:
@@ -548,7 +585,8 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
                         for k in (config.num_clients, k_min))  # fmt: skip
         log(f"WARNING: fusion {config.fusion} gives one client all but the floor on every item: each release "
             f"tells the server that client's score within +-{all_:.3f} (+-{fewest:.3f} after dropouts to {k_min})")
-    features_of = PolicyFeatures.load(run.sft_policy, resolve_device(config.device))
+    policy = PolicyFeatures.load(run.sft_policy, resolve_device(config.device))
+    features_of = RouterInputs(config.route_by, policy, tuple(data.families))
     router, router_report = None, None
     t = time.perf_counter()
     if kind == "mor":
@@ -573,7 +611,7 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     elif config.answer_prior_questions:
         log(f"answer prior: every answer scored on {config.answer_prior_questions} labelled questions per family")
         answer_prior = reward.learn_answer_prior(data.sft, config.answer_prior_questions, config.seed)
-        measure_policy_on_prior_questions(answer_prior, features_of.model, features_of.processor, data)
+        measure_policy_on_prior_questions(answer_prior, policy.model, policy.processor, data)
         run.write_json(prior_path, answer_prior)
     gate = config.family_gate and answer_prior is not None
     if gate and any("rows" not in f for f in answer_prior["families"].values()):

@@ -121,7 +121,7 @@ class FederatedReward:
         objective = np.array([self.router.config.objective_id(self.config.objective)])
         for j, key in enumerate(keys):
             if key not in self.rows:
-                x = self.features_of([images[j]], [questions[j]])
+                x = self.features_of([images[j]], [questions[j]], [families[j]])
                 self.rows[key] = weights_for("mor", n=1, k=k, w_min=w_min, router=self.router, features=x,
                                              objective_ids=objective)[0]
         return np.stack([self.rows[key] for key in keys])

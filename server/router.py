@@ -36,6 +36,18 @@ _MASK_POSITION_MODELS = {"llava"}
 # ---------------------------------------------------------------- prompt features
 
 
+def family_features(families: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """The router's input under route-by "family": each prompt's question family, one-hot in the
+    order of `names` (public: the question says what it asks). float64 [N, len(names)]."""
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(families) - set(index))
+    if unknown:
+        raise ValueError(f"question families {unknown} are not among the run's {list(names)}")
+    out = np.zeros((len(families), len(names)))
+    out[np.arange(len(families)), [index[f] for f in families]] = 1.0
+    return out
+
+
 def _rows(rows: Any) -> tuple[list[Any], list[str]]:
     """(images, questions) from a datasets.Dataset or a sequence of {"image", "question"} mappings."""
     if hasattr(rows, "column_names"):

@@ -107,6 +107,11 @@ class RouterTrainingConfig:
     value) so that noise alone never moves a parameter by a full learning rate;
     gradient_scale: clients release scale * G_k (each value must stay within R; at most
     limits.max_scale, which the clients enforce);
+    sharpness: the Bradley-Terry loss is taken of sharpness * fused margin. At 1 the loss is won by the
+    client with the largest margins rather than the one that ranks the most pairs right, which is what
+    GRPO needs (tests/test_router_training.py, the scale trap). The clients are sent
+    c_i = -(1/B) sigmoid(-clip(sharpness * m_i, -R, R)), inside their coefficient range whatever the
+    sharpness (past R, sigmoid(-R) < 5e-5), and the server multiplies the released sum by sharpness;
     limits: the release budget (item uses, ratio, minimum batch), as the clients check it."""
 
     steps: int = 50
@@ -118,13 +123,15 @@ class RouterTrainingConfig:
     adam_eps: float = 1e-3
     momentum: float = 0.0
     gradient_scale: float = 1.0
+    sharpness: float = 1.0
     limits: QueryLimits = DEFAULT_QUERY_LIMITS
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
             raise RouterTrainingError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.steps < 0 or self.batch_size < 1 or not self.learning_rate > 0 or not self.gradient_scale > 0:
+        if (self.steps < 0 or self.batch_size < 1 or not self.learning_rate > 0 or not self.gradient_scale > 0
+                or not self.sharpness > 0):
             raise RouterTrainingError(f"invalid router training settings: {self}")
         if self.gradient_scale > self.limits.max_scale:
             raise RouterTrainingError(f"gradient_scale {self.gradient_scale} exceeds what clients accept "
@@ -262,9 +269,9 @@ def train_router_securely(
             record.skipped = f"margin round: {why}"
             continue
         record.fused_margins = rounds.release(replies, weights, "reward", step, nonce, [digests] * len(replies))
-        record.loss = bt_loss(record.fused_margins)
-        bound = rounds.release_config.value_bound  # |m| <= R up to the release's own error
-        coefficients = bt_coefficients(np.clip(record.fused_margins, -bound, bound))
+        record.loss = bt_loss(config.sharpness * record.fused_margins)
+        bound = rounds.release_config.value_bound
+        coefficients = bt_coefficients(np.clip(config.sharpness * record.fused_margins, -bound, bound))
         nonce = new_nonce()
         query = GradientQuery(step, nonce, router.state(), items.copy(), x[items], o[items], coefficients,
                               config.gradient_scale)
@@ -273,7 +280,8 @@ def train_router_securely(
         if replies is None:
             record.skipped = f"gradient round: {why}"
             continue
-        record.gradient = rounds.release(replies, None, "router_gradient", step, nonce) / config.gradient_scale
+        released = rounds.release(replies, None, "router_gradient", step, nonce)
+        record.gradient = released * config.sharpness / config.gradient_scale
         optimizer.step(record.gradient)
     return result
 
@@ -305,7 +313,7 @@ def train_router_plaintext(
         record = StepRecord(offset, items)
         router.zero_grad(set_to_none=True)
         fused = (router(x[items], o[items]) * torch.as_tensor(d[items])).sum(dim=1)
-        loss = torch.nn.functional.softplus(-fused).mean()
+        loss = torch.nn.functional.softplus(-config.sharpness * fused).mean()
         loss.backward()
         record.fused_margins = fused.detach().numpy().copy()
         record.loss = float(loss.detach())

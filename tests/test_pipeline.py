@@ -140,6 +140,7 @@ def test_tiny_alignment_writes_results_and_a_verifiable_ledger(tiny_run):
         assert all(set(v) == {"color", "shape", "presence"} for v in c["reward_model"].values())
     assert results["config"]["w_min"] == DEFAULT_W_MIN  # the key authority's floor, announced at setup
     assert results["router"]["steps"] == 2 and results["grpo"]["steps"] == 2
+    assert results["router"]["features"] == "family"  # the default route-by
     router = results["router"]["held_out_weights"]
     assert set(router) == {"correctness", "sentences"} and set(router["correctness"]) == {"color", "shape", "presence"}
     assert all(abs(sum(w) - 1) < 3e-4 for w in router["correctness"].values())  # each mean rounded to 4 places
@@ -452,6 +453,8 @@ def test_unknown_fusion_and_objective_are_refused_before_any_work(tmp_path):
         align(LocalTransport({}), tmp_path, tiny(objective="speed"), log=lambda m: None)
     with pytest.raises(AlignError, match="answer-prior-questions must be >= 0"):
         align(LocalTransport({}), tmp_path, tiny(answer_prior_questions=-1), log=lambda m: None)
+    with pytest.raises(AlignError, match="unknown route-by 'image'"):
+        align(LocalTransport({}), tmp_path, tiny(route_by="image"), log=lambda m: None)
     deployment = {"registry": str(tmp_path / "registry"), "ca_cert": str(tmp_path / "ca.crt")}
     for fusion in ("single:1", "by-family"):  # in a deployment, only when the run config allows it
         with pytest.raises(AlignError, match="reveals one client's scores.*allow-single-client=true"):

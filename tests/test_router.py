@@ -32,7 +32,7 @@ from secure_mor.routing import (
     parameter_layout,
     unflatten,
 )
-from secure_mor.server.router import family_map, prompt_features, weights_for
+from secure_mor.server.router import family_features, family_map, prompt_features, weights_for
 
 torch.set_num_threads(1)
 W_MIN = 0.02
@@ -312,3 +312,10 @@ def test_prompt_features_of_the_tiny_policy(federated) -> None:
         objective_ids=np.zeros(len(rows), dtype=np.int64),
     )
     validate_weights(w, len(rows), 3, W_MIN)
+
+
+def test_family_features_are_one_hot_in_the_runs_family_order() -> None:
+    x = family_features(["shape", "color", "shape"], ("color", "shape", "presence"))
+    assert x.tolist() == [[0, 1, 0], [1, 0, 0], [0, 1, 0]]
+    with pytest.raises(ValueError, match="'size'"):
+        family_features(["size"], ("color", "shape"))

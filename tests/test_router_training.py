@@ -195,6 +195,29 @@ def test_router_learns_family_routing_plaintext_reference() -> None:
         assert np.all(right[:, f].mean() > right.mean(axis=0)[np.arange(K) != f] + 0.4)
 
 
+def scale_trap(n: int, seed: int = 0):
+    """One family. Client 0 ranks 90 % of the pairs right with small margins (+-0.3); client 1 ranks 75 %
+    right with large ones (+-2); client 2 is noise. A pair is ranked right when its fused margin is > 0."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4))
+    d = np.stack([np.where(rng.random(n) < 0.9, 0.3, -0.3), np.where(rng.random(n) < 0.75, 2.0, -2.0),
+                  rng.normal(0.0, 1.0, n)], axis=1)
+    return x, np.zeros(n, dtype=np.int64), d
+
+
+def test_sharpness_makes_the_router_prefer_pairs_ranked_right_over_large_margins() -> None:
+    x, o, d = scale_trap(30 * 128)
+    preferred = {}
+    for sharpness in (1.0, 10.0):
+        router = make_router(x, ("correctness",))
+        train_router_plaintext(router, x, o, d, RouterTrainingConfig(steps=30, batch_size=128, learning_rate=0.1,
+                                                                     sharpness=sharpness))
+        w = router.weights(x, o)
+        preferred[sharpness] = (int(np.argmax(w.mean(axis=0))), float(((w * d).sum(axis=1) > 0).mean()))
+    assert preferred[1.0][0] == 1 and preferred[10.0][0] == 0, preferred
+    assert preferred[10.0][1] > preferred[1.0][1] + 0.05, preferred
+
+
 # ---------------------------------------------------------------- the secure protocol
 
 
@@ -225,6 +248,19 @@ def test_secure_training_learns_objective_dependent_routing(secure_run) -> None:
         w_correct = router.weights(x[same], np.zeros(len(same), dtype=np.int64))
         w_style = router.weights(x[same], np.ones(len(same), dtype=np.int64))
         assert np.mean(np.abs(w_correct - w_style).sum(axis=1)) > 0.8
+
+
+def test_secure_training_with_sharpness_follows_the_plaintext_gradient(secret: ts.Context, tmp_path: Path) -> None:
+    x, o, d = scale_trap(4 * 128)
+    federation = make_federation(secret, d, tmp_path)
+    config = RouterTrainingConfig(steps=4, batch_size=128, learning_rate=0.1, sharpness=10.0)
+    result = federation.train(make_router(x, ("correctness",)), x, o, config, "sharp:router")
+    assert result.steps_taken == 4
+    for record, query in zip(result.history, federation.queries, strict=True):
+        router = exact_router(query.state)
+        fused = (router(x[record.items], o[record.items]) * torch.as_tensor(d[record.items])).sum(dim=1)
+        torch.nn.functional.softplus(-10.0 * fused).mean().backward()
+        assert np.max(np.abs(record.gradient - flatten_gradients(router))) < 1e-3
 
 
 def test_secure_releases_equal_the_exact_fused_values(secure_run) -> None:
