@@ -540,7 +540,8 @@ def bt_loss(fused_margins: np.ndarray) -> float:
 # the pairs every client gets right (most of them), so the router learnt no more than "avoid the
 # worst client": measured (plaintext, the clients' real margins, 15 steps of 96), the colour
 # specialist got 0.35 of the colour questions' weight at temperature 1 and 0.68 at 5 (shape and
-# presence specialists 0.78 / 0.94 and 0.76 / 0.90).
+# presence specialists 0.78 / 0.94 and 0.76 / 0.90). This fixes what the clients release (within R); the
+# server's loss then multiplies the fused margin by RouterTrainingConfig.sharpness (10 in the main job).
 MARGIN_TEMPERATURE = 5.0
 
 
