@@ -1,6 +1,7 @@
 """The Mixture-of-Rewards router, shared by the server and the clients.
 
-The router g(x, o) maps the public pooled prompt features x of an item and an
+The router g(x, o) maps public features x of an item (the server's choice, pinned at setup: the
+question family one-hot, or the pooled prompt features of the starting policy) and an
 alignment objective o to weights over the K clients' rewards:
 
     z = g_theta(x, o) in R^K,   w = w_min + (1 - K w_min) softmax(z),
@@ -50,6 +51,9 @@ Bradley-Terry loss L = -(1/B) sum_i log sigmoid(m_i),
 
     dL/dtheta = sum_k G_k,   G_k = sum_i c_i d_ik dw_ik/dtheta,   c_i = -(1/B) (1 - sigmoid(m_i)).
 
+(The server may take the loss of s m_i, s > 0: then c_i = -(1/B) sigmoid(-s m_i), clipped into the same
+range, and dL/dtheta = s sum_k G_k; server/router_training.py.)
+
 The coefficients c_i depend only on the fused margins (a normal fused release),
 so client k computes its own term G_k (`client_gradient_term`), encrypts it, and
 the key authority decrypts only the sum over clients. See
@@ -77,13 +81,16 @@ the summed parameter gradient P more. Hence:
 * The counting rule bounds the average exposure, not each item's: the most
   exposed margin of a batch (largest leverage, `coordinate_leverage`) measured
   0.77 for a linear gate on 6 standardised features (P = 37, B = 128, K = 3) and
-  0.96 for an MLP with H = 8 (P = 119), output weights of std 0.1. For the default
+  0.96 for an MLP with H = 8 (P = 119), output weights of std 0.1. For route-by prompt
   (linear gate on 32 PCA directions, two objectives, P = 119; B = 96,
   tests/test_router_privacy.py): 0.83-0.88 at a near-uniform router (output
   weights of std 0.01; least-squares recovery of the margins, std 2, with the
   release noise: median error 0.9-1.0), 0.95-0.98 at std 0.1, and 1.000 for a
   confident router (std 1.0): 43% of the batch's margins then come out within
-  0.1. Router training hides the margins of a confident router poorly, even
+  0.1. (Under the main job's route-by family, P = 32 and dw_ik/dtheta
+  is the same for every item of one family and objective, so a gradient release is a linear function of
+  each client's per-(family, objective) sums of c_i d_ik: it cannot single out one item of a group.)
+  Router training hides the margins of a confident router poorly, even
   from an honest server; it is confidentiality of a weak kind, bounded by the
   DP guarantee of the models below.
 * A deviating server's queries. Every client pins the public router parts and
@@ -149,7 +156,7 @@ class RouterQueryError(ValueError):
 class RouterConfig:
     """Shape of the gating network.
 
-    feature_dim: D, the width of the pooled prompt features;
+    feature_dim: D, the width of the router's input features (pooled prompt features or a family one-hot);
     objectives: the objective names, in embedding-row order;
     num_clients: K, the number of reward models (router columns, in client order);
     hidden: H, the hidden width (0: a linear router);
@@ -506,8 +513,8 @@ class RouterSetup:
 
     def validate(self, pairs: int) -> None:
         """A client's checks before it pins the setup: one finite feature row and a known objective
-        per calibration pair, and the public normalisation the features determine (whitened PCA,
-        `Router.fit_input_projection`), not one of the server's choosing."""
+        per calibration pair, and the public normalisation the features determine (whitened PCA, or
+        standardisation when input_dim is None: `Router.fit_input_projection`), not one of the server's choosing."""
         x, o = self.features, self.objective_ids
         if x.shape != (pairs, self.config.feature_dim) or o.shape != (pairs,) or not np.all(np.isfinite(x)):
             raise RouterQueryError(f"the router setup holds features {x.shape} and objectives {o.shape} for the "

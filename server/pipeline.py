@@ -435,11 +435,15 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
     report_path = run.path / SERVER_PARTY / "router.json"
     if path.exists():
         report = json.loads(report_path.read_text())
-        if report.get("features", "prompt") != features_of.kind:
-            raise AlignError(f"{path} is a router on {report.get('features', 'prompt')!r} features; this run asks for "
-                             f"route-by {features_of.kind!r}: use another --out")
+        trained = {"route-by": report.get("features", "prompt"), "router-sharpness": report.get("sharpness", 1.0)}
+        asked = {"route-by": features_of.kind, "router-sharpness": config.router.sharpness}
+        if trained != asked:
+            raise AlignError(f"{path} is a router trained with {trained}; this run asks for {asked}: use another --out")
         return Router.from_state(RouterState.from_bytes(path.read_bytes())), report
     pairs = calibration_set(data)
+    unseen = sorted(set(data.families) - set(pairs["family"]))
+    if unseen:  # the router would weigh their prompts with weights no pair trained
+        raise AlignError(f"the calibration set has no pair of the families {unseen}: raise calibration-pairs")
     log(f"router: features of {len(pairs)} calibration prompts")
     x = features_of(list(pairs["image"]), list(pairs["question"]), list(pairs["family"]))
     # A family one-hot is standardised, not projected: its centred columns have rank F - 1, and the PCA's
@@ -504,6 +508,7 @@ def train_router(transport: Transport, federation: Federation, run: RunDir, data
     report = {
         "run_id": run_id,
         "features": features_of.kind,
+        "sharpness": config.router.sharpness,
         "steps": result.steps_taken,
         "skipped": [r.skipped for r in result.history if r.skipped],
         "losses": result.losses,

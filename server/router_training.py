@@ -3,7 +3,8 @@
 Setup, once per key-authority context (before step 0): the server sends every client the
 `RouterSetup` (the router's configuration and public input normalisation, the public features
 and objective ids of every calibration pair); each client checks it (the normalisation must be
-the whitened PCA of those features) and pins it, and the server logs its digest (ledger
+the one those features determine: whitened PCA, or standardisation for the family one-hot) and
+pins it, and the server logs its digest (ledger
 `router_setup`). Every later gradient query must agree with it.
 
 Per router step t (batch of B calibration pairs, router parameters theta, P of them):
@@ -18,7 +19,8 @@ Per router step t (batch of B calibration pairs, router parameters theta, P of t
     authority -> server the authority fuses sum_k W[:, k] ct_k itself; signed release of the masked
                         values; logged in the ledger
     server              removes the masks: fused margins m (B values), clipped to [-R, R] (the
-                        release's own error); coefficients c_i = -(1/B)(1 - sigmoid(m_i))
+                        release's own error); coefficients c_i = -(1/B) sigmoid(-clip(s m_i, -R, R)), s the
+                        loss's sharpness (RouterTrainingConfig)
 
   round 2, summed gradient (purpose "router_gradient", P values)
     server -> clients   step t, fresh nonce n2, the round key, GradientQuery: RouterState (theta and
@@ -33,8 +35,8 @@ Per router step t (batch of B calibration pairs, router parameters theta, P of t
                         only the terms of the step's margin contributors, over the items of
                         their margins, answering one query
     authority -> server signed release of the masked sum; logged in the ledger
-    server              removes the masks: g = sum_k G_k = dL/dtheta (up to the release noise, ~1e-5
-                        per value); optimizer step
+    server              removes the masks: g = s sum_k G_k = dL/dtheta for L = mean softplus(-s m)
+                        (up to the release noise, ~1e-5 per value, times s); optimizer step
 
 Both rounds go through `server.secure_round.SecureRound`, as GRPO scoring does. So the
 server-side function only ever receives client reply bytes (ciphertexts of masked values
@@ -68,6 +70,7 @@ the authority refuse them): it needs a new context.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -131,7 +134,7 @@ class RouterTrainingConfig:
         if self.optimizer not in ("adam", "sgd"):
             raise RouterTrainingError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if (self.steps < 0 or self.batch_size < 1 or not self.learning_rate > 0 or not self.gradient_scale > 0
-                or not self.sharpness > 0):
+                or not 0 < self.sharpness < math.inf):
             raise RouterTrainingError(f"invalid router training settings: {self}")
         if self.gradient_scale > self.limits.max_scale:
             raise RouterTrainingError(f"gradient_scale {self.gradient_scale} exceeds what clients accept "

@@ -57,8 +57,10 @@ from secure_mor.server.pipeline import (
     align,
     connect,
     gated_families,
+    RouterInputs,
     prepare_data,
     prepare_policy,
+    train_router,
 )
 from secure_mor.server.reward import FederatedReward
 from secure_mor.server.router_training import RouterTrainingConfig
@@ -462,6 +464,19 @@ def test_unknown_fusion_and_objective_are_refused_before_any_work(tmp_path):
     with pytest.raises(AlignError, match="set ca-cert with registry"):  # a registry is trusted only through its CA
         align(LocalTransport({}), tmp_path, tiny(registry=str(tmp_path / "registry")), log=lambda m: None)
     assert not (tmp_path / "policy").exists()
+
+
+def test_a_router_trained_on_other_inputs_or_sharpness_is_not_reused(tmp_path):
+    server = tmp_path / "server"
+    server.mkdir()
+    (server / "router.npz").write_bytes(b"not read")
+    (server / "router.json").write_text(json.dumps({"features": "prompt", "sharpness": 10.0}))
+    family = RouterInputs("family", policy=None, families=("color", "shape"))
+    with pytest.raises(AlignError, match="'route-by': 'prompt'.*'route-by': 'family'"):
+        train_router(None, None, RunDir(tmp_path), None, family, AlignConfig(), log=lambda m: None)
+    (server / "router.json").write_text(json.dumps({"features": "family", "sharpness": 1.0}))
+    with pytest.raises(AlignError, match="'router-sharpness': 1.0.*'router-sharpness': 10.0"):
+        train_router(None, None, RunDir(tmp_path), None, family, AlignConfig(), log=lambda m: None)
 
 
 class Unanswered:
