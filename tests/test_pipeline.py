@@ -54,10 +54,10 @@ from secure_mor.server.grpo import GRPOSettings, run_grpo
 from secure_mor.server.pipeline import (
     AlignConfig,
     AlignError,
+    RouterInputs,
     align,
     connect,
     gated_families,
-    RouterInputs,
     prepare_data,
     prepare_policy,
     train_router,
