@@ -42,7 +42,8 @@ def above_chance(chance: float, n: int, z: float = 3.0) -> float:
 
 # What an image-blind model can reach on the held-out presence questions: most ask about an attribute
 # that is absent, so "no" to "is there X?" and "yes" to "is there not X?" is right 76.5 % of the time
-# here. A presence model must reach that question prior; image grounding is beyond it under DP (README).
+# here. A presence model must reach that question prior; image grounding is beyond this head, with or
+# without DP (README, the client table).
 PRESENCE_QUESTION_PRIOR = 0.765
 
 
