@@ -217,12 +217,15 @@ def policy_build(
 @policy_app.command("sft")
 def policy_sft(
     out: OutOption = Path("runs/demo"),
-    examples: Annotated[int, typer.Option(help="SFT examples, drawn evenly across question families.")] = 3000,
-    epochs: Annotated[float, typer.Option(help="Passes over those examples.")] = 8.0,
-    batch_size: Annotated[int, typer.Option(help="Per-step batch size.")] = 32,
-    learning_rate: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 5e-4,
+    examples: Annotated[int | None, typer.Option(help="SFT examples, drawn evenly across question families "
+                                                      "(default: the main job's, SFTSettings).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over those examples (default: the main job's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Per-step batch size (default: the main job's).")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate, cosine schedule (default: the "
+                                                              "main job's).")] = None,
 ) -> None:
-    """Supervised warm start (TRL SFTTrainer) of RUN/policy/base into RUN/policy/sft."""
+    """Supervised warm start (TRL SFTTrainer) of RUN/policy/base into RUN/policy/sft; what is not given is the
+    main job's setting (`SFTSettings`)."""
     _quiet_libraries()
     from secure_mor.policy import SFTSettings, run_sft
     from secure_mor.vlm import load_policy, save_policy
@@ -233,9 +236,8 @@ def policy_sft(
     spec = _run_data_spec(run)
     data = _load_data(spec)
     model, processor = load_policy(run.base_policy)
-    settings = SFTSettings(
-        examples=examples, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=spec.split.seed
-    )
+    given = {"examples": examples, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate}
+    settings = SFTSettings(seed=spec.split.seed, **{k: v for k, v in given.items() if v is not None})
     started = time.perf_counter()
     with progress_bar(console) as progress:
         task = progress.add_task("SFT", total=None)
@@ -367,7 +369,8 @@ def print_results(results: dict[str, Any]) -> None:
     grpo = results["grpo"]
     if grpo.get("selected"):
         kept = grpo["selected"]
-        console.print(f"GRPO rewarded the families {', '.join(grpo['families'])}; the aligned policy is step "
+        style = f" (style only: {', '.join(grpo['style_only'])})" if grpo.get("style_only") else ""
+        console.print(f"GRPO rewarded the families {', '.join(grpo['families'])}{style}; the aligned policy is step "
                       f"{kept['step']}{' (the SFT start)' if kept['step'] == 0 else ''}, the best on the server's "
                       f"validation questions ({kept['metric']} {kept['value']:.3f})")
     rounds = f", {grpo['rounds']} scoring rounds ({grpo['skipped_rounds']} skipped)" if "rounds" in grpo else ""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from secure_mor.data import ordered_families
+from secure_mor.data import is_sentence, ordered_families
 from secure_mor.ranking import top1 as top1_of
 from secure_mor.routing import Router
 from secure_mor.server.router import parse_fusion, weights_for
@@ -47,6 +47,10 @@ class FederatedReward:
         # The families whose answers are scored (None: all); the others' completions all get 0, so their
         # advantage is 0 and only the KL term acts on them (AlignConfig.family_gate, gated_families).
         self.families: list[str] | None = None
+        # family -> style -> reward: families rewarded by the fused reward's style level alone (measured with
+        # the answer prior, `style_levels`), whatever the answer; nothing of theirs is sent to the clients
+        # (AlignConfig.family_gate for an objective with a style, style_only_families).
+        self.style_only: dict[str, dict[str, float]] = {}
 
     def learn_answer_prior(self, labelled: Any, per_family: int, seed: int, batch: int = 128) -> dict[str, Any]:
         """The fused reward's preference for each answer whatever the image, which `__call__` subtracts.
@@ -58,10 +62,11 @@ class FederatedReward:
         in the same style, averaged over styles: what the reward pays for it whatever the image (with
         the true answers balanced, a reward without answer prior, the oracle's, gets offsets 0).
         Subtracting it leaves the image-dependent part of the reward and the style preference (one level
-        per style). The offsets are shrunk per family by the factor in ANSWER_PRIOR_SHRINKAGE under
-        which the corrected fused reward ranks the true answer first most often on those questions
-        (ties: the smaller factor), as the released values show: a correction must not reorder answers
-        the reward tells apart. Measured on easy-VQA at epsilon 4: the fused reward paid "rectangle"
+        per style, reported as `style_levels`: a style's mean fused reward above the family's mean). The
+        offsets are shrunk per family by the factor in ANSWER_PRIOR_SHRINKAGE under which the corrected
+        fused reward ranks the true answer first most often on those questions (ties: the smaller
+        factor), as the released values show: a correction must not reorder answers the reward tells
+        apart. Measured on easy-VQA at epsilon 4: the fused reward paid "rectangle"
         0.47 and "triangle" -0.64 above the mean on every shape question, and the policy, which cannot
         tell shapes apart, answered "rectangle" to 190 of 200 after GRPO; the full correction made it
         answer "red" to brown (the colour model's "brown" offset, +0.76, is larger than its margin)."""
@@ -103,7 +108,9 @@ class FederatedReward:
             top1 = {lam: top1_of((r - lam * offset[None, :, None]).max(-1), truth) for lam in ANSWER_PRIOR_SHRINKAGE}
             lam = max(ANSWER_PRIOR_SHRINKAGE, key=lambda x: (round(top1[x], 9), -x))
             self.answer_prior[f] = {a: float(lam * o) for a, o in zip(self.answers[f], offset, strict=True)}
+            levels = r.mean((0, 1)) - r.mean()
             report["families"][f] = {"questions": len(questions), "shrinkage": lam, "offsets": self.answer_prior[f],
+                                     "style_levels": {s: float(v) for s, v in zip(ANSWER_STYLES, levels, strict=True)},
                                      "fused_top1": {str(x): v for x, v in top1.items()},
                                      "rows": [int(i) for i in questions]}
         return report
@@ -135,9 +142,11 @@ class FederatedReward:
         answers = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
         words = [extract_answer(a, f, self.answers) for a, f in zip(answers, family, strict=True)]
         trained = [self.families is None or f in self.families for f in family]
-        scored = [i for i, word in enumerate(words) if word and trained[i]]
+        styled = {i: self._style_reward(family[i], answers[i], bool(words[i]))
+                  for i in range(len(answers)) if trained[i] and family[i] in self.style_only}
+        scored = [i for i, word in enumerate(words) if word and trained[i] and i not in styled]
         if not scored:
-            return [0.0] * len(answers)
+            return [styled.get(i, 0.0) for i in range(len(answers))]
 
         def pick(values: Sequence[Any]) -> list[Any]:
             return [values[i] for i in scored]
@@ -155,4 +164,13 @@ class FederatedReward:
         worst: dict[str, float] = {}
         for i, value in fused.items():
             worst[prompt[i]] = min(value, worst.get(prompt[i], value))
-        return [fused.get(i, worst.get(prompt[i], 0.0)) if trained[i] else 0.0 for i in range(len(answers))]
+        return [styled[i] if i in styled else fused.get(i, worst.get(prompt[i], 0.0)) if trained[i] else 0.0
+                for i in range(len(answers))]
+
+    def _style_reward(self, family: str, answer: str, names_an_answer: bool) -> float:
+        """A style-only family's reward: its style level; a completion naming no answer gets the lowest level
+        (as elsewhere, the worst an answer can get)."""
+        levels = self.style_only[family]
+        if not names_an_answer:
+            return min(levels.values())
+        return levels["sentence" if is_sentence(answer) else "word"]

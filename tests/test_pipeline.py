@@ -60,6 +60,7 @@ from secure_mor.server.pipeline import (
     gated_families,
     prepare_data,
     prepare_policy,
+    style_only_families,
     train_router,
 )
 from secure_mor.server.reward import FederatedReward
@@ -271,6 +272,17 @@ def test_dropouts_late_replies_and_k_min(tiny_run):
     assert skipped["kind"] == KIND_STEP_SKIPPED and skipped["party"] == SERVER_PARTY
     assert skipped["details"]["present"] == ["client-0"] and skipped["details"]["run_id"] == "below-k-min"
     assert verify_ledger(run / "ledger.jsonl", read_registry(run / "keys")).ok
+
+
+def test_on_sentences_the_families_left_out_by_the_gate_get_the_style_alone(tiny_run):
+    run, _, _ = tiny_run
+    results = align(LocalTransport(nodes_of(run, "sentences")), run,
+                    tiny(objective="sentences", answer_prior_questions=3), log=lambda m: None)
+    prior = results["answer_prior"]
+    assert all(set(f["style_levels"]) == {"word", "sentence"} for f in prior["families"].values())
+    assert results["grpo"]["style_only"] == sorted(set(prior["families"]) - set(gated_families(prior)))
+    assert results["grpo"]["families"] == ["color", "shape", "presence"]  # every family: answers or style
+    assert results["grpo"]["selected"]["metric"] == "validation_score"
 
 
 def test_the_key_authoritys_w_min_is_the_one_floor(tiny_run):
@@ -692,6 +704,8 @@ def test_the_answer_prior_is_what_the_reward_pays_whatever_the_image_and_is_take
     centre = np.mean([bias[a] for a in answers["shape"]])  # the true answers are balanced: the bonus is level
     assert all(abs(shape["offsets"][a] - 0.5 * (bias[a] - centre)) < 1e-9 for a in answers["shape"])
     assert presence["offsets"] == {"no": 0.0, "yes": 0.0}
+    # the style level: a sentence is paid 0.5 above its one-word twin, so +-0.25 around the family's mean
+    assert shape["style_levels"] == pytest.approx({"word": -0.25, "sentence": 0.25})
 
     # GRPO's rewards: the prior is gone, the style level and the image-dependent part stay
     q = questions["shape"]
@@ -723,6 +737,18 @@ def test_grpo_rewards_only_where_the_reward_ranks_better_than_the_policy_answers
     values = reward(None, completions, [image] * 4, questions, ["shape", "shape", "presence", "presence"],
                     ["public/0"] * 2 + ["public/1"] * 2)
     assert values == [0.0, 0.0, 2.0, 1.0] and session.released == 2
+
+    # an objective with a style: the families left out get the fused reward's style level alone, unscored
+    prior["families"]["shape"]["style_levels"] = {"word": -0.1, "sentence": 0.3}
+    prior["families"]["color"]["style_levels"] = {"word": 0.0, "sentence": 0.0}
+    assert style_only_families(prior) == {"color": {"word": 0.0, "sentence": 0.0},
+                                          "shape": {"word": -0.1, "sentence": 0.3}}
+    reward.families, reward.style_only = None, style_only_families(prior)
+    texts = ["circle", "The shape is a triangle.", ".", "yes"]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    values = reward(None, completions, [image] * 4, questions, ["shape", "shape", "shape", "presence"],
+                    ["public/0"] * 3 + ["public/1"])
+    assert values == [-0.1, 0.3, -0.1, 2.0] and session.released == 3  # only the presence answer was sent
 
 
 def test_the_sentences_objective_is_refused_on_a_dataset_whose_answers_are_sentences(tmp_path):
