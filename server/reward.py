@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 ANSWER_PRIOR_SHRINKAGE = (0.0, 0.25, 0.5, 0.75, 1.0)  # the factors learn_answer_prior chooses from
 
 
+def prompt_key(image_id: str, question: str) -> str:
+    """One GRPO prompt: an image and a question."""
+    return f"{image_id}\0{question}"
+
+
 class FederatedReward:
     """TRL reward function: the router-fused, encrypted clients' reward of each completion,
     decrypted by the key authority (see `server.session`). None for a skipped round.
@@ -51,6 +56,9 @@ class FederatedReward:
         # the answer prior, `style_levels`), whatever the answer; nothing of theirs is sent to the clients
         # (AlignConfig.family_gate for an objective with a style, style_only_families).
         self.style_only: dict[str, dict[str, float]] = {}
+        # prompt key -> the SFT policy's own answer word: a style-only family's style is paid only to it
+        # (pipeline.reference_answers); a prompt without one pays any answer.
+        self.reference_answers: dict[str, str] = {}
 
     def learn_answer_prior(self, labelled: Any, per_family: int, seed: int, batch: int = 128) -> dict[str, Any]:
         """The fused reward's preference for each answer whatever the image, which `__call__` subtracts.
@@ -124,7 +132,7 @@ class FederatedReward:
         # One row per prompt for the run, computed once and alone: the key authority refuses a prompt
         # under a second row, and features computed in batches of other sizes differ in float32 rounding
         # (measured ~1e-7, above its tolerance).
-        keys = [f"{i}\0{q}" for i, q in zip(image_ids, questions, strict=True)]
+        keys = [prompt_key(i, q) for i, q in zip(image_ids, questions, strict=True)]
         objective = np.array([self.router.config.objective_id(self.config.objective)])
         for j, key in enumerate(keys):
             if key not in self.rows:
@@ -142,7 +150,8 @@ class FederatedReward:
         answers = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
         words = [extract_answer(a, f, self.answers) for a, f in zip(answers, family, strict=True)]
         trained = [self.families is None or f in self.families for f in family]
-        styled = {i: self._style_reward(family[i], answers[i], bool(words[i]))
+        prompt = [prompt_key(i, q) for i, q in zip(image_id, question, strict=True)]
+        styled = {i: self._style_reward(family[i], answers[i], words[i], self.reference_answers.get(prompt[i]))
                   for i in range(len(answers)) if trained[i] and family[i] in self.style_only}
         scored = [i for i, word in enumerate(words) if word and trained[i] and i not in styled]
         if not scored:
@@ -160,17 +169,16 @@ class FederatedReward:
             return [None] * len(answers)
         fused = {i: float(v) - self.answer_prior.get(family[i], {}).get(words[i], 0.0)
                  for i, v in zip(scored, values, strict=True)}
-        prompt = [f"{i}\0{q}" for i, q in zip(image_id, question, strict=True)]
         worst: dict[str, float] = {}
         for i, value in fused.items():
             worst[prompt[i]] = min(value, worst.get(prompt[i], value))
         return [styled[i] if i in styled else fused.get(i, worst.get(prompt[i], 0.0)) if trained[i] else 0.0
                 for i in range(len(answers))]
 
-    def _style_reward(self, family: str, answer: str, names_an_answer: bool) -> float:
-        """A style-only family's reward: its style level; a completion naming no answer gets the lowest level
-        (as elsewhere, the worst an answer can get)."""
+    def _style_reward(self, family: str, answer: str, word: str, reference: str | None) -> float:
+        """A style-only family's reward: its style level for the reference answer (any answer where there is
+        none); another answer, or none, gets the lowest level (as elsewhere, the worst an answer can get)."""
         levels = self.style_only[family]
-        if not names_an_answer:
+        if not word or (reference is not None and word != reference):
             return min(levels.values())
         return levels["sentence" if is_sentence(answer) else "word"]

@@ -63,7 +63,7 @@ from secure_mor.server.pipeline import (
     style_only_families,
     train_router,
 )
-from secure_mor.server.reward import FederatedReward
+from secure_mor.server.reward import FederatedReward, prompt_key
 from secure_mor.server.router_training import RouterTrainingConfig
 from secure_mor.server.secure_round import RoundRefused
 from secure_mor.server.session import SecureSession
@@ -749,6 +749,12 @@ def test_grpo_rewards_only_where_the_reward_ranks_better_than_the_policy_answers
     values = reward(None, completions, [image] * 4, questions, ["shape", "shape", "shape", "presence"],
                     ["public/0"] * 3 + ["public/1"])
     assert values == [-0.1, 0.3, -0.1, 2.0] and session.released == 3  # only the presence answer was sent
+    # with the SFT policy's own answer to the prompt, the style is paid to that answer only
+    reward.reference_answers = {prompt_key("public/0", questions[0]): "circle"}
+    texts = ["The shape is a circle.", "The shape is a triangle.", "circle"]
+    values = reward(None, [[{"role": "assistant", "content": t}] for t in texts], [image] * 3, questions[:1] * 3,
+                    ["shape"] * 3, ["public/0"] * 3)
+    assert values == [0.3, -0.1, -0.1]
 
 
 def test_the_sentences_objective_is_refused_on_a_dataset_whose_answers_are_sentences(tmp_path):
