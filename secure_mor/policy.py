@@ -14,8 +14,8 @@ The warm start has two phases, both on the server's own labelled slice:
    A share of the completions are sentences ("The color is red."), so the policy can
    write both styles and the `sentences` objective has something to reinforce.
 
-The SFT is deliberately short: the policy answers part of the held-out questions
-wrongly, so alignment has room to improve it.
+SFT runs until the policy stops gaining on held-out questions (SFTSettings): GRPO is measured
+against the best policy the server's own labels give, not against an under-trained one.
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ class SFTSettings:
     built here never gets one); sentence_rate: share of SFT completions written as a sentence.
     """
 
-    # 2,700 of the server's labelled questions, 6 epochs: converged. Measured (held-out, seeds 0 / 1 / 2): 900 x 6
-    # (the default until session 7) gave 0.775 / 0.608 / 0.658; 2,700 x 6 gives 0.870 / 0.902 / 0.877 (shape
-    # 0.85-0.87 on every seed; 254-281 s on one thread, beside the clients' longer DP training); 900 x 12 gave
-    # 0.848 (seed 0). From this start GRPO lifts nothing, even with the oracle reward (README, "The main job").
+    # 2,700 of the server's labelled questions, 12 epochs. Measured (held-out, seeds 0 / 1 / 2): 900 x 6 (the default
+    # until session 7) gave 0.775 / 0.608 / 0.658; 2,700 x 6 (until session 13) 0.898 / 0.897 / 0.903 with presence
+    # under-fitted (the SFT questions' own presence answers 0.68 right where a shape is asked); 2,700 x 12 gives
+    # 0.917 / 0.928 / 0.907 (presence 0.815 / 0.84 / 0.795), 2,700 x 24 0.913 (seed 0). README, "Policy".
     examples: int = 2700
-    epochs: float = 6.0
+    epochs: float = 12.0
     batch_size: int = 32
     learning_rate: float = 5e-4
     sentence_rate: float = 0.25
