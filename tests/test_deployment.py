@@ -137,6 +137,11 @@ def test_stop_also_ends_the_deployments_orphans(tmp_path):
     deployment = LocalDeployment(tmp_path, num_clients=1)
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "client-0" / "flwr-home")}
     subprocess.run(["sh", "-c", "sleep 600 >/dev/null 2>&1 &"], env=env, check=True)  # the shell exits: an orphan
+    # the orphan may still be mid-exec when the shell returns (its /proc entry then shows no command
+    # line or environment: CI once saw none), so wait until it is the sleep it will be
+    deadline = time.monotonic() + 30.0
+    while not _processes_of(tmp_path, "sleep 600") and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _processes_of(tmp_path, "sleep 600")
     deployment.stop()
     assert not _processes_of(tmp_path)
