@@ -87,17 +87,23 @@ def train(
     pairs_per_client: int | None = None,
     num_clients: int | None = None,
     passphrase_env: Annotated[str | None, typer.Option(help="env var holding the key passphrase")] = None,
+    public_epochs: Annotated[
+        int | None, typer.Option(help="a new client's public warm-start passes; 0: none (default: PUBLIC_WARM_START)")
+    ] = None,
 ) -> None:
-    """Train (or continue training) one client's reward model under its budget."""
+    """Train (or continue training) one client's reward model under its budget. A new client first
+    warm-starts on the split's public questions, as a client node does (no budget: public data)."""
     from secure_mor.clients.client import ClientConfig, train_client
     from secure_mor.clients.models import DEFAULT_ARCHS
     from secure_mor.clients.training import BudgetExceeded, default_train_config
-    from secure_mor.data import build_federated_data
+    from secure_mor.data import build_federated_data, public_annotations
 
     stored = _stored(out, client)
     given = {"seed": seed, "skew": skew, "pairs_per_client": pairs_per_client, "num_clients": num_clients}
     base_split = dict(stored.split) if stored else SPLIT_DEFAULTS
     split = {k: base_split[k] if v is None else v for k, v in given.items()}
+    if public_epochs is not None and public_epochs < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--public-epochs")
     if not 0 <= client < split["num_clients"]:
         raise typer.BadParameter(f"client must be in [0, {split['num_clients']})", param_hint="--client")
     with console.status("building the federated split"):
@@ -137,8 +143,10 @@ def train(
     with progress_bar(console) as bar:
         progress = training_task(bar, f"client-{client} ({config.arch})")
         try:
+            public = public_annotations(data, config.style, seed=split["seed"]) if public_epochs != 0 else None
             trained, result = train_client(
-                out, config, data.clients[client], train_config, _passphrase(passphrase_env), progress
+                out, config, data.clients[client], train_config, _passphrase(passphrase_env), progress,
+                public=public, public_epochs=public_epochs,
             )
         except BudgetExceeded as err:
             console.print(f"[red]refused:[/red] {err}")

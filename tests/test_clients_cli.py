@@ -14,7 +14,8 @@ from secure_mor.clients.training import ARCH_TRAIN_DEFAULTS, default_train_confi
 from secure_mor.crypto.signing import read_registry
 
 torch.set_num_threads(1)
-TINY = ["--pairs-per-client", "64", "--epochs", "2", "--batch-size", "16", "--accountant", "rdp"]
+TINY = ["--pairs-per-client", "64", "--epochs", "2", "--batch-size", "16", "--accountant", "rdp",
+        "--public-epochs", "1"]
 
 
 def test_train_then_eval_writes_the_run_directory(tmp_path):
@@ -47,6 +48,8 @@ def test_train_then_eval_writes_the_run_directory(tmp_path):
     assert all(set(v) == {"color", "shape", "presence"} and all(0 <= x <= 1 for x in v.values())
                for v in metrics["evaluation"].values())
     assert len(metrics["runs"]) == 1 and metrics["runs"][0]["noise_multiplier"] > 0
+    # a new client warm-starts on the public questions first, as a client node does
+    assert metrics["public_warm_start"]["epochs"] == 1 and metrics["public_warm_start"]["annotations"] > 0
 
 
 def test_train_options_left_out_take_the_architecture_defaults(tmp_path, monkeypatch):
@@ -54,7 +57,7 @@ def test_train_options_left_out_take_the_architecture_defaults(tmp_path, monkeyp
     vit = {**ARCH_TRAIN_DEFAULTS["vit-xattn"], "batch_size": 24, "lr": 0.02}
     monkeypatch.setitem(ARCH_TRAIN_DEFAULTS, "vit-xattn", vit)
     out = str(tmp_path)
-    small = ["--pairs-per-client", "48", "--epochs", "1", "--accountant", "rdp"]
+    small = ["--pairs-per-client", "48", "--epochs", "1", "--accountant", "rdp", "--public-epochs", "0"]
     result = CliRunner().invoke(client_app, ["train", "--client", "1", "--out", out, *small])  # client 1: vit-xattn
     assert result.exit_code == 0, result.output
     expected = default_train_config("vit-xattn", 4.0, epochs=1, accountant="rdp")
@@ -63,3 +66,4 @@ def test_train_options_left_out_take_the_architecture_defaults(tmp_path, monkeyp
     metrics = json.loads((tmp_path / "clients" / "client-1" / "metrics.json").read_text())
     assert metrics["runs"][0]["config"] == asdict(expected)
     assert metrics["runs"][0]["steps"] == 2  # 48 pairs, expected batch 24
+    assert "public_warm_start" not in metrics  # --public-epochs 0: none
