@@ -143,7 +143,8 @@ def train(
     with progress_bar(console) as bar:
         progress = training_task(bar, f"client-{client} ({config.arch})")
         try:
-            public = public_annotations(data, config.style, seed=split["seed"]) if public_epochs != 0 else None
+            public = None if public_epochs == 0 else public_annotations(data, config.style, config.family,
+                                                                          seed=split["seed"])
             trained, result = train_client(
                 out, config, data.clients[client], train_config, _passphrase(passphrase_env), progress,
                 public=public, public_epochs=public_epochs,

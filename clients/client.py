@@ -250,12 +250,12 @@ class RewardClient:
         """Non-private training on public annotations (`data.public_annotations`) before any private
         run. It spends no budget (public data), so nothing goes to the privacy state or the ledger;
         metrics.json records it, and the first DP run's ledger entry says the model started from it."""
-        from secure_mor.clients.training import PUBLIC_WARM_START
+        from secure_mor.clients.training import public_warm_start_config
 
         if self.privacy.history or self.privacy.non_private:
             raise ClientError(f"{self.party} has trained on private data already: a warm start comes first")
-        settings = {**PUBLIC_WARM_START, **({} if epochs is None else {"epochs": epochs})}
-        config = TrainConfig(epsilon=math.inf, seed=seed, **settings)
+        config = public_warm_start_config(self.config.arch, seed, epochs)
+        settings = {"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr}
         public_data = PrivacyState(Budget(math.inf, self.privacy.budget.delta))  # no budget: the client's is untouched
         result = train_reward_model(self.model, encode_annotations(public, self.encoder), config, public_data, progress)
         self.public_warm_start = {"annotations": len(public), **settings, "seconds": round(result.seconds, 1)}

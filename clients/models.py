@@ -294,18 +294,22 @@ class VitCrossAttentionReward(nn.Module):
 
 class FrozenFeatureReward(nn.Module):
     """Head on frozen features: MiniLM features of question and answer, and
-    `shape_features` of the image; context = [image, question, MLP(image, question)]
-    (the MLP adds the image x question interactions that yes/no questions need)."""
+    `shape_features` of the image; context = [image, question, MLP(image, question)].
+    The MLP adds the image x question interactions that yes/no questions need: "is there
+    a red shape?" is answered by comparing the asked colour with the image's, which one
+    layer of 16 units never learned (presence answered from the question alone, image
+    dependence 0.01-0.07 at any data size); two layers of 64 learn it from the public
+    warm start (training.PUBLIC_WARM_START)."""
 
-    def __init__(self, text_dim: int, dim: int = 16) -> None:
+    def __init__(self, text_dim: int, dim: int = 64) -> None:
         super().__init__()
         features = SHAPE_FEATURES + text_dim
-        self.mix = nn.Linear(features, dim)
+        self.mix = nn.Sequential(nn.Linear(features, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU())
         self.head = BilinearHead(features + dim, text_dim)
 
     def forward(self, image: torch.Tensor, question: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
         inputs = torch.cat([shape_features(image), question], -1)
-        return self.head(torch.cat([inputs, torch.relu(self.mix(inputs))], -1), answers)
+        return self.head(torch.cat([inputs, self.mix(inputs)], -1), answers)
 
 
 # ------------------------------------------------------------------ registry

@@ -272,7 +272,8 @@ class ClientNode:
             overrides = request.training.overrides()
             public_epochs = overrides.pop("public_epochs", None)  # None: the default; 0: no public warm start
             train_config = default_train_config(config.arch, epsilon, delta=delta, seed=spec.split.seed, **overrides)
-            public = public_annotations(data, config.style, seed=spec.split.seed) if public_epochs != 0 else None
+            public = None if public_epochs == 0 else public_annotations(data, config.style, config.family,
+                                                                          seed=spec.split.seed)
             client, _ = train_client(self.state_dir, config, annotations, train_config, key_dir=self._key_dir(),
                                      public=public, public_epochs=public_epochs)
             self._loaded, self._margins, reused = client, None, False

@@ -33,12 +33,11 @@ def run_empirical_audit(config: EmpiricalAuditConfig, run_dir: Path | str | None
 
     from secure_mor.clients.models import architecture
     from secure_mor.clients.training import (
-        PUBLIC_WARM_START,
         PrivacyState,
-        TrainConfig,
         candidate_rewards,
         default_train_config,
         encode_annotations,
+        public_warm_start_config,
         train_reward_model,
     )
     from secure_mor.config import DataSpec, RunDir
@@ -59,8 +58,8 @@ def run_empirical_audit(config: EmpiricalAuditConfig, run_dir: Path | str | None
 
     # The client's own procedure: a public warm start (no budget), then DP-SGD on its annotations.
     train = dict(config.train)
-    public_epochs = train.pop("public_epochs", PUBLIC_WARM_START["epochs"])
-    public = public_annotations(data, own.style, seed=config.seed) if public_epochs else None
+    public_epochs = train.pop("public_epochs", None)  # None: the architecture's (PUBLIC_WARM_START)
+    public = public_annotations(data, own.style, own.family, seed=config.seed) if public_epochs != 0 else None
     arch = architecture(config.arch)
     texts = [t for rows in (regular, canaries, public) if rows is not None
              for t in [*rows["question"], *rows["chosen_text"], *(x for xs in rows["rejected_texts"] for x in xs)]]
@@ -72,7 +71,7 @@ def run_empirical_audit(config: EmpiricalAuditConfig, run_dir: Path | str | None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Opacus' secure-RNG and RDP-order hints
         if public is not None:
-            warm = TrainConfig(epsilon=math.inf, seed=config.seed, **{**PUBLIC_WARM_START, "epochs": public_epochs})
+            warm = public_warm_start_config(config.arch, config.seed, public_epochs)
             public_data = PrivacyState(Budget(math.inf, config.delta))  # public data: no budget
             train_reward_model(model, encode_annotations(public, encoder), warm, public_data)
         result = train_reward_model(model, encode_annotations(train_rows, encoder), train_config, privacy, progress)

@@ -21,11 +21,11 @@ from secure_mor.clients.models import ARCHITECTURES, DEFAULT_ARCHS, architecture
 from secure_mor.clients.training import (
     ARCH_TRAIN_DEFAULTS,
     GRAD_SAMPLE_MODES,
-    PUBLIC_WARM_START,
     PrivacyState,
     TrainConfig,
     default_train_config,
     encode_annotations,
+    public_warm_start_config,
     train_reward_model,
 )
 from secure_mor.data import SplitConfig, build_federated_data, public_annotations
@@ -42,8 +42,8 @@ def above_chance(chance: float, n: int, z: float = 3.0) -> float:
 
 # What an image-blind model can reach on the held-out presence questions: most ask about an attribute
 # that is absent, so "no" to "is there X?" and "yes" to "is there not X?" is right 76.5 % of the time
-# here. A presence model must reach that question prior; image grounding is beyond this head, with or
-# without DP (README, the client table).
+# here. The presence model must beat that prior by comparing the image with the question (until session
+# 14 its head did not: top-1 0.725, image dependence 0.07 at seed 0).
 PRESENCE_QUESTION_PRIOR = 0.765
 
 
@@ -57,24 +57,24 @@ def texts_of(annotations) -> list[str]:
             *(t for texts in annotations["rejected_texts"] for t in texts)]
 
 
-def _own_family_top1(data, arch_name: str, config: TrainConfig) -> tuple[float, float, float]:
+def _own_family_top1(data, arch_name: str, config: TrainConfig) -> tuple[float, float, float, float]:
     """Train `arch_name` as the client it is the default of trains it (public warm start, then DP-SGD on
     its annotations); its held-out top-1 on that client's family (rewards clipped as released), the
-    chance level there, and the run's epsilon."""
+    chance level there, the run's epsilon and the family's image dependence."""
     client = DEFAULT_ARCHS.index(arch_name)
     arch = architecture(arch_name)
     annotations = data.clients[client]
     family, style = data.config.clients[client].family, data.config.clients[client].style
-    public = public_annotations(data, style, seed=config.seed)
+    public = public_annotations(data, style, family, seed=config.seed)
     encoder = arch.build_encoder(texts_of(annotations) + texts_of(public))
     torch.manual_seed(config.seed)
     model = arch.build_model(encoder)
-    warm = TrainConfig(epsilon=math.inf, seed=config.seed, **PUBLIC_WARM_START)
+    warm = public_warm_start_config(arch_name, config.seed)
     train_reward_model(model, encode_annotations(public, encoder), warm, PrivacyState(Budget(math.inf, 1e-5)))
     result = train_reward_model(model, encode_annotations(annotations, encoder), config,
                                 PrivacyState(Budget(8.0, 1e-5)))
-    top1 = evaluate_model(model, encoder, data, style, clip=5.0)["top1"][family]
-    return top1, 1 / len(data.answers[family]), result.epsilon
+    measures = evaluate_model(model, encoder, data, style, clip=5.0)
+    return measures["top1"][family], 1 / len(data.answers[family]), result.epsilon, measures["image_dependence"][family]
 
 
 def test_default_train_config_applies_the_architecture_defaults(monkeypatch):
@@ -112,11 +112,13 @@ def test_an_empty_poisson_batch_still_takes_a_noisy_step(data, mode):
     assert result.steps == 64 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_frozen_feature_head_ranks_presence_answers_above_chance_at_epsilon_4(data):
+def test_frozen_feature_head_answers_presence_from_the_image_at_epsilon_4(data):
+    """The issue's target (presence >= 0.75), above the question prior, and image-grounded: its best answer
+    changes with the image (an image-blind model: never)."""
     config = default_train_config("minilm-head", 4.0, accountant="rdp")
-    top1, chance, epsilon = _own_family_top1(data, "minilm-head", config)
+    top1, _, epsilon, dependence = _own_family_top1(data, "minilm-head", config)
     assert epsilon <= 4.0 + 0.01
-    assert top1 >= above_chance(chance, 200)  # 0.725 at seed 0; the question prior alone: PRESENCE_QUESTION_PRIOR
+    assert top1 >= max(0.75, PRESENCE_QUESTION_PRIOR + 0.03) and dependence >= 0.1, (top1, dependence)
 
 
 @pytest.mark.slow
@@ -124,6 +126,6 @@ def test_frozen_feature_head_ranks_presence_answers_above_chance_at_epsilon_4(da
 def test_image_models_rank_their_familys_answers_at_epsilon_4(data, arch, target):
     """The issue's targets (colour >= 0.5, shape >= 0.55; measured at seed 0: 0.97, 0.755), and above
     chance by three standard errors."""
-    top1, chance, epsilon = _own_family_top1(data, arch, default_train_config(arch, 4.0))
+    top1, chance, epsilon, _ = _own_family_top1(data, arch, default_train_config(arch, 4.0))
     assert epsilon <= 4.0 + 0.01 and math.isfinite(epsilon)
     assert top1 >= max(target, above_chance(chance, 200))
