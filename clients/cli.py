@@ -92,7 +92,7 @@ def train(
     ] = None,
 ) -> None:
     """Train (or continue training) one client's reward model under its budget. A new client first
-    warm-starts on the split's public questions, as a client node does (no budget: public data)."""
+    warm-starts on the split's public questions of its family, as a client node does (no budget: public data)."""
     from secure_mor.clients.client import ClientConfig, train_client
     from secure_mor.clients.models import DEFAULT_ARCHS
     from secure_mor.clients.training import BudgetExceeded, default_train_config
