@@ -96,7 +96,7 @@ def train(
     from secure_mor.clients.client import ClientConfig, train_client
     from secure_mor.clients.models import DEFAULT_ARCHS
     from secure_mor.clients.training import BudgetExceeded, default_train_config
-    from secure_mor.data import build_federated_data, public_annotations
+    from secure_mor.data import DatasetError, build_federated_data, public_annotations
 
     stored = _stored(out, client)
     given = {"seed": seed, "skew": skew, "pairs_per_client": pairs_per_client, "num_clients": num_clients}
@@ -143,14 +143,18 @@ def train(
     with progress_bar(console) as bar:
         progress = training_task(bar, f"client-{client} ({config.arch})")
         try:
-            public = None if public_epochs == 0 else public_annotations(data, config.style, config.family,
-                                                                          seed=split["seed"])
+            # only a new client warm-starts (train_client); a stored one continues from its own state
+            public = None if public_epochs == 0 or stored else public_annotations(data, config.style, config.family,
+                                                                                    seed=split["seed"])
             trained, result = train_client(
                 out, config, data.clients[client], train_config, _passphrase(passphrase_env), progress,
                 public=public, public_epochs=public_epochs,
             )
         except BudgetExceeded as err:
             console.print(f"[red]refused:[/red] {err}")
+            raise typer.Exit(2) from err
+        except DatasetError as err:  # e.g. no public questions of the client's family; nothing was written
+            console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(2) from err
     budget = trained.privacy.budget.epsilon
     spent = f"epsilon {result.epsilon:.3f} this run, total {result.total_epsilon:.3f} of {budget:g}"
