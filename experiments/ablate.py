@@ -13,9 +13,9 @@ the ceiling the alignment stage can reach from the same SFT start. Layout under 
                           (once), align/<fusion>[-<objective>]/results.json per cell, and
                           audits/empirical-*.json: a one-run empirical privacy audit of
                           client-0's training procedure at (epsilon E, seed S)
-    results.csv           one row per finished cell, one "sft" row and one "oracle" row per
-                          (seed, objective); the audit's columns (audit_*) on every row of its
-                          (seed, epsilon)
+    results.csv           one row per finished cell under OUT (earlier invocations' too), one
+                          "sft" row and one "oracle" row per (seed, objective); the audit's
+                          columns (audit_*) on every row of its (seed, epsilon)
     summary.md            mean +- sd over seeds of every fusion's accuracy, per family, and style
     policy_accuracy.png   held-out accuracy per fusion and epsilon, one panel per objective
     style.png             share of full-sentence answers, per fusion, one panel per objective
@@ -83,9 +83,9 @@ def _quiet_worker() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _audit(run: Path, config: Any, audit: dict[str, Any]) -> dict[str, Any]:
+def _audit(run: Path, config: Any, audit: dict[str, Any]) -> None:
     """The empirical audit of client-0's training at the cell's (epsilon, delta, seed), with the
-    cell's annotations per client and training settings; read back if already done."""
+    cell's annotations per client and training settings, unless its result is on disk."""
     from secure_mor.audits.empirical import EmpiricalAuditConfig, result_path, write_result
     from secure_mor.clients.models import DEFAULT_ARCHS
     from secure_mor.experiments.audit import run_empirical_audit
@@ -97,7 +97,6 @@ def _audit(run: Path, config: Any, audit: dict[str, Any]) -> dict[str, Any]:
     path = result_path(run, audit_config)
     if not path.exists():
         write_result(run_empirical_audit(audit_config, run), run)
-    return json.loads(path.read_text())
 
 
 def _label(fusion: str, objective: str) -> str:
@@ -108,7 +107,7 @@ def _label(fusion: str, objective: str) -> str:
 
 def _group(
     out: Path, seed: int, epsilon: float, grid: AblationGrid, overrides: dict[str, Any], audit: dict | None
-) -> tuple[list[dict], dict | None]:
+) -> None:
     """One (seed, epsilon) group: clients trained once, the router once, then every fusion and
     objective, then the empirical audit (unless `audit` is None). Runs in a worker process."""
     from secure_mor.authority.node import AuthorityNode
@@ -125,20 +124,19 @@ def _group(
             source = base / name
             (shutil.copytree if source.is_dir() else shutil.copyfile)(source, run / name)
     clients = {f"client-{k}": ClientNode(run, k) for k in range(config.num_clients)}
-    rows = []
     for objective in grid.objectives:
         for fusion in grid.fusions:
             cell = replace(config, fusion=fusion, objective=objective)
             done = run / "align" / cell.label / "results.json"
             if done.exists():
-                rows.append(json.loads(done.read_text()))
                 continue
             authority = AuthorityNode(run, authority_dir=run / "authorities" / cell.label)
-            rows.append(align(LocalTransport({**clients, "authority": authority}), run, cell, log=lambda m: None))
-    return rows, None if audit is None else _audit(run, config, audit)
+            align(LocalTransport({**clients, "authority": authority}), run, cell, log=lambda m: None)
+    if audit is not None:
+        _audit(run, config, audit)
 
 
-def _prepare_seed(out: Path, seed: int, grid: AblationGrid, overrides: dict[str, Any]) -> list[dict]:
+def _prepare_seed(out: Path, seed: int, grid: AblationGrid, overrides: dict[str, Any]) -> None:
     """The seed's split and SFT policy, then its oracle runs (one per objective)."""
     from secure_mor.config import RunDir
     from secure_mor.experiments.oracle import run_oracle
@@ -148,12 +146,11 @@ def _prepare_seed(out: Path, seed: int, grid: AblationGrid, overrides: dict[str,
     config = replace(AlignConfig(seed=seed), **overrides)
     run = RunDir(out / f"seed-{seed}" / "base")
     prepare_policy(run, prepare_data(run, config), config, log=lambda m: None)
-    rows = []
     for objective in grid.objectives if grid.oracle else ():
         cell = replace(config, objective=objective, fusion=ORACLE)
         done = run.path / "align" / cell.label / "results.json"
-        rows.append(json.loads(done.read_text()) if done.exists() else run_oracle(run.path, cell, log=lambda m: None))
-    return rows
+        if not done.exists():
+            run_oracle(run.path, cell, log=lambda m: None)
 
 
 def rows_of(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -207,20 +204,26 @@ def run_ablation(
     out.mkdir(parents=True, exist_ok=True)
     overrides = overrides or {}
     groups = [(seed, eps) for seed in grid.seeds for eps in grid.epsilons]
-    results: list[dict] = []
-    audits: list[dict] = []
     # spawn: forking a process whose torch already started its thread pools can deadlock
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for future in as_completed([pool.submit(_prepare_seed, out, seed, grid, overrides) for seed in grid.seeds]):
-            results += future.result()
+            future.result()
         futures = [pool.submit(_group, out, seed, eps, grid, overrides, audit) for seed, eps in groups]
         for done, future in enumerate(as_completed(futures), start=1):
-            cells, audit_report = future.result()
-            results += cells
-            audits += [audit_report] if audit_report else []
+            future.result()
             if on_cell:
                 on_cell(done, len(groups))
-    return write_outputs(out, results, audits)
+    return write_outputs(out, *finished_in(out))
+
+
+def finished_in(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every finished cell's results.json and every empirical audit under OUT, those of earlier invocations
+    with other grids included: a sweep run in parts (say correctness, then sentences) keeps one CSV, summary
+    and set of plots of all of it, not of its last part."""
+    cells = [*sorted(out.glob("seed-*/base/align/*/results.json")),
+             *sorted(out.glob("seed-*/eps-*/align/*/results.json"))]
+    audits = sorted(out.glob("seed-*/eps-*/audits/empirical-*.json"))
+    return [json.loads(p.read_text()) for p in cells], [json.loads(p.read_text()) for p in audits]
 
 
 def audit_columns(report: dict[str, Any]) -> dict[str, Any]:

@@ -316,6 +316,9 @@ def _run_align(out: Path, run_config: dict[str, Any], timeout: float) -> dict[st
             check_loadable(str(run_config["model"]))  # before Flower starts: its logs would bury the reason
         except PolicyLoadError as err:
             raise _fail(str(err)) from err
+    if "policy-threads" not in run_config:  # the simulated clients share this machine, one CPU per ClientApp
+        cores = os.cpu_count() or 1
+        run_config = {**run_config, "policy-threads": max(1, cores - min(config.num_clients, cores))}
     out = out.resolve()
     label = config.label
     progress_file = out / "align" / label / "progress.json"

@@ -35,7 +35,8 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,8 @@ class AlignConfig:
     validation_per_family: the server's own labelled validation questions per family (public questions,
     images no policy stage trained on) measured along GRPO; the aligned policy is the step best on them
     for the objective (`validation_score`), SFT's included (0: the last step's policy);
+    policy_threads: torch's CPU threads for the SFT warm start, which runs while the clients train (0: torch's
+    default, all cores); where the clients share the server's machine (the simulation runtime) the rest of it;
     answer_prior_questions: labelled questions per family on which every answer is scored before GRPO, to take the
     fused reward's image-independent answer preference out of it (`FederatedReward.learn_answer_prior`;
     0: off);
@@ -153,6 +156,7 @@ class AlignConfig:
     answer_prior_questions: int = 48
     family_gate: bool = True
     calibration_pairs: int = 3000
+    policy_threads: int = 0
     resume: bool = False
     registry: str = ""  # the operator's registry of public payload keys ("": what the nodes publish, simulation)
     ca_cert: str = ""  # the operator's CA certificate: every registry entry must carry its signature
@@ -234,6 +238,23 @@ def prepare_policy(run: RunDir, data: FederatedData, config: AlignConfig, log: L
     if not cached.exists() or json.loads(cached.read_text()).get("evaluated") != evaluation_key(run.sft_policy, rows):
         log("evaluating the SFT policy")
         run.write_json(cached, evaluate(run.sft_policy, data, config))
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `threads` inside the block (0: unchanged). Why: Ray runs the simulated
+    ClientApps at nice 15, so an SFT on both of 2 cores starves them: measured in the demo, client-1 (vit-xattn)
+    trained in 382-481 s against 135 s alone; with the SFT on one thread in 264 s, and the demo took 525 s
+    (SFT 325 s, now the longest stage) against 552-722 s."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def evaluation_rows(data: FederatedData, per_family: int, seed: int) -> Any:
@@ -579,7 +600,8 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
     data = prepare_data(run, config)
     federation = connect(transport, run, run.data_spec(), config.clients, config.registry, config.ca_cert)
     training = start_client_training(transport, federation, config, log)
-    prepare_policy(run, data, config, log, on_step=lambda step, total: write_progress(out, "SFT", step, total))
+    with torch_threads(config.policy_threads):
+        prepare_policy(run, data, config, log, on_step=lambda step, total: write_progress(out, "SFT", step, total))
     timings["policy_s"] = time.perf_counter() - t
     clients = client_results(training, federation, data.families)
     timings["clients_s"] = time.perf_counter() - t  # from the start: overlaps policy_s

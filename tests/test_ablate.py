@@ -64,6 +64,9 @@ def test_tiny_ablation_writes_csv_and_plots_and_resumes(tmp_path):
     assert len(stamp) == 8  # 2 epsilons x (1 fusion x 2 objectives + 1 audit) + the oracle per objective
     assert run_ablation(tmp_path, grid, TINY, workers=1, audit=TINY_AUDIT).read_text() == path.read_text()
     assert {p: p.stat().st_mtime for p in stamp} == stamp
+    # a later invocation over part of the grid keeps every finished cell of OUT in its outputs
+    part = AblationGrid(epsilons=(4.0,), fusions=("mor",), objectives=("correctness",), seeds=(0,))
+    assert run_ablation(tmp_path, part, TINY, workers=1).read_text() == path.read_text()
 
 
 def test_summary_pairs_each_fusion_with_the_sft_start_of_its_seed():

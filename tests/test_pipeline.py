@@ -800,3 +800,16 @@ def test_the_results_printout_names_the_kept_step_and_the_rewarded_families(tiny
     kept = results["grpo"]["selected"]
     assert f"GRPO rewarded the families {', '.join(results['grpo']['families'])}" in text
     assert f"the aligned policy is step {kept['step']}" in text and "held-out accuracy: SFT vs aligned" in text
+
+
+def test_torch_threads_sets_them_inside_the_block_and_restores_them():
+    import torch
+
+    from secure_mor.server.pipeline import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0):  # 0: torch's default, untouched
+        assert torch.get_num_threads() == before
