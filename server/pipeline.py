@@ -579,6 +579,8 @@ def align(transport: Transport, run_dir: Path | str, config: AlignConfig, log: L
         raise AlignError(f"unknown route-by {config.route_by!r}; known: {list(ROUTE_BY)}")
     if config.answer_prior_questions < 0:
         raise AlignError(f"answer-prior-questions must be >= 0 (0: off), got {config.answer_prior_questions}")
+    if config.policy_threads < 0:
+        raise AlignError(f"policy-threads must be >= 0 (0: all cores), got {config.policy_threads}")
     try:
         resolve_device(config.device)
     except ValueError as err:

@@ -467,6 +467,8 @@ def test_unknown_fusion_and_objective_are_refused_before_any_work(tmp_path):
         align(LocalTransport({}), tmp_path, tiny(objective="speed"), log=lambda m: None)
     with pytest.raises(AlignError, match="answer-prior-questions must be >= 0"):
         align(LocalTransport({}), tmp_path, tiny(answer_prior_questions=-1), log=lambda m: None)
+    with pytest.raises(AlignError, match="policy-threads must be >= 0"):
+        align(LocalTransport({}), tmp_path, tiny(policy_threads=-1), log=lambda m: None)
     with pytest.raises(AlignError, match="unknown route-by 'image'"):
         align(LocalTransport({}), tmp_path, tiny(route_by="image"), log=lambda m: None)
     deployment = {"registry": str(tmp_path / "registry"), "ca_cert": str(tmp_path / "ca.crt")}
